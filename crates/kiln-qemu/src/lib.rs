@@ -1,1 +1,38 @@
-//! kiln-qemu
+//! kiln's QEMU engine.
+//!
+//! [`QemuConfig`] describes a machine and turns it into a `qemu-system-x86_64` command line;
+//! [`QemuVm`] runs it under supervision with a [`Qmp`] connection, so kiln can press the ACPI
+//! power button and learn *why* QEMU stopped (guest power-off, host quit, kill).
+
+mod accel;
+mod config;
+mod qmp;
+mod vm;
+
+pub use accel::{host_has_hw_virt, kvm_usable, Accel};
+pub use config::{Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode};
+pub use qmp::{Qmp, QmpError};
+pub use vm::{QemuVm, StopOutcome, VmEnd};
+
+use std::path::PathBuf;
+
+/// Errors of the QEMU engine. Each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("cannot start {binary}: {source} (install it with `apt-get install qemu-system-x86`)")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("QEMU exited before its QMP socket {path} came up: {detail}")]
+    EarlyExit { path: PathBuf, detail: String },
+    #[error("QMP socket {path}: {source}")]
+    Qmp { path: PathBuf, source: QmpError },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
