@@ -1,0 +1,165 @@
+//! Raw images (and ISO read as raw), plus the plain "byte range of a file" extent that VMDK
+//! flat extents and fixed VHDs reuse.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::copy::{check_range, copy, Sink};
+use crate::util::{self, TempOut};
+use crate::{Format, ImageDevice, ImageError, ImageReader};
+
+/// A range `[base, base+size)` of a plain file exposed as a disk.
+pub(crate) struct FileRange {
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    pub(crate) base: u64,
+    pub(crate) size: u64,
+    /// Bytes of the file that actually exist after `base` (shorter files read as zero past EOF
+    /// only where the format allows; otherwise validated by the caller).
+    pub(crate) format: Format,
+}
+
+impl FileRange {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+        check_range(&self.path, offset, buf.len(), self.size)?;
+        util::read_exact_at(&self.file, &self.path, buf, self.base + offset, self.format)
+    }
+
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        check_range(&self.path, offset, buf.len(), self.size)?;
+        util::write_all_at(&self.file, &self.path, buf, self.base + offset)
+    }
+
+    pub(crate) fn block_status(&self, offset: u64, max_len: u64) -> (bool, u64) {
+        let end = self.size.min(offset.saturating_add(max_len));
+        let (d, l) = util::file_block_status(&self.file, self.base + offset, self.base + end);
+        (d, l.max(1))
+    }
+}
+
+/// Reader for raw images and ISO files.
+pub(crate) struct RawReader {
+    range: FileRange,
+}
+
+impl RawReader {
+    pub(crate) fn open(path: &Path, format: Format) -> Result<Self, ImageError> {
+        let file = util::open_ro(path)?;
+        let size = util::file_len(&file, path)?;
+        Ok(RawReader {
+            range: FileRange {
+                file,
+                path: path.to_path_buf(),
+                base: 0,
+                size,
+                format,
+            },
+        })
+    }
+}
+
+impl ImageReader for RawReader {
+    fn format(&self) -> Format {
+        self.range.format
+    }
+    fn virtual_size(&self) -> u64 {
+        self.range.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+        self.range.read_at(buf, offset)
+    }
+    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
+        Ok(self.range.block_status(offset, max_len))
+    }
+}
+
+/// A writable plain-file range: raw images, VMDK flat extents, fixed VHD data.
+pub(crate) struct RawDevice {
+    pub(crate) range: FileRange,
+}
+
+impl RawDevice {
+    pub(crate) fn open_rw(path: &Path, format: Format) -> Result<Self, ImageError> {
+        let file = util::open_rw(path)?;
+        let size = util::file_len(&file, path)?;
+        Ok(RawDevice {
+            range: FileRange {
+                file,
+                path: path.to_path_buf(),
+                base: 0,
+                size,
+                format,
+            },
+        })
+    }
+}
+
+impl ImageReader for RawDevice {
+    fn format(&self) -> Format {
+        self.range.format
+    }
+    fn virtual_size(&self) -> u64 {
+        self.range.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+        self.range.read_at(buf, offset)
+    }
+    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
+        Ok(self.range.block_status(offset, max_len))
+    }
+}
+
+impl ImageDevice for RawDevice {
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        self.range.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> Result<(), ImageError> {
+        self.range
+            .file
+            .sync_data()
+            .map_err(|e| ImageError::io(&self.range.path, "fsync failed", e))
+    }
+}
+
+/// Sink writing at `base + offset` into a plain file (holes stay holes).
+pub(crate) struct FileSink<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
+    pub(crate) base: u64,
+}
+
+impl Sink for FileSink<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        util::write_all_at(self.file, self.path, data, self.base + offset)
+    }
+}
+
+/// Copy `source` into `file` as a sparse plain byte range of `size` bytes starting at 0.
+pub(crate) fn write_plain(
+    source: &mut dyn ImageReader,
+    file: &File,
+    path: &Path,
+    size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    // Size first so untouched regions are holes.
+    util::set_len(file, path, size)?;
+    let src_size = source.virtual_size().min(size);
+    let mut sink = FileSink {
+        file,
+        path,
+        base: 0,
+    };
+    copy(source, src_size, &mut sink, progress)
+}
+
+pub(crate) fn write(
+    source: &mut dyn ImageReader,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    let out = TempOut::create(output)?;
+    let size = source.virtual_size();
+    write_plain(source, out.file()?, output, size, progress)?;
+    util::commit(vec![out])
+}

@@ -1,0 +1,267 @@
+//! File helpers shared by the format modules: positioned I/O with file-naming errors,
+//! hole detection and atomic output files.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{Format, ImageError};
+
+/// Copy chunk size: big enough for throughput, small enough to never matter for memory.
+pub(crate) const CHUNK: usize = 2 << 20;
+
+pub(crate) fn open_ro(path: &Path) -> Result<File, ImageError> {
+    File::open(path).map_err(|e| ImageError::io(path, "cannot open", e))
+}
+
+pub(crate) fn open_rw(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| ImageError::io(path, "cannot open for writing", e))
+}
+
+pub(crate) fn file_len(file: &File, path: &Path) -> Result<u64, ImageError> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| ImageError::io(path, "cannot stat", e))
+}
+
+/// Bytes allocated on disk (st_blocks * 512).
+pub(crate) fn allocated_bytes(path: &Path) -> Result<u64, ImageError> {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .map_err(|e| ImageError::io(path, "cannot stat", e))
+}
+
+/// Read exactly `buf.len()` bytes at `off`; hitting end of file is reported as a truncated image.
+pub(crate) fn read_exact_at(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    off: u64,
+    format: Format,
+) -> Result<(), ImageError> {
+    file.read_exact_at(buf, off).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ImageError::corrupt(
+                path,
+                format,
+                format!(
+                    "file is truncated (needed {} bytes at offset {off})",
+                    buf.len()
+                ),
+            )
+        } else {
+            ImageError::io(path, format!("read at offset {off}"), e)
+        }
+    })
+}
+
+/// Read as many bytes as available (up to `buf.len()`) at `off`.
+pub(crate) fn read_up_to(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    off: u64,
+) -> Result<usize, ImageError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ImageError::io(path, format!("read at offset {off}"), e)),
+        }
+    }
+    Ok(done)
+}
+
+pub(crate) fn write_all_at(
+    file: &File,
+    path: &Path,
+    buf: &[u8],
+    off: u64,
+) -> Result<(), ImageError> {
+    file.write_all_at(buf, off)
+        .map_err(|e| ImageError::io(path, format!("write at offset {off}"), e))
+}
+
+pub(crate) fn set_len(file: &File, path: &Path, len: u64) -> Result<(), ImageError> {
+    file.set_len(len)
+        .map_err(|e| ImageError::io(path, "cannot set file size", e))
+}
+
+/// Data/hole status of a plain file region `[off, end)`: `(is_data, len)` via
+/// SEEK_DATA/SEEK_HOLE. Falls back to "all data" where the filesystem cannot tell.
+pub(crate) fn file_block_status(file: &File, off: u64, end: u64) -> (bool, u64) {
+    if off >= end {
+        return (true, 0);
+    }
+    let fd = file.as_raw_fd();
+    let Ok(o) = libc::off_t::try_from(off) else {
+        return (true, end - off);
+    };
+    // SAFETY: lseek on a valid fd owned by `file`; we only use pread/pwrite elsewhere, so
+    // moving the file position is harmless.
+    let data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+    if data < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            // No data after `off`: hole up to EOF (and beyond, which reads as zero for us).
+            return (false, end - off);
+        }
+        return (true, end - off);
+    }
+    let data = data as u64;
+    if data > off {
+        return (false, data.min(end) - off);
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, o, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return (true, end - off);
+    }
+    let hole = (hole as u64).max(off + 1);
+    (true, hole.min(end) - off)
+}
+
+/// True when `buf` is all zero bytes. Processes 4 KiB at a time so the compiler can vectorise
+/// the inner loop while we still exit early on data.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+pub(crate) fn round_up(v: u64, align: u64) -> Option<u64> {
+    v.checked_add(align - 1).map(|x| x / align * align)
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An output file under a temporary name, removed on drop unless committed by [`commit`].
+pub(crate) struct TempOut {
+    pub(crate) tmp: PathBuf,
+    pub(crate) target: PathBuf,
+    pub(crate) file: Option<File>,
+    done: bool,
+}
+
+impl TempOut {
+    /// Create a fresh temporary file next to `target`.
+    pub(crate) fn create(target: &Path) -> Result<TempOut, ImageError> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| ImageError::unsupported(target, "output path has no file name"))?;
+        let dir = parent_dir(target);
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{}.kiln-tmp-{}-{n}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(|e| ImageError::io(target, "cannot create output file", e))?;
+        Ok(TempOut {
+            tmp,
+            target: target.to_path_buf(),
+            file: Some(file),
+            done: false,
+        })
+    }
+
+    pub(crate) fn file(&self) -> Result<&File, ImageError> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| ImageError::unsupported(&self.target, "output file already closed"))
+    }
+}
+
+impl Drop for TempOut {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+pub(crate) fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// fsync every output, then rename them into place in order and fsync their directories.
+pub(crate) fn commit(mut outs: Vec<TempOut>) -> Result<(), ImageError> {
+    for o in &mut outs {
+        if let Some(f) = o.file.take() {
+            f.sync_all()
+                .map_err(|e| ImageError::io(&o.target, "fsync failed", e))?;
+        } else {
+            let f = open_ro(&o.tmp)?;
+            f.sync_all()
+                .map_err(|e| ImageError::io(&o.target, "fsync failed", e))?;
+        }
+    }
+    for o in &mut outs {
+        std::fs::rename(&o.tmp, &o.target)
+            .map_err(|e| ImageError::io(&o.target, "cannot rename temporary file into place", e))?;
+        o.done = true;
+    }
+    for o in &outs {
+        if let Ok(d) = File::open(parent_dir(&o.target)) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// A pseudo-random 16-byte identifier (image UUIDs) without pulling in an RNG crate.
+pub(crate) fn pseudo_uuid() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i as u64);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out[6] = (out[6] & 0x0f) | 0x40; // version 4
+    out[8] = (out[8] & 0x3f) | 0x80; // RFC 4122 variant
+    out
+}
+
+pub(crate) fn be16(b: &[u8], o: usize) -> u16 {
+    u16::from_be_bytes([b[o], b[o + 1]])
+}
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_be_bytes(a)
+}
+pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
