@@ -1,6 +1,6 @@
 //! The streaming copy loop shared by all writers.
 
-use crate::util::{is_zero, CHUNK};
+use crate::util::{is_zero, start_writeback, CHUNK};
 use crate::{ImageError, ImageReader};
 
 /// Granularity of zero detection inside data extents: zero runs of at least this size
@@ -12,13 +12,19 @@ pub(crate) trait Sink {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError>;
 }
 
+/// Kick off writeback of the output after this many bytes of data were copied.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
 /// Stream `size` bytes of `source` into `sink`, skipping unallocated extents and zero runs.
+/// `out` is the output file whose writeback is started as we go (see [`start_writeback`]).
 pub(crate) fn copy(
     source: &mut dyn ImageReader,
     size: u64,
     sink: &mut dyn Sink,
+    out: Option<&std::fs::File>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
+    let mut since_kick = 0u64;
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
     progress(0, size);
@@ -40,6 +46,13 @@ pub(crate) fn copy(
             source.read_at(b, off)?;
             write_nonzero_runs(sink, off, b)?;
             off += n as u64;
+            since_kick += n as u64;
+            if since_kick >= WRITEBACK_EVERY {
+                if let Some(f) = out {
+                    start_writeback(f);
+                }
+                since_kick = 0;
+            }
             progress(off, size);
         }
     }

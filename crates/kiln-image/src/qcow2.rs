@@ -266,7 +266,7 @@ pub(crate) fn write(
             path: output,
         };
         let src_size = source.virtual_size();
-        copy(source, src_size, &mut sink, progress)?;
+        copy(source, src_size, &mut sink, Some(out.file()?), progress)?;
     }
     access.flush().map_err(|e| io_err(output, "flush", e))?;
     drop(access);

@@ -150,7 +150,7 @@ pub(crate) fn write_plain(
         path,
         base: 0,
     };
-    copy(source, src_size, &mut sink, progress)
+    copy(source, src_size, &mut sink, Some(file), progress)
 }
 
 pub(crate) fn write(

@@ -1,0 +1,28 @@
+//! Minimal converter for benchmarking against `qemu-img convert`:
+//! `kiln-convert INPUT OUTPUT FORMAT`.
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 {
+        eprintln!("usage: kiln-convert INPUT OUTPUT FORMAT");
+        std::process::exit(2);
+    }
+    let format: kiln_image::Format = match args[3].parse() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let start = std::time::Instant::now();
+    if let Err(e) = kiln_image::convert(
+        std::path::Path::new(&args[1]),
+        std::path::Path::new(&args[2]),
+        format,
+        &mut |_, _| {},
+    ) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    eprintln!("converted in {:.3}s", start.elapsed().as_secs_f64());
+}
