@@ -23,7 +23,6 @@ const MAX_SIZE: u64 = 1 << 56;
 
 #[derive(Debug)]
 pub(crate) struct Header {
-    version: u32,
     cluster_bits: u32,
     size: u64,
     l1_size: u64,
@@ -126,7 +125,6 @@ pub(crate) fn read_header(path: &Path, file: &std::fs::File) -> Result<Header, I
         )));
     }
     Ok(Header {
-        version,
         cluster_bits,
         size,
         l1_size,
@@ -143,6 +141,9 @@ pub(crate) struct Qcow2Reader {
     path: PathBuf,
     access: FormatAccess<ImagoFile>,
     size: u64,
+    /// File length for read-only opens: every mapped cluster must lie inside it.
+    /// `None` when writable (the file grows as clusters are allocated).
+    file_len: Option<u64>,
 }
 
 impl Qcow2Reader {
@@ -153,6 +154,8 @@ impl Qcow2Reader {
             util::open_ro(path)?
         };
         let hdr = read_header(path, &file)?;
+        let file_len = util::file_len(&file, path)?;
+        validate_l1(path, &file, &hdr, file_len)?;
         let storage = ImagoFile::from_open_file(
             file,
             StorageOpenOptions::new().write(writable).filename(path),
@@ -166,6 +169,7 @@ impl Qcow2Reader {
             path: path.to_path_buf(),
             access: FormatAccess::new(q),
             size: hdr.size,
+            file_len: (!writable).then_some(file_len),
         })
     }
 
@@ -187,6 +191,13 @@ impl ImageReader for Qcow2Reader {
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         check_range(&self.path, offset, buf.len(), self.size)?;
+        // imago reads past the end of a truncated file as zeros; refuse instead.
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let (_, len) = self.block_status(pos, end - pos)?;
+            pos += len;
+        }
         self.access
             .read(buf, offset)
             .map_err(|e| io_err(&self.path, &format!("read at offset {offset}"), e))
@@ -202,6 +213,20 @@ impl ImageReader for Qcow2Reader {
             .map_err(|e| io_err(&self.path, &format!("mapping lookup at {offset}"), e))?;
         let data = match m {
             Mapping::Zero { .. } | Mapping::Eof { .. } => false,
+            Mapping::Raw { offset: host, .. } => {
+                if let Some(flen) = self.file_len {
+                    if host.saturating_add(len) > flen {
+                        return Err(ImageError::corrupt(
+                            &self.path,
+                            Format::Qcow2,
+                            format!(
+                                "guest offset {offset} maps to host offset {host}, beyond the end of the file ({flen} bytes; truncated?)"
+                            ),
+                        ));
+                    }
+                }
+                true
+            }
             _ => true,
         };
         Ok((data, len.clamp(1, max)))
@@ -221,6 +246,29 @@ impl ImageDevice for Qcow2Reader {
             .and_then(|_| self.access.sync())
             .map_err(|e| io_err(&self.path, "flush", e))
     }
+}
+
+/// Every L2 table referenced by the L1 table must be aligned and inside the file.
+fn validate_l1(
+    path: &Path,
+    file: &std::fs::File,
+    hdr: &Header,
+    len: u64,
+) -> Result<(), ImageError> {
+    let cs = 1u64 << hdr.cluster_bits;
+    let mut l1 = vec![0u8; (hdr.l1_size * 8) as usize];
+    util::read_exact_at(file, path, &mut l1, hdr.l1_offset, Format::Qcow2)?;
+    for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+        let off = e & OFFSET_MASK;
+        if off != 0 && (off % cs != 0 || off.saturating_add(cs) > len) {
+            return Err(ImageError::corrupt(
+                path,
+                Format::Qcow2,
+                format!("L1 entry {i}: L2 table offset {off} is misaligned or beyond the end of the file ({len} bytes)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct QcowSink<'a> {
@@ -410,7 +458,6 @@ pub(crate) fn check(path: &Path) -> Result<(u64, Vec<PathBuf>, Vec<String>), Ima
             );
         }
     }
-    let _ = hdr.version;
     Ok((hdr.size, vec![path.to_path_buf()], problems))
 }
 

@@ -278,17 +278,14 @@ impl ImageReader for VdiReader {
             let piece = &mut buf[done..done + n];
             match self.block_offset(idx) {
                 Some(b) => {
-                    // VirtualBox may leave the tail of the last block unwritten; but a
-                    // block entirely past EOF is a truncated file.
-                    if b + within >= self.file_len {
+                    if b + within + n as u64 > self.file_len {
                         return Err(ImageError::corrupt(
                             &self.path,
                             Format::Vdi,
                             format!("block {idx} lies beyond the end of the file (truncated?)"),
                         ));
                     }
-                    let got = util::read_up_to(&self.file, &self.path, piece, b + within)?;
-                    piece[got..].fill(0);
+                    util::read_exact_at(&self.file, &self.path, piece, b + within, Format::Vdi)?;
                 }
                 None => piece.fill(0),
             }
