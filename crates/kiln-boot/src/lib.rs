@@ -1,1 +1,91 @@
-//! kiln-boot
+//! kiln-boot: the kiln boot program.
+//!
+//! A real-mode x86 program of at most [`MAX_PROGRAM_SIZE`] bytes, assembled at
+//! runtime from the listing in [`asm`](crate) (iced-x86 `code_asm`, no external
+//! assembler). It prints [`BANNER`] on the screen and COM1, runs a serial
+//! line-reversing REPL and powers the machine off when the ACPI power button
+//! is pressed (QEMU `system_powerdown`). See the module source for the listing.
+
+mod asm;
+
+use thiserror::Error;
+
+/// Largest program (code + data) accepted.
+pub const MAX_PROGRAM_SIZE: usize = 256;
+/// Banner printed at boot, followed by CR LF.
+pub const BANNER: &str = "ClientAPI";
+/// Size of a boot sector.
+pub const SECTOR_SIZE: usize = 512;
+/// Offset of the 0x55 0xAA boot signature in the boot sector.
+pub const SIGNATURE_OFFSET: usize = 510;
+/// Address the BIOS loads the boot sector to (the program's origin).
+pub const LOAD_ADDRESS: u16 = asm::ORIGIN;
+
+/// Errors from building or validating a boot program.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The program exceeds [`MAX_PROGRAM_SIZE`].
+    #[error("program is {size} bytes, over the {max}-byte limit by {}", size - max)]
+    TooLarge {
+        /// Program size in bytes.
+        size: usize,
+        /// Limit in bytes.
+        max: usize,
+    },
+    /// The program has no bytes.
+    #[error("program is empty")]
+    Empty,
+    /// The assembler rejected the listing (a bug in this crate).
+    #[error("cannot assemble the boot program: {0}")]
+    Assemble(String),
+}
+
+/// Result of [`check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramReport {
+    /// Program size in bytes.
+    pub size: usize,
+    /// Bytes left before [`MAX_PROGRAM_SIZE`].
+    pub free: usize,
+}
+
+/// The assembled kiln program (deterministic bytes, origin 0x7C00).
+pub fn program() -> Result<Vec<u8>, BootError> {
+    let err = |e: iced_x86::IcedError| BootError::Assemble(e.to_string());
+    // Pass 1 finds where the data lands; pass 2 uses it (same encoding sizes).
+    let (first, banner) = asm::assemble(asm::Symbols::default()).map_err(err)?;
+    let banner = u16::try_from(banner)
+        .map_err(|_| BootError::Assemble(format!("banner address {banner:#x} is not 16-bit")))?;
+    let (bytes, again) = asm::assemble(asm::Symbols { banner }).map_err(err)?;
+    if bytes.len() != first.len() || again != u64::from(banner) {
+        return Err(BootError::Assemble(format!(
+            "layout changed between passes ({} -> {} bytes)",
+            first.len(),
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Validate a program: not empty, at most [`MAX_PROGRAM_SIZE`] bytes (so it
+/// also fits before the boot signature). Returns its size and free space.
+pub fn check(program: &[u8]) -> Result<ProgramReport, BootError> {
+    let size = program.len();
+    if size == 0 {
+        return Err(BootError::Empty);
+    }
+    if size > MAX_PROGRAM_SIZE {
+        return Err(BootError::TooLarge { size, max: MAX_PROGRAM_SIZE });
+    }
+    Ok(ProgramReport { size, free: MAX_PROGRAM_SIZE - size })
+}
+
+/// The boot sector: `program`, zero padding to 510 bytes, then 0x55 0xAA.
+pub fn boot_sector(program: &[u8]) -> Result<[u8; SECTOR_SIZE], BootError> {
+    check(program)?;
+    let mut sector = [0u8; SECTOR_SIZE];
+    sector[..program.len()].copy_from_slice(program);
+    sector[SIGNATURE_OFFSET] = 0x55;
+    sector[SIGNATURE_OFFSET + 1] = 0xAA;
+    Ok(sector)
+}
