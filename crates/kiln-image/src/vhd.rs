@@ -394,6 +394,9 @@ mod tests {
     fn chs_matches_spec_examples() {
         // 1 MiB: 2048 sectors → 17 spt, 4 heads, 30 cylinders
         assert_eq!(chs(1 << 20), (30, 4, 17));
+        assert_eq!(chs(2 << 20), (60, 4, 17));
+        // 4 GiB: falls through 17 and 31 sectors per track to 63.
+        assert_eq!(chs(4 << 30), (8322, 16, 63));
         // Huge disks clamp to 65535/16/255.
         assert_eq!(chs(1 << 41), (65535, 16, 255));
     }

@@ -69,7 +69,10 @@ fn boots(dir: &Path, args: &[&str], what: &str) {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(ok, "{what}: marker not seen on the debug console within 60 s");
+    assert!(
+        ok,
+        "{what}: marker not seen on the debug console within 60 s"
+    );
 }
 
 #[test]
@@ -79,7 +82,13 @@ fn every_format_boots_in_qemu() {
     make_sparse(&raw, MIB, &[(300_000, 5000)]);
     let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
     f.write_all_at(&marker_boot_sector(), 0).unwrap();
-    for fmt in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vhd, Format::Vdi] {
+    for fmt in [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vhd,
+        Format::Vdi,
+    ] {
         let out = dir.path().join(format!("boot-out.{}", fmt.name()));
         convert(&raw, &out, fmt, &mut |_, _| {}).unwrap();
         let drive = format!("file={},format={},if=ide", out.display(), qemu_fmt(fmt));

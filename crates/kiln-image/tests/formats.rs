@@ -246,3 +246,50 @@ fn format_names_and_extensions() {
     );
     assert_eq!(Format::from_extension(Path::new("x.txt")), None);
 }
+
+#[test]
+fn vhd_is_azure_aligned_with_valid_footer() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("odd.raw");
+    make_sparse(&src, 3 * MIB / 2 + 100, &[(0, 4096), (MIB, 100_000)]);
+    let out = dir.path().join("odd.vhd");
+    convert(&src, &out, Format::Vhd, &mut |_, _| {}).unwrap();
+    let data = std::fs::read(&out).unwrap();
+    assert_eq!(
+        data.len() as u64,
+        2 * MIB + 512,
+        "size must round up to whole MiB + footer"
+    );
+    let foot = &data[data.len() - 512..];
+    assert_eq!(&foot[0..8], b"conectix");
+    assert_eq!(
+        u32::from_be_bytes(foot[60..64].try_into().unwrap()),
+        2,
+        "fixed disk type"
+    );
+    assert_eq!(
+        u64::from_be_bytes(foot[48..56].try_into().unwrap()),
+        2 * MIB
+    );
+    assert_eq!(
+        u64::from_be_bytes(foot[16..24].try_into().unwrap()),
+        u64::MAX
+    );
+    let stored = u32::from_be_bytes(foot[64..68].try_into().unwrap());
+    let sum = foot
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(64..68).contains(i))
+        .fold(0u32, |a, (_, &b)| a.wrapping_add(b as u32));
+    assert_eq!(stored, !sum, "footer checksum");
+    // CHS for 4096 sectors per the VHD spec: 60 cylinders, 4 heads, 17 sectors/track.
+    assert_eq!(u16::from_be_bytes([foot[56], foot[57]]), 60);
+    assert_eq!((foot[58], foot[59]), (4, 17));
+    // qemu reads the size from the footer ("win " creator), padded with zeros.
+    qemu_img_ok(&["compare", "-f", "raw", "-F", "vpc", p(&src), p(&out)]);
+    let info = qemu_img_ok(&["info", "-f", "vpc", "--output=json", p(&out)]);
+    assert!(
+        info.contains(&format!("\"virtual-size\": {},", 2 * MIB)),
+        "{info}"
+    );
+}
