@@ -23,6 +23,12 @@ fn run(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let img = dir.join("boot.img");
     fs::write(&bin, &program).map_err(|e| format!("{}: {e}", bin.display()))?;
     fs::write(&img, &image).map_err(|e| format!("{}: {e}", img.display()))?;
-    println!("program {} bytes ({} free); wrote {} and {}", report.size, report.free, bin.display(), img.display());
+    println!(
+        "program {} bytes ({} free); wrote {} and {}",
+        report.size,
+        report.free,
+        bin.display(),
+        img.display()
+    );
     Ok(())
 }

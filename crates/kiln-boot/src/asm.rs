@@ -149,7 +149,7 @@ pub(crate) fn assemble(sym: Symbols) -> Result<(Vec<u8>, u64), IcedError> {
     a.je(rsdp_found)?;
     a.inc(ax)?;
     a.jnz(scan)?; // ends after FFFF:0
-    // Nothing (usable) found: keep the default ports, S5 with SLP_TYP 0.
+                  // Nothing (usable) found: keep the default ports, S5 with SLP_TYP 0.
     a.set_label(&mut fallback)?;
     a.mov(bh, SLP_EN_HI as u32)?; // bx = 0x2000
     a.jmp(discovered)?;
@@ -200,13 +200,13 @@ pub(crate) fn assemble(sym: Symbols) -> Result<(Vec<u8>, u64), IcedError> {
     a.jz(serial_poll)?;
     a.inc(ax)?;
     a.jz(serial_poll)?; // 0xFFFF: nothing decodes this port
-    // Write back status+1: bit 8 is still set (bits 1-3 are reserved zeros, so
-    // the +1 never carries that far) and writing 1s only clears status bits.
+                        // Write back status+1: bit 8 is still set (bits 1-3 are reserved zeros, so
+                        // the +1 never carries that far) and writing 1s only clears status bits.
     a.out(dx, ax)?; // clears PWRBTN_STS
     a.mov(dx, si)?;
     a.mov(ax, bx)?;
     a.out(dx, ax)?; // PM1a_CNT = SLP_TYP(S5) | SLP_EN: power off
-    // (if that did not power off, carry on serving the REPL)
+                    // (if that did not power off, carry on serving the REPL)
 
     a.set_label(&mut serial_poll)?;
     a.mov(dx, COM1_LSR as u32)?;
@@ -251,11 +251,14 @@ pub(crate) fn assemble(sym: Symbols) -> Result<(Vec<u8>, u64), IcedError> {
     a.set_label(&mut banner)?;
     a.db(b"ClientAPI\r\n")?; // last 2 bytes double as the GDT limit
     a.dd(&[gdt_base])?; // GDT base; also descriptor 1 limit[0:15] + base[0:15]
-    // Descriptor 1 rest: base[16:23]=0, access 0x93 (data RW, accessed),
-    // flags 0xC (4 KiB granularity, 32-bit) | limit[16:19]=0xF, base[24:31]=0.
+                        // Descriptor 1 rest: base[16:23]=0, access 0x93 (data RW, accessed),
+                        // flags 0xC (4 KiB granularity, 32-bit) | limit[16:19]=0xF, base[24:31]=0.
     a.db(&[0x00, 0x93, 0xCF, 0x00])?;
 
-    let result = a.assemble_options(u64::from(ORIGIN), iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let result = a.assemble_options(
+        u64::from(ORIGIN),
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
     let banner_ip = result.label_ip(&banner)?;
     Ok((result.inner.code_buffer, banner_ip))
 }

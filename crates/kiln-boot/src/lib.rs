@@ -75,9 +75,15 @@ pub fn check(program: &[u8]) -> Result<ProgramReport, BootError> {
         return Err(BootError::Empty);
     }
     if size > MAX_PROGRAM_SIZE {
-        return Err(BootError::TooLarge { size, max: MAX_PROGRAM_SIZE });
+        return Err(BootError::TooLarge {
+            size,
+            max: MAX_PROGRAM_SIZE,
+        });
     }
-    Ok(ProgramReport { size, free: MAX_PROGRAM_SIZE - size })
+    Ok(ProgramReport {
+        size,
+        free: MAX_PROGRAM_SIZE - size,
+    })
 }
 
 /// The boot sector: `program`, zero padding to 510 bytes, then 0x55 0xAA.
@@ -88,4 +94,88 @@ pub fn boot_sector(program: &[u8]) -> Result<[u8; SECTOR_SIZE], BootError> {
     sector[SIGNATURE_OFFSET] = 0x55;
     sector[SIGNATURE_OFFSET + 1] = 0xAA;
     Ok(sector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prog() -> Vec<u8> {
+        program().expect("the listing assembles")
+    }
+
+    #[test]
+    fn program_fits_the_limit() {
+        let p = prog();
+        let report = check(&p).expect("program passes check");
+        assert_eq!(report.size, p.len());
+        assert_eq!(report.size + report.free, MAX_PROGRAM_SIZE);
+        assert!(p.len() <= MAX_PROGRAM_SIZE, "program is {} bytes", p.len());
+    }
+
+    #[test]
+    fn program_is_deterministic() {
+        assert_eq!(prog(), prog());
+    }
+
+    #[test]
+    fn program_shape() {
+        let p = prog();
+        assert_eq!(p[0], 0xFA, "starts with cli");
+        let banner = format!("{BANNER}\r\n");
+        let at = p
+            .windows(banner.len())
+            .position(|w| w == banner.as_bytes())
+            .expect("banner + CR LF is in the program");
+        // The GDT base right after the banner points 3 bytes into it (see asm.rs),
+        // which proves pass 2 used the real data address.
+        let base = u32::from_le_bytes(p[at + 11..at + 15].try_into().expect("4 bytes"));
+        assert_eq!(base, u32::from(LOAD_ADDRESS) + at as u32 + 3);
+        // COM1 and ACPI signatures the program looks for.
+        for needle in [&b"RSD "[..], b"FACP", b"_S5_", &[0xBA, 0xFB, 0x03]] {
+            assert!(
+                p.windows(needle.len()).any(|w| w == needle),
+                "missing {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn boot_sector_layout() {
+        let p = prog();
+        let s = boot_sector(&p).expect("sector");
+        assert_eq!(&s[..p.len()], &p[..]);
+        assert!(s[p.len()..SIGNATURE_OFFSET].iter().all(|&b| b == 0));
+        assert_eq!(&s[510..], &[0x55, 0xAA]);
+    }
+
+    #[test]
+    fn boot_sector_accepts_exactly_the_limit() {
+        let s = boot_sector(&[0x90; MAX_PROGRAM_SIZE]).expect("256 bytes is allowed");
+        assert_eq!(s[MAX_PROGRAM_SIZE - 1], 0x90);
+        assert_eq!(s[MAX_PROGRAM_SIZE], 0);
+    }
+
+    #[test]
+    fn too_large_is_a_clear_one_line_error() {
+        let err = check(&[0u8; 300]).unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::TooLarge {
+                size: 300,
+                max: 256
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "program is 300 bytes, over the 256-byte limit by 44"
+        );
+        assert!(boot_sector(&[0u8; 257]).is_err());
+    }
+
+    #[test]
+    fn empty_is_rejected() {
+        assert!(matches!(check(&[]), Err(BootError::Empty)));
+        assert!(matches!(boot_sector(&[]), Err(BootError::Empty)));
+    }
 }

@@ -1,0 +1,255 @@
+//! Boots the real program in QEMU (TCG) as a disk and as a CD and drives it:
+//! banner on COM1, the reversing REPL, and ACPI power-off via QMP
+//! `system_powerdown`. Needs `qemu-system-x86_64` (and `xorriso` for the CD).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+struct Guest {
+    child: Child,
+    stdin: ChildStdin,
+    serial: Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    qmp: PathBuf,
+}
+
+impl Guest {
+    fn boot(dir: &Path, machine: &str, media: &[String]) -> Guest {
+        let qmp = dir.join(format!("qmp-{machine}.sock"));
+        let mut cmd = Command::new(QEMU);
+        cmd.args([
+            "-machine",
+            machine,
+            "-accel",
+            "tcg",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", qmp.display()))
+        .args(media)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {QEMU} (is it installed?): {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (tx, serial) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Guest {
+            child,
+            stdin,
+            serial,
+            pending: Vec::new(),
+            qmp,
+        }
+    }
+
+    /// Serial output up to and including `pat`.
+    fn expect(&mut self, pat: &[u8], timeout: Duration) -> Vec<u8> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.pending.windows(pat.len()).position(|w| w == pat) {
+                let rest = self.pending.split_off(i + pat.len());
+                return std::mem::replace(&mut self.pending, rest);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            match self.serial.recv_timeout(left) {
+                Ok(chunk) => self.pending.extend_from_slice(&chunk),
+                Err(_) => panic!(
+                    "timed out waiting for {:?}; serial so far: {:?}",
+                    String::from_utf8_lossy(pat),
+                    String::from_utf8_lossy(&self.pending)
+                ),
+            }
+        }
+    }
+
+    /// Send `input` and require exactly `reply` as the next serial output.
+    fn roundtrip(&mut self, input: &[u8], reply: &[u8]) {
+        self.stdin.write_all(input).expect("write to guest serial");
+        self.stdin.flush().expect("flush guest serial");
+        let got = self.expect(reply, Duration::from_secs(20));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(reply),
+            "reply to {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+
+    /// QMP `system_powerdown`; returns the SHUTDOWN event and how long QEMU took to exit.
+    fn powerdown(mut self) -> (serde_json::Value, Duration) {
+        let stream = UnixStream::connect(&self.qmp).expect("connect QMP socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("QMP timeout");
+        let mut writer = stream.try_clone().expect("clone QMP socket");
+        let mut lines = BufReader::new(stream).lines();
+        let mut next = || -> Option<serde_json::Value> {
+            let line = lines.next()?.ok()?;
+            Some(serde_json::from_str(&line).expect("QMP sends JSON"))
+        };
+        next().expect("QMP greeting");
+        writer
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .expect("QMP write");
+        assert!(next().expect("capabilities reply").get("return").is_some());
+        let start = Instant::now();
+        writer
+            .write_all(b"{\"execute\":\"system_powerdown\"}\n")
+            .expect("QMP write");
+        let mut shutdown = None;
+        while let Some(msg) = next() {
+            if msg["event"] == "SHUTDOWN" {
+                shutdown = Some(msg);
+                break;
+            }
+        }
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for QEMU") {
+                break status;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                panic!("QEMU still running 10 s after system_powerdown");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = start.elapsed();
+        assert!(status.success(), "QEMU exit status {status}");
+        (shutdown.expect("a SHUTDOWN event"), took)
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // Only reached on failure paths (powerdown consumes a passing guest
+        // after QEMU exited); make sure no QEMU outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn disk_image(dir: &Path) -> PathBuf {
+    let program = kiln_boot::program().expect("program assembles");
+    let sector = kiln_boot::boot_sector(&program).expect("boot sector");
+    let mut image = vec![0u8; 1 << 20];
+    image[..512].copy_from_slice(&sector);
+    let path = dir.join("boot.img");
+    std::fs::write(&path, image).expect("write boot.img");
+    path
+}
+
+fn exercise(dir: &Path, machine: &str, media: &[String]) {
+    let mut g = Guest::boot(dir, machine, media);
+    let banner = g.expect(b"\r\n", Duration::from_secs(30));
+    assert_eq!(banner, format!("{}\r\n", kiln_boot::BANNER).as_bytes());
+    g.roundtrip(b"hello\r", b"olleh\r\n");
+    g.roundtrip(b"hello\n", b"olleh\r\n");
+    // The LF of a CR LF pair is an empty line and prints nothing.
+    g.roundtrip(b"hello\r\n", b"olleh\r\n");
+    g.roundtrip(b"\r\n\nab\r", b"ba\r\n");
+    let line80: Vec<u8> = (0..80u32).map(|i| b'!' + ((i * 7) % 90) as u8).collect();
+    let mut input = line80.clone();
+    input.push(b'\r');
+    let mut want: Vec<u8> = line80.iter().rev().copied().collect();
+    want.extend_from_slice(b"\r\n");
+    g.roundtrip(&input, &want);
+    // 100 characters: only the first 80 are kept.
+    let line100: Vec<u8> = (0..100u32).map(|i| b'0' + ((i * 11) % 70) as u8).collect();
+    let mut input = line100.clone();
+    input.push(b'\n');
+    let mut want: Vec<u8> = line100[..80].iter().rev().copied().collect();
+    want.extend_from_slice(b"\r\n");
+    g.roundtrip(&input, &want);
+
+    let (event, took) = g.powerdown();
+    assert_eq!(event["data"]["guest"], true, "{event}");
+    assert_eq!(event["data"]["reason"], "guest-shutdown", "{event}");
+    assert!(took < Duration::from_secs(3), "power-off took {took:?}");
+}
+
+#[test]
+fn boots_from_disk_on_pc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = disk_image(dir.path());
+    exercise(
+        dir.path(),
+        "pc",
+        &[
+            "-drive".into(),
+            format!("file={},format=raw", img.display()),
+        ],
+    );
+}
+
+#[test]
+fn boots_from_disk_on_q35() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = disk_image(dir.path());
+    exercise(
+        dir.path(),
+        "q35",
+        &[
+            "-drive".into(),
+            format!("file={},format=raw", img.display()),
+        ],
+    );
+}
+
+#[test]
+fn boots_from_cd_no_emulation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("iso");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(
+        root.join("boot.bin"),
+        kiln_boot::program().expect("program"),
+    )
+    .expect("write boot.bin");
+    let iso = dir.path().join("boot.iso");
+    let out = Command::new("xorriso")
+        .args([
+            "-as",
+            "mkisofs",
+            "-b",
+            "boot.bin",
+            "-no-emul-boot",
+            "-boot-load-size",
+            "4",
+            "-o",
+        ])
+        .arg(&iso)
+        .arg(&root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run xorriso (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "xorriso failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exercise(
+        dir.path(),
+        "pc",
+        &["-cdrom".into(), iso.display().to_string()],
+    );
+}
