@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::copy::check_range;
 use crate::raw::{write_plain, FileRange, RawDevice};
-use crate::util::{self, le32, le64, TempOut};
+use crate::util::{self, le16, le32, le64, TempOut};
 use crate::{Format, ImageError, ImageReader};
 
 const SPARSE_MAGIC: &[u8; 4] = b"KDMV";
@@ -53,6 +53,9 @@ struct SparseExtent {
     zero_grains: bool, // GTE value 1 means "zero grain"
     file_len: u64,
     cached_gt: Option<(usize, Vec<u32>)>,
+    /// streamOptimized: grains are deflate-compressed behind a 12-byte marker.
+    compressed: bool,
+    cached_grain: Option<(u64, Vec<u8>)>,
 }
 
 impl SparseExtent {
@@ -69,6 +72,20 @@ impl SparseExtent {
         if &h[0..4] != SPARSE_MAGIC {
             return Err(bad("sparse extent magic \"KDMV\" not found".into()));
         }
+        if le64(&h, 56) == GD_AT_END {
+            // streamOptimized: the real header is the footer, 1024 bytes before the end.
+            if len < 1536 {
+                return Err(bad(
+                    "stream-optimized image is too short for its footer".into()
+                ));
+            }
+            util::read_exact_at(&file, path, &mut h, len - 1024, Format::Vmdk)?;
+            if &h[0..4] != SPARSE_MAGIC {
+                return Err(bad(
+                    "stream-optimized footer magic \"KDMV\" not found".into()
+                ));
+            }
+        }
         let version = le32(&h, 4);
         let flags = le32(&h, 8);
         let capacity = le64(&h, 12);
@@ -81,11 +98,15 @@ impl SparseExtent {
                 format!("VMDK sparse extent version {version}"),
             ));
         }
-        if flags & FLAG_COMPRESSED != 0 || gd_offset == GD_AT_END {
+        let compressed = flags & FLAG_COMPRESSED != 0;
+        if compressed && le16(&h, 77) != 1 {
             return Err(ImageError::unsupported(
                 path,
-                "compressed (streamOptimized) VMDK extents; convert with qemu-img first",
+                format!("VMDK compression algorithm {}", le16(&h, 77)),
             ));
+        }
+        if gd_offset == GD_AT_END {
+            return Err(bad("grain directory offset missing in footer".into()));
         }
         if !grain_sectors.is_power_of_two() || !(1..=2048).contains(&grain_sectors) {
             return Err(bad(format!("invalid grain size {grain_sectors} sectors")));
@@ -122,6 +143,8 @@ impl SparseExtent {
             zero_grains: flags & FLAG_ZERO_GRAIN != 0,
             file_len: len,
             cached_gt: None,
+            compressed,
+            cached_grain: None,
         })
     }
 
@@ -170,6 +193,16 @@ impl SparseExtent {
             let n = ((self.grain - within) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
             match self.grain_offset(pos)? {
+                Some(g) if self.compressed => {
+                    let grain_idx = pos / self.grain;
+                    if self.cached_grain.as_ref().map(|c| c.0) != Some(grain_idx) {
+                        let data = self.inflate_grain(g)?;
+                        self.cached_grain = Some((grain_idx, data));
+                    }
+                    if let Some((_, data)) = &self.cached_grain {
+                        piece.copy_from_slice(&data[within as usize..within as usize + n]);
+                    }
+                }
                 Some(g) => {
                     util::read_exact_at(&self.file, &self.path, piece, g + within, Format::Vmdk)?
                 }
@@ -178,6 +211,33 @@ impl SparseExtent {
             done += n;
         }
         Ok(())
+    }
+
+    /// Read and decompress the grain whose marker is at file offset `at` (a full grain, zero
+    /// padded when the compressed stream is shorter).
+    fn inflate_grain(&self, at: u64) -> Result<Vec<u8>, ImageError> {
+        let bad = |m: String| ImageError::corrupt(&self.path, Format::Vmdk, m);
+        let mut marker = [0u8; 12];
+        util::read_exact_at(&self.file, &self.path, &mut marker, at, Format::Vmdk)?;
+        let size = le32(&marker, 8) as u64;
+        // Deflate never expands much; anything bigger is corrupt (and bounds the allocation).
+        if size == 0 || size > self.grain * 2 + 4096 || at + 12 + size > self.file_len {
+            return Err(bad(format!(
+                "compressed grain at offset {at} has invalid size {size}"
+            )));
+        }
+        let mut comp = vec![0u8; size as usize];
+        util::read_exact_at(&self.file, &self.path, &mut comp, at + 12, Format::Vmdk)?;
+        let mut data =
+            miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(&comp, self.grain as usize)
+                .map_err(|e| {
+                    bad(format!(
+                        "compressed grain at offset {at} does not decompress: {:?}",
+                        e.status
+                    ))
+                })?;
+        data.resize(self.grain as usize, 0);
+        Ok(data)
     }
 
     fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
@@ -607,7 +667,8 @@ pub(crate) fn check(path: &Path) -> Result<(u64, Vec<PathBuf>, Vec<String>), Ima
                         continue;
                     }
                     let off = g as u64 * 512;
-                    if off + s.grain > util::round_up(s.file_len, 512).unwrap_or(u64::MAX) {
+                    let need = if s.compressed { 12 } else { s.grain };
+                    if off + need > util::round_up(s.file_len, 512).unwrap_or(u64::MAX) {
                         problems.push(format!(
                             "{}: grain {gt_idx}/{j} at offset {off} lies beyond the end of the file",
                             s.path.display()

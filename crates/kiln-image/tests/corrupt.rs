@@ -328,7 +328,21 @@ fn vmdk_descriptor_garbage() {
 #[test]
 fn fuzz_truncation_and_bitflips_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let imgs = images(dir.path());
+    let mut imgs = images(dir.path());
+    // Also images only qemu-img writes (we read them): dynamic VHD, sparse/stream VMDK.
+    let src = dir.path().join("small.raw");
+    for (i, (fmt, q, opt)) in [
+        (Format::Vhd, "vpc", "subformat=dynamic"),
+        (Format::Vmdk, "vmdk", "subformat=monolithicSparse"),
+        (Format::Vmdk, "vmdk", "subformat=streamOptimized"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("qemu{i}.{}", fmt.name()));
+        qemu_img_ok(&["convert", "-O", q, "-o", opt, p(&src), p(&out)]);
+        imgs.push((fmt, out));
+    }
     let mut seed = 0x1234_5678_9abc_def0u64;
     let mut rnd = || {
         seed ^= seed << 13;
@@ -358,10 +372,10 @@ fn fuzz_truncation_and_bitflips_never_panic() {
             let mut d = data.clone();
             for _ in 0..(1 + rnd() % 4) {
                 let r = rnd();
-                let pos = if r % 3 == 0 {
-                    len - 1 - (r >> 8) % 1024.min(len)
-                } else {
-                    (r >> 8) % 4096.min(len)
+                let pos = match r % 4 {
+                    0 => len - 1 - (r >> 8) % 1024.min(len),
+                    1 => (r >> 8) % len,
+                    _ => (r >> 8) % 4096.min(len),
                 };
                 d[pos as usize] ^= 1 << (r % 8);
             }

@@ -115,6 +115,17 @@ fn reads_images_written_by_qemu_img() {
             ("qcow2", &[], Format::Qcow2),
             ("vmdk", &["-o", "subformat=monolithicFlat"], Format::Vmdk),
             ("vmdk", &["-o", "subformat=monolithicSparse"], Format::Vmdk),
+            ("vmdk", &["-o", "subformat=streamOptimized"], Format::Vmdk),
+            (
+                "vmdk",
+                &["-o", "subformat=twoGbMaxExtentSparse"],
+                Format::Vmdk,
+            ),
+            (
+                "vmdk",
+                &["-o", "subformat=twoGbMaxExtentFlat"],
+                Format::Vmdk,
+            ),
             ("vpc", &["-o", "subformat=fixed,force_size=on"], Format::Vhd),
             (
                 "vpc",
