@@ -1,10 +1,37 @@
 //! kiln-boot: the kiln boot program.
 //!
-//! A real-mode x86 program of at most [`MAX_PROGRAM_SIZE`] bytes, assembled at
-//! runtime from the listing in [`asm`](crate) (iced-x86 `code_asm`, no external
-//! assembler). It prints [`BANNER`] on the screen and COM1, runs a serial
-//! line-reversing REPL and powers the machine off when the ACPI power button
-//! is pressed (QEMU `system_powerdown`). See the module source for the listing.
+//! A real-mode x86 program of at most [`MAX_PROGRAM_SIZE`] bytes (currently
+//! exactly 256), assembled at runtime from a commented listing (`src/asm.rs`,
+//! iced-x86 `code_asm`, no external assembler). It runs from a boot sector at
+//! 0x7C00 ([`boot_sector`]) or an El Torito no-emulation CD (loaded at
+//! 07C0:0000: the code does not depend on CS), with interrupts off.
+//!
+//! Behaviour:
+//! - COM1 (0x3F8) is set to 9600 8N1 (divisor 12); the FIFO is left as the
+//!   BIOS set it (the program polls, so it does not matter).
+//! - [`BANNER`] + CR LF is printed with BIOS teletype (int 10h AH=0Eh) and on COM1.
+//! - Serial REPL: a line ends at CR or LF; the first 80 characters are kept,
+//!   further ones dropped; the reply is the kept characters reversed + CR LF
+//!   (`hello` → `olleh`). Empty lines print nothing, so `hello\r\n`,
+//!   `hello\r` and `hello\n` all get exactly `olleh\r\n`. The reversal uses
+//!   the stack (characters are pushed, then popped while writing).
+//! - ACPI power button: the ports come from the FADT (RSDP in E0000-FFFFF →
+//!   RSDT → first entry `FACP` → PM1a_EVT_BLK / PM1a_CNT_BLK, DSDT `_S5_` →
+//!   SLP_TYPa; tables above 1 MiB are read in unreal mode). Without usable
+//!   tables it falls back to QEMU/SeaBIOS's 0x600 / 0x604 with SLP_TYP 0.
+//!   PWRBTN_EN is set, PWRBTN_STS is polled while waiting for input; on a
+//!   press the status is cleared and SLP_TYP|SLP_EN is written to PM1a_CNT
+//!   (QEMU exits with a `SHUTDOWN` event, `guest: true`). If that does not
+//!   power off, the REPL carries on. A status of 0xFFFF (no device decodes
+//!   the port, as on v86 without ACPI) is never taken for a press.
+//!
+//! Measured: QEMU 10 pc and q35 (disk and CD): FADT found, PM1a 0x600/0x604,
+//! S5=0; v86 with ACPI: 0xB000/0xB004; v86 without ACPI and QEMU isapc: fallback,
+//! REPL unaffected.
+//!
+//! Needs a PC BIOS (int 10h) and reads ACPI tables through the BIOS area, so
+//! a VMM without firmware must provide int 10h and should return all-ones for
+//! I/O ports it does not emulate.
 
 mod asm;
 
@@ -25,7 +52,7 @@ pub const LOAD_ADDRESS: u16 = asm::ORIGIN;
 #[derive(Debug, Error)]
 pub enum BootError {
     /// The program exceeds [`MAX_PROGRAM_SIZE`].
-    #[error("program is {size} bytes, over the {max}-byte limit by {}", size - max)]
+    #[error("program is {size} bytes, over the {max}-byte limit by {}", size.saturating_sub(*max))]
     TooLarge {
         /// Program size in bytes.
         size: usize,
