@@ -1,0 +1,32 @@
+//! Web-embeddable kiln VMs.
+//!
+//! [`prepare`] turns any disk image kiln reads into a static site that boots it in the browser
+//! with [v86](https://github.com/copy/v86): `index.html` (VM screen, xterm.js serial terminal,
+//! pause/resume/save/restore), `kiln.js` (the embedding API), v86, SeaBIOS, the disk, and
+//! optionally a saved machine state (`--warm`) so the page resumes instead of booting.
+//! Every URL in the site is relative, so it works under any base path.
+//!
+//! [`serve()`] serves such a site (preparing it in memory from an image when needed) and adds a
+//! `/ctl` WebSocket debug console and a `/net` network relay bridged to passt.
+//!
+//! Assets come from the project's `web/node_modules` (npm: v86, @xterm/xterm; see
+//! [`Assets::locate`]) and Debian's seabios package; a missing one is an error naming it and
+//! how to install it.
+
+mod assets;
+mod disk;
+mod error;
+mod net;
+mod serve;
+mod site;
+mod warm;
+
+pub use assets::Assets;
+pub use disk::{load_disk, Disk, DiskKind};
+pub use error::WebError;
+pub use serve::{serve, ServeOptions, ServeSource};
+pub use site::{build_site, prepare, PrepareOptions, PrepareReport, Site};
+pub use warm::STATE_PART_SIZE;
+
+/// Result type of this crate.
+pub type Result<T, E = WebError> = std::result::Result<T, E>;

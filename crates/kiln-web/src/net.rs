@@ -1,0 +1,113 @@
+//! `/net`: v86's network relay protocol (one Ethernet frame per binary WebSocket message)
+//! bridged to passt, a user-mode network stack, over QEMU's stream protocol (each frame
+//! preceded by its length as a 4-byte big-endian integer). One passt per connection, so each
+//! page gets its own network with DHCP, DNS and NAT to the host.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest frame relayed (jumbo frames are not used by v86's NICs).
+const MAX_FRAME: usize = 65536;
+
+pub(crate) async fn relay(ws: WebSocket, passt: PathBuf) {
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("net: socketpair: {e}");
+            return;
+        }
+    };
+    let fd = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&passt);
+    // Foreground, quiet, no port forwarding into the guest: the guest only reaches out.
+    cmd.args(["-f", "-q", "-t", "none", "-u", "none", "--fd"])
+        .arg(fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec we only call fcntl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Let passt inherit its end of the socket pair.
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!(
+                "cannot start {}: {e} (install Debian's passt package)",
+                passt.display()
+            );
+            tracing::warn!("net: {msg}");
+            let _ = ws_tx
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1011,
+                    reason: msg.chars().take(120).collect::<String>().into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    drop(theirs);
+    if ours.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(stream) = tokio::net::UnixStream::from_std(ours) else {
+        return;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+
+    let to_passt = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            match msg {
+                Message::Binary(frame) if !frame.is_empty() && frame.len() <= MAX_FRAME => {
+                    let mut buf = Vec::with_capacity(frame.len() + 4);
+                    buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                    buf.extend_from_slice(&frame);
+                    if wr.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    let from_passt = async move {
+        let mut len = [0u8; 4];
+        loop {
+            if rd.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            let n = u32::from_be_bytes(len) as usize;
+            if n > MAX_FRAME {
+                tracing::warn!("net: passt sent a {n}-byte frame; closing");
+                break;
+            }
+            let mut frame = vec![0u8; n];
+            if rd.read_exact(&mut frame).await.is_err() {
+                break;
+            }
+            if ws_tx.send(Message::Binary(frame.into())).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_passt => {}
+        _ = from_passt => {}
+        _ = child.wait() => { tracing::warn!("net: passt exited"); }
+    }
+    let _ = child.kill().await;
+}

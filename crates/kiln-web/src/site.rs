@@ -1,0 +1,229 @@
+//! Building the static site in memory and writing it out all-or-nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::assets::{self, Assets};
+use crate::disk::{load_disk, Disk};
+use crate::{warm, Result, WebError};
+
+/// What [`prepare`] and [`build_site`] do.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    /// Boot under Node until this text appears on serial and ship the saved state.
+    pub warm: Option<String>,
+    /// How long the warm boot may take.
+    pub warm_timeout: Duration,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Where the assets are (default: [`Assets::locate`]).
+    pub assets: Option<Assets>,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        PrepareOptions {
+            warm: None,
+            warm_timeout: Duration::from_secs(60),
+            memory_mib: 16,
+            assets: None,
+        }
+    }
+}
+
+/// A site: file paths relative to its root (`/`-separated) and their content.
+#[derive(Clone, Debug, Default)]
+pub struct Site {
+    files: BTreeMap<String, Bytes>,
+}
+
+impl Site {
+    /// The content at a site path such as `index.html` or `state/manifest.json`.
+    pub fn get(&self, path: &str) -> Option<&Bytes> {
+        self.files.get(path)
+    }
+
+    /// All files, sorted by path.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.files.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Total size in bytes.
+    pub fn total_size(&self) -> u64 {
+        self.files.values().map(|b| b.len() as u64).sum()
+    }
+
+    pub(crate) fn insert(&mut self, path: impl Into<String>, content: impl Into<Bytes>) {
+        self.files.insert(path.into(), content.into());
+    }
+
+    /// Write the site to `out` all-or-nothing: into a temporary sibling directory, checked
+    /// file by file, then renamed into place. `out` may be absent, an empty directory, or a
+    /// previous kiln site (which is replaced); anything else is refused.
+    pub fn write_to(&self, out: &Path) -> Result<()> {
+        let replace_old = match std::fs::read_dir(out) {
+            Ok(mut it) => {
+                if it.next().is_none() {
+                    false
+                } else if out.join("kiln.json").is_file() {
+                    true
+                } else {
+                    return Err(WebError::OutNotEmpty {
+                        path: out.to_path_buf(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                return Err(WebError::OutNotEmpty {
+                    path: out.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(WebError::io(out, "open output directory", e)),
+        };
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| WebError::io(&parent, "create output's parent directory", e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".kiln-site-")
+            .tempdir_in(&parent)
+            .map_err(|e| WebError::io(&parent, "create a temporary directory", e))?;
+        for (rel, content) in &self.files {
+            let p = tmp.path().join(rel);
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).map_err(|e| WebError::io(d, "create directory", e))?;
+            }
+            std::fs::write(&p, content).map_err(|e| WebError::io(out.join(rel), "write", e))?;
+        }
+        // Every asset the page needs must be there before we claim success: a missing BIOS
+        // makes v86 hang silently.
+        for (rel, content) in &self.files {
+            let p = tmp.path().join(rel);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| WebError::io(out.join(rel), "verify written file", e))?
+                .len();
+            if len != content.len() as u64 {
+                return Err(WebError::io(
+                    out.join(rel),
+                    "verify written file",
+                    std::io::Error::other(format!("{len} bytes on disk, expected {}", content.len())),
+                ));
+            }
+        }
+        let tmp = tmp.keep();
+        let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+        let result = (|| {
+            if replace_old {
+                let old = parent.join(format!(
+                    ".kiln-old-{}",
+                    tmp.file_name().and_then(|s| s.to_str()).unwrap_or("site")
+                ));
+                std::fs::rename(out, &old).map_err(|e| WebError::io(out, "move the previous site aside", e))?;
+                std::fs::rename(&tmp, out).map_err(|e| {
+                    let _ = std::fs::rename(&old, out);
+                    WebError::io(out, "move the new site into place", e)
+                })?;
+                let _ = std::fs::remove_dir_all(&old);
+            } else {
+                // An empty directory (or nothing) is replaced by the rename.
+                let _ = std::fs::remove_dir(out);
+                std::fs::rename(&tmp, out).map_err(|e| WebError::io(out, "move the new site into place", e))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+}
+
+/// What [`prepare`] wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PrepareReport {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Number of files.
+    pub files: usize,
+    /// Total bytes.
+    pub bytes: u64,
+    /// How the disk is attached: "hda", "fda" or "cdrom".
+    pub disk: crate::DiskKind,
+    /// Whether a warm state ships (and its compressed size).
+    pub warm_state_bytes: Option<u64>,
+}
+
+/// Build the site for `image` in memory (see [`prepare`]).
+pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
+    let assets = opts.assets.clone().unwrap_or_else(Assets::locate);
+    // Assets first: a missing one is the most common setup problem and cheap to find.
+    assets.check()?;
+    let disk = load_disk(image)?;
+    let mut site = Site::default();
+    for f in assets.files() {
+        site.insert(f.site_path, Assets::read(&f)?);
+    }
+    site.insert("index.html", assets::INDEX_HTML);
+    site.insert("kiln.js", assets::KILN_JS);
+    let disk_path = format!("disk/{}", disk.file_name);
+    let mut config = serde_json::json!({
+        "kiln": 1,
+        "name": image.file_name().and_then(|s| s.to_str()).unwrap_or("disk"),
+        "memory_size": u64::from(opts.memory_mib) << 20,
+        "vga_memory_size": 2u64 << 20,
+        "libv86": "libv86.js",
+        "xterm": "xterm.js",
+        "wasm": "v86.wasm",
+        "bios": "bios/seabios.bin",
+        "vga_bios": "bios/vgabios.bin",
+        "disk": { "kind": disk.kind, "url": disk_path, "size": disk.bytes.len() },
+        "state": null,
+    });
+    if let Some(marker) = &opts.warm {
+        let parts = warm::warm_state(&assets, &disk, &config, marker, opts.warm_timeout)?;
+        for (name, content) in parts {
+            site.insert(format!("state/{name}"), content);
+        }
+        config["state"] = "state/manifest.json".into();
+    }
+    let Disk { bytes, .. } = disk;
+    site.insert(disk_path, bytes);
+    site.insert(
+        "kiln.json",
+        serde_json::to_vec_pretty(&config).map_err(|e| WebError::io(image, "encode kiln.json", e.into()))?,
+    );
+    Ok(site)
+}
+
+/// `kiln prepare IMAGE OUT`: write a static site that boots IMAGE in the browser. Works under
+/// any base path. Nothing is left at `out` when it fails.
+pub fn prepare(image: &Path, out: &Path, opts: &PrepareOptions) -> Result<PrepareReport> {
+    let site = build_site(image, opts)?;
+    site.write_to(out)?;
+    let config: serde_json::Value = site
+        .get("kiln.json")
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    let disk = match config["disk"]["kind"].as_str() {
+        Some("fda") => crate::DiskKind::Fda,
+        Some("cdrom") => crate::DiskKind::Cdrom,
+        _ => crate::DiskKind::Hda,
+    };
+    let warm_state_bytes = site
+        .get("state/manifest.json")
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|m| m["size"].as_u64());
+    Ok(PrepareReport {
+        out: out.to_path_buf(),
+        files: site.files.len(),
+        bytes: site.total_size(),
+        disk,
+        warm_state_bytes,
+    })
+}
