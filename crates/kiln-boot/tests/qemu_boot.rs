@@ -113,6 +113,36 @@ impl Guest {
             .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
             .expect("QMP write");
         assert!(next().expect("capabilities reply").get("return").is_some());
+        let mut hmp = |cmd: &str| -> String {
+            let req = serde_json::json!({"execute": "human-monitor-command", "arguments": {"command-line": cmd}});
+            writer
+                .write_all(format!("{req}\n").as_bytes())
+                .expect("QMP write");
+            loop {
+                let msg = next().expect("HMP reply");
+                if let Some(text) = msg.get("return") {
+                    return text.as_str().unwrap_or_default().to_owned();
+                }
+            }
+        };
+        // The FADT discovery leaves EDI on the DSDT's "_S5_" name and BP/SI on
+        // PM1a_EVT_BLK/PM1a_CNT_BLK read from the FADT (QEMU + SeaBIOS: 0x600/0x604).
+        let regs = hmp("info registers");
+        let reg = |name: &str| -> u64 {
+            let at = regs
+                .find(&format!("{name}="))
+                .unwrap_or_else(|| panic!("no {name} in {regs}"));
+            let hex = &regs[at + name.len() + 1..][..8];
+            u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("{name}={hex}: {e}"))
+        };
+        assert_eq!(reg("EBP"), 0x600, "PM1a_EVT_BLK");
+        assert_eq!(reg("ESI"), 0x604, "PM1a_CNT_BLK");
+        assert_eq!(reg("EBX"), 0x2000, "SLP_EN | SLP_TYP(S5 = 0)");
+        let s5 = hmp(&format!("xp /4bx {:#x}", reg("EDI")));
+        assert!(
+            s5.contains("0x5f 0x53 0x35 0x5f"),
+            "EDI does not point at _S5_: {s5}"
+        );
         let start = Instant::now();
         writer
             .write_all(b"{\"execute\":\"system_powerdown\"}\n")
