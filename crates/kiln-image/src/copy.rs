@@ -13,10 +13,24 @@ pub(crate) trait Sink {
 }
 
 /// Kick off writeback of the output after this many bytes of data were copied.
-const WRITEBACK_EVERY: u64 = 32 << 20;
+const WRITEBACK_EVERY: u64 = 16 << 20;
+
+/// Buffers in flight between the reader thread and the writer.
+const BUFFERS: usize = 3;
+
+/// What the reader thread hands to the writer.
+enum Piece {
+    /// `len` bytes of data at `offset` in the buffer.
+    Data(u64, Vec<u8>, usize),
+    /// Everything before this offset is done (an unallocated extent was skipped).
+    Skipped(u64),
+}
 
 /// Stream `size` bytes of `source` into `sink`, skipping unallocated extents and zero runs.
 /// `out` is the output file whose writeback is started as we go (see [`start_writeback`]).
+///
+/// Reading runs on a scoped helper thread, writing on the caller's, so the two overlap;
+/// a few CHUNK-sized buffers circulate between them, bounding memory.
 pub(crate) fn copy(
     source: &mut dyn ImageReader,
     size: u64,
@@ -24,10 +38,36 @@ pub(crate) fn copy(
     out: Option<&std::fs::File>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
-    let mut since_kick = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
+    use std::sync::mpsc::sync_channel;
     progress(0, size);
+    let (full_tx, full_rx) = sync_channel::<Piece>(BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        // Cannot fail: the receiver is alive and the channel has room.
+        let _ = empty_tx.send(vec![0u8; CHUNK]);
+    }
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || read_pieces(source, size, full_tx, empty_rx));
+        let written = write_pieces(sink, size, out, progress, full_rx, empty_tx);
+        // If writing failed, full_rx is dropped by now, so the reader stops at its next send.
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(ImageError::Io {
+                path: "<source>".into(),
+                what: "reader thread".into(),
+                source: std::io::Error::other("panicked"),
+            })
+        });
+        written.and(read)
+    })
+}
+
+fn read_pieces(
+    source: &mut dyn ImageReader,
+    size: u64,
+    full: std::sync::mpsc::SyncSender<Piece>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(), ImageError> {
+    let mut off = 0u64;
     while off < size {
         let want = size - off;
         let (data, len) = source.block_status(off, want)?;
@@ -35,25 +75,53 @@ pub(crate) fn copy(
         let len = len.clamp(1, want);
         if !data {
             off += len;
-            progress(off, size);
+            if full.send(Piece::Skipped(off)).is_err() {
+                return Ok(()); // writer gave up; its error is reported
+            }
             continue;
         }
         let end = off + len;
         while off < end {
             // Align chunks to CHUNK boundaries so block formats see whole blocks per call.
             let n = ((CHUNK as u64 - off % CHUNK as u64).min(end - off)) as usize;
-            let b = &mut buf[..n];
-            source.read_at(b, off)?;
-            write_nonzero_runs(sink, off, b)?;
-            off += n as u64;
-            since_kick += n as u64;
-            if since_kick >= WRITEBACK_EVERY {
-                if let Some(f) = out {
-                    start_writeback(f);
-                }
-                since_kick = 0;
+            let Ok(mut buf) = empty.recv() else {
+                return Ok(());
+            };
+            source.read_at(&mut buf[..n], off)?;
+            if full.send(Piece::Data(off, buf, n)).is_err() {
+                return Ok(());
             }
-            progress(off, size);
+            off += n as u64;
+        }
+    }
+    Ok(())
+}
+
+fn write_pieces(
+    sink: &mut dyn Sink,
+    size: u64,
+    out: Option<&std::fs::File>,
+    progress: &mut dyn FnMut(u64, u64),
+    full: std::sync::mpsc::Receiver<Piece>,
+    empty: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<(), ImageError> {
+    let mut since_kick = 0u64;
+    for piece in full {
+        match piece {
+            Piece::Skipped(upto) => progress(upto, size),
+            Piece::Data(off, buf, n) => {
+                write_nonzero_runs(sink, off, &buf[..n])?;
+                since_kick += n as u64;
+                if since_kick >= WRITEBACK_EVERY {
+                    if let Some(f) = out {
+                        start_writeback(f);
+                    }
+                    since_kick = 0;
+                }
+                progress(off + n as u64, size);
+                // The reader may already be done; then the buffer is simply dropped.
+                let _ = empty.send(buf);
+            }
         }
     }
     Ok(())
