@@ -13,6 +13,17 @@ use crate::{Format, ImageError};
 pub(crate) const CHUNK: usize = 2 << 20;
 
 pub(crate) fn open_ro(path: &Path) -> Result<File, ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    // Opening a FIFO would block forever; refuse it (and sockets) up front.
+    if let Ok(m) = std::fs::metadata(path) {
+        let t = m.file_type();
+        if t.is_fifo() || t.is_socket() || t.is_dir() {
+            return Err(ImageError::unsupported(
+                path,
+                "not a regular file or block device",
+            ));
+        }
+    }
     File::open(path).map_err(|e| ImageError::io(path, "cannot open", e))
 }
 

@@ -388,6 +388,16 @@ fn resolve_extent(descriptor: &Path, name: &str) -> Result<PathBuf, ImageError> 
     if !canon.starts_with(&canon_dir) {
         return Err(outside());
     }
+    // Opening a FIFO or device would block or read endlessly; extents are regular files.
+    let meta =
+        std::fs::metadata(&canon).map_err(|e| ImageError::io(&candidate, "cannot stat", e))?;
+    if !meta.is_file() {
+        return Err(ImageError::corrupt(
+            descriptor,
+            Format::Vmdk,
+            format!("extent \"{name}\" is not a regular file"),
+        ));
+    }
     Ok(candidate)
 }
 

@@ -258,6 +258,14 @@ fn vmdk_extent_escapes_are_refused() {
     std::os::unix::fs::symlink("real.raw", inner.join("ok-flat.vmdk")).unwrap();
     let p = desc("ok.vmdk", "ok-flat.vmdk");
     assert_eq!(open(&p).unwrap().virtual_size(), 1 << 20);
+    // A FIFO extent must not hang the reader.
+    let fifo = inner.join("fifo-flat.vmdk");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let p = desc("fifo.vmdk", "fifo-flat.vmdk");
+    let err = open(&p).err().unwrap().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
     // Missing extent: error names it.
     let p = desc("missing.vmdk", "missing-flat.vmdk");
     let err = open(&p).err().unwrap().to_string();
