@@ -23,7 +23,7 @@ mod vdi;
 mod vhd;
 mod vmdk;
 
-pub use iso::write_boot_iso;
+pub use iso::{write_boot_iso, BOOT_CATALOG_PATH, BOOT_IMAGE_PATH};
 
 /// A disk image format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
