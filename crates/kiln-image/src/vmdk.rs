@@ -573,7 +573,17 @@ fn descriptor_text(size: u64, extent_name: &str) -> String {
     let sectors = size / 512;
     // Conventional BIOS geometry for IDE disks: 16 heads, 63 sectors.
     let cylinders = (sectors / (16 * 63)).clamp(1, 16383);
-    let cid = u32::from_le_bytes(util::pseudo_uuid()[..4].try_into().unwrap_or([1, 2, 3, 4]));
+    let u = util::pseudo_uuid();
+    let cid = u32::from_le_bytes([u[0], u[1], u[2], u[3]]);
+    let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
     format!(
         "# Disk DescriptorFile\n\
          version=1\n\
@@ -591,7 +601,8 @@ fn descriptor_text(size: u64, extent_name: &str) -> String {
          ddb.geometry.cylinders = \"{cylinders}\"\n\
          ddb.geometry.heads = \"16\"\n\
          ddb.geometry.sectors = \"63\"\n\
-         ddb.adapterType = \"ide\"\n"
+         ddb.adapterType = \"ide\"\n\
+         ddb.uuid.image = \"{uuid}\"\n"
     )
 }
 
