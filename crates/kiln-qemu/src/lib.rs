@@ -6,10 +6,12 @@
 
 mod accel;
 mod config;
+mod microvm;
 mod qmp;
 mod vm;
 
 pub use accel::{host_has_hw_virt, kvm_usable, Accel};
+pub use microvm::{default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, UserNet};
 pub use config::{Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode};
 pub use qmp::{Qmp, QmpError};
 pub use vm::{QemuVm, StopOutcome, VmEnd};

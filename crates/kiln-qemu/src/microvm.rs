@@ -1,0 +1,253 @@
+//! QEMU's `microvm` machine for Linux guests: direct kernel boot, virtio-mmio disks, a serial
+//! console on a Unix socket (with a log file), QMP sockets, optional user-mode networking.
+//!
+//! The machine runs with `pit=on,pic=on` and the kernel is told the host's TSC frequency
+//! (`tsc_early_khz=`): under TCG a stock kernel otherwise hangs at "Marking TSC unstable".
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::{Accel, DriveFormat};
+
+/// One virtio-blk disk of a microVM. The n-th disk is `/dev/vd<a+n>` in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MicrovmDisk {
+    pub path: PathBuf,
+    pub format: DriveFormat,
+    pub read_only: bool,
+}
+
+/// User-mode (slirp) networking with SSH forwarded from a host port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserNet {
+    /// Host TCP port (on 127.0.0.1) forwarded to the guest's port 22.
+    pub ssh_host_port: u16,
+}
+
+/// Everything needed to start one Linux microVM.
+#[derive(Clone, Debug)]
+pub struct MicrovmConfig {
+    /// The QEMU binary (`$KILN_QEMU` or `qemu-system-x86_64`).
+    pub binary: String,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, complete (see [`default_kernel_cmdline`]).
+    pub cmdline: String,
+    /// Disks in guest order: the first is `/dev/vda`.
+    pub disks: Vec<MicrovmDisk>,
+    /// The serial console's Unix socket (QEMU listens; one client at a time).
+    pub console_socket: PathBuf,
+    /// Everything the guest writes to its serial port is appended here.
+    pub serial_log: PathBuf,
+    /// QMP sockets QEMU listens on (one connection each; several let a supervisor and a
+    /// `stop` command talk to QEMU at the same time).
+    pub qmp_sockets: Vec<PathBuf>,
+    pub net: Option<UserNet>,
+    pub name: Option<String>,
+    /// Extra arguments appended verbatim.
+    pub extra_args: Vec<OsString>,
+}
+
+impl MicrovmConfig {
+    /// The full argument vector (without the binary).
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut opt = |flag: &str, value: OsString| {
+            a.push(flag.into());
+            a.push(value);
+        };
+        // pit/pic: the legacy timer and interrupt controller a stock kernel calibrates with;
+        // rtc for a sane wall clock.
+        opt("-machine", "microvm,pit=on,pic=on,rtc=on".into());
+        opt("-accel", self.accel.name().into());
+        if self.accel == Accel::Kvm {
+            opt("-cpu", "host".into());
+        }
+        opt("-m", self.memory_mib.to_string().into());
+        opt("-smp", self.vcpus.to_string().into());
+        if let Some(name) = &self.name {
+            opt("-name", name.into());
+        }
+        opt("-kernel", self.kernel.clone().into_os_string());
+        if let Some(initrd) = &self.initrd {
+            opt("-initrd", initrd.clone().into_os_string());
+        }
+        opt("-append", self.cmdline.clone().into());
+        for (i, d) in self.disks.iter().enumerate() {
+            let mut spec = prefixed("file=", &d.path);
+            spec.push(format!(
+                ",format={},if=none,id=disk{i},cache=writeback,discard=unmap",
+                d.format.qemu_name()
+            ));
+            if d.read_only {
+                spec.push(",readonly=on");
+            }
+            opt("-drive", spec);
+            opt("-device", format!("virtio-blk-device,drive=disk{i}").into());
+        }
+        let mut chardev = prefixed("socket,id=console,path=", &self.console_socket);
+        chardev.push(",server=on,wait=off");
+        chardev.push(prefixed(",logfile=", &self.serial_log));
+        chardev.push(",logappend=on");
+        opt("-chardev", chardev);
+        opt("-serial", "chardev:console".into());
+        for q in &self.qmp_sockets {
+            let mut qmp = prefixed("unix:", q);
+            qmp.push(",server=on,wait=off");
+            opt("-qmp", qmp);
+        }
+        match &self.net {
+            Some(net) => {
+                opt(
+                    "-netdev",
+                    format!(
+                        "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
+                        net.ssh_host_port
+                    )
+                    .into(),
+                );
+                opt("-device", "virtio-net-device,netdev=net0".into());
+            }
+            None => opt("-nic", "none".into()),
+        }
+        opt("-display", "none".into());
+        opt("-monitor", "none".into());
+        a.push("-nodefaults".into());
+        a.push("-no-user-config".into());
+        // The guest's reboot ends the VM, like its power-off.
+        a.push("-no-reboot".into());
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+/// The kernel command line kiln boots Linux microVMs with: serial console, root on `/dev/vda`,
+/// the host TSC frequency when known, and `extra` appended.
+pub fn default_kernel_cmdline(tsc_khz: Option<u64>, extra: &str) -> String {
+    let mut c = String::from("console=ttyS0 root=/dev/vda rw panic=-1 reboot=t");
+    if let Some(khz) = tsc_khz {
+        c.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    if !extra.trim().is_empty() {
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+/// The host TSC frequency in kHz: `$KILN_TSC_KHZ`, the kernel's `tsc_freq_khz` when exposed,
+/// or the "cpu MHz" of /proc/cpuinfo on CPUs with a constant TSC.
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Some(v) = std::env::var("KILN_TSC_KHZ")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(v);
+    }
+    if let Some(v) = fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(v);
+    }
+    tsc_khz_from_cpuinfo(&fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn tsc_khz_from_cpuinfo(info: &str) -> Option<u64> {
+    let constant = info
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| f == "constant_tsc");
+    if !constant {
+        return None;
+    }
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+fn prefixed(prefix: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    // QEMU option values split on ','; a doubled comma is a literal one.
+    s.push(path.as_os_str().to_string_lossy().replace(',', ",,"));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_have_microvm_disks_console_and_qmp() {
+        let c = MicrovmConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            vcpus: 2,
+            kernel: "/i/vmlinuz".into(),
+            initrd: Some("/i/initrd.img".into()),
+            cmdline: default_kernel_cmdline(Some(2_596_148), "quiet"),
+            disks: vec![
+                MicrovmDisk {
+                    path: "/v/root,1.qcow2".into(),
+                    format: DriveFormat::Qcow2,
+                    read_only: false,
+                },
+                MicrovmDisk {
+                    path: "/v/home.ext4".into(),
+                    format: DriveFormat::Raw,
+                    read_only: false,
+                },
+            ],
+            console_socket: "/v/console.sock".into(),
+            serial_log: "/v/serial.log".into(),
+            qmp_sockets: vec!["/v/qmp.sock".into(), "/v/sup.sock".into()],
+            net: None,
+            name: Some("calm-otter".into()),
+            extra_args: vec![],
+        };
+        let a: Vec<String> = c
+            .args()
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        let pair = |f: &str, v: &str| a.windows(2).any(|w| w[0] == f && w[1] == v);
+        assert!(pair("-machine", "microvm,pit=on,pic=on,rtc=on"));
+        assert!(pair(
+            "-append",
+            "console=ttyS0 root=/dev/vda rw panic=-1 reboot=t tsc_early_khz=2596148 quiet"
+        ));
+        assert!(pair(
+            "-drive",
+            "file=/v/root,,1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback,discard=unmap"
+        ));
+        assert!(pair("-device", "virtio-blk-device,drive=disk1"));
+        assert!(pair("-qmp", "unix:/v/sup.sock,server=on,wait=off"));
+        assert!(pair(
+            "-chardev",
+            "socket,id=console,path=/v/console.sock,server=on,wait=off,logfile=/v/serial.log,logappend=on"
+        ));
+        assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo_needs_constant_tsc() {
+        let info = "cpu MHz\t\t: 2596.148\nflags\t\t: fpu constant_tsc tsc_known_freq\n";
+        assert_eq!(tsc_khz_from_cpuinfo(info), Some(2_596_148));
+        assert_eq!(
+            tsc_khz_from_cpuinfo("cpu MHz : 2596.148\nflags : fpu\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,570 @@
+//! kiln's root filesystem builders: `kiln image debian` makes a Debian image directory that
+//! `kiln vm run --image DIR` boots.
+//!
+//! [`build_debian`] runs debootstrap (root needed) into a scratch tree, configures it for kiln
+//! microVMs (see [`FSTAB`], the [`KILN_HOOK`], root autologin on ttyS0) and writes:
+//! - `rootfs.ext4`: the root filesystem (made with `mkfs.ext4 -d`, no mount), the VMs' base;
+//! - `vmlinuz`, `initrd.img`: Debian's cloud kernel and the initrd initramfs-tools built with
+//!   the virtio modules;
+//! - `home.ext4`, `var.ext4`: ext4 filesystems holding the image's /home and /var, the seeds of
+//!   each VM's own /home and /var disks (exact ownership and modes);
+//! - `image.json` ([`kiln_host::ImageManifest`]).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kiln_host::ImageManifest;
+
+/// Bumped whenever the builder's output changes: part of the cache fingerprint.
+const BUILDER_VERSION: u32 = 1;
+
+/// Packages installed on top of debootstrap's minbase.
+pub const PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "dbus",
+    "libpam-systemd",
+    "udev",
+    "kmod",
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "openssh-server",
+    "iproute2",
+    "procps",
+    "ca-certificates",
+];
+
+/// The image's /etc/fstab: the root overlay on vda, the VM's own disks on vdb and vdc.
+pub const FSTAB: &str = "\
+# kiln microVM layout: / is a copy-on-write overlay of the base image; /home and /var are the
+# VM's own disks (kiln vm run attaches them as the 2nd and 3rd disks); /tmp is tmpfs
+# (systemd mounts /run as tmpfs itself).
+/dev/vda  /      ext4   rw,relatime,errors=remount-ro  0 1
+/dev/vdb  /home  ext4   rw,relatime,x-systemd.device-timeout=10s  0 2
+/dev/vdc  /var   ext4   rw,relatime,x-systemd.device-timeout=10s  0 2
+tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
+";
+
+/// The kiln hook: applies the VM's identity from the kernel command line at boot, so the base
+/// image is never touched: `kiln.name=` (hostname; systemd also reads `systemd.hostname=`),
+/// `kiln.dns=a,b` (/etc/resolv.conf links to /run/kiln/resolv.conf), `kiln.ip=ADDR/LEN,GW`
+/// (static address on the first NIC). It also makes SSH host keys unique per VM.
+pub const KILN_HOOK: &str = r#"#!/bin/sh
+# kiln hook: the VM's identity from the kernel command line (see kiln-rootfs).
+name= dns= ip=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        kiln.name=*) name=${arg#kiln.name=} ;;
+        kiln.dns=*) dns=${arg#kiln.dns=} ;;
+        kiln.ip=*) ip=${arg#kiln.ip=} ;;
+    esac
+done
+mkdir -p /run/kiln
+: > /run/kiln/resolv.conf.new
+for ns in $(echo "$dns" | tr ',' ' '); do
+    echo "nameserver $ns" >> /run/kiln/resolv.conf.new
+done
+mv /run/kiln/resolv.conf.new /run/kiln/resolv.conf
+if [ -n "$name" ]; then
+    hostname "$name"
+    echo "$name" > /etc/hostname
+    if grep -q '^127\.0\.1\.1' /etc/hosts; then
+        sed -i "s/^127\.0\.1\.1.*/127.0.1.1\t$name/" /etc/hosts
+    else
+        printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
+    fi
+fi
+if [ -n "$ip" ]; then
+    addr=${ip%%,*}
+    gw=
+    [ "$addr" != "$ip" ] && gw=${ip#*,}
+    dev=
+    for i in $(seq 50); do
+        dev=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
+        [ -n "$dev" ] && break
+        sleep 0.1
+    done
+    if [ -n "$dev" ]; then
+        ip link set lo up
+        ip link set "$dev" up
+        ip addr add "$addr" dev "$dev"
+        [ -n "$gw" ] && ip route add default via "$gw"
+    fi
+fi
+ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A
+exit 0
+"#;
+
+const HOOK_UNIT: &str = "\
+[Unit]
+Description=kiln: hostname, resolv.conf and address from the kernel command line
+DefaultDependencies=no
+After=local-fs.target systemd-udev-trigger.service
+Before=sysinit.target ssh.service network.target
+Wants=systemd-udev-trigger.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/lib/kiln/kiln-hook
+
+[Install]
+WantedBy=sysinit.target
+";
+
+const AUTOLOGIN: &str = "\
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --keep-baud --autologin root 115200,57600,38400,9600 - $TERM
+";
+
+/// Errors of the image builders, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("kiln image debian needs root (debootstrap chroots and creates device nodes); run it with sudo")]
+    NotRoot,
+    #[error("{tool} is not installed (apt-get install {package})")]
+    MissingTool { tool: String, package: String },
+    #[error("{path}: {why}")]
+    Output { path: PathBuf, why: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed ({status}): {detail} (full log: {log})")]
+    Tool {
+        tool: String,
+        status: String,
+        detail: String,
+        log: PathBuf,
+    },
+    #[error("invalid {what} '{value}': {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Host(#[from] kiln_host::HostError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let what = what.into();
+    move |source| RootfsError::Io { what, source }
+}
+
+/// What `kiln image debian` builds.
+#[derive(Clone, Debug)]
+pub struct DebianOptions {
+    /// `bookworm`, `trixie`, ...
+    pub suite: String,
+    /// Size of rootfs.ext4 in bytes (sparse).
+    pub size: u64,
+    /// The Debian mirror debootstrap downloads from.
+    pub mirror: String,
+    /// Packages beyond [`PACKAGES`].
+    pub extra_packages: Vec<String>,
+}
+
+impl Default for DebianOptions {
+    fn default() -> Self {
+        DebianOptions {
+            suite: "bookworm".into(),
+            size: 2 << 30,
+            mirror: "http://deb.debian.org/debian".into(),
+            extra_packages: Vec::new(),
+        }
+    }
+}
+
+impl DebianOptions {
+    /// A stable fingerprint of everything that shapes the image (not the output path): the
+    /// key of [`cached_debian_image`].
+    pub fn fingerprint(&self) -> String {
+        let mut h = Fnv::new();
+        h.add(&BUILDER_VERSION.to_le_bytes());
+        for part in [&self.suite, &self.mirror] {
+            h.add(part.as_bytes());
+        }
+        h.add(&self.size.to_le_bytes());
+        for p in self.packages() {
+            h.add(p.as_bytes());
+        }
+        for text in [FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN] {
+            h.add(text.as_bytes());
+        }
+        format!("{:016x}", h.0)
+    }
+
+    fn packages(&self) -> Vec<String> {
+        PACKAGES
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.extra_packages.iter().cloned())
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), RootfsError> {
+        let bad = |what, value: &str, why: &str| RootfsError::Invalid {
+            what,
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        if self.suite.is_empty()
+            || !self
+                .suite
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(bad(
+                "suite",
+                &self.suite,
+                "expected a Debian suite name like bookworm",
+            ));
+        }
+        if self.size < 512 << 20 {
+            return Err(bad(
+                "size",
+                &kiln_host::format_size(self.size),
+                "a Debian root filesystem needs at least 512M",
+            ));
+        }
+        for p in &self.extra_packages {
+            if p.is_empty() || p.starts_with('-') || p.contains([',', ' ']) {
+                return Err(bad("package", p, "not a package name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a Debian image into `out` (created; must not exist or be empty). `progress` gets one
+/// line per step.
+pub fn build_debian(
+    opts: &DebianOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageManifest, RootfsError> {
+    opts.validate()?;
+    // SAFETY: geteuid has no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(RootfsError::NotRoot);
+    }
+    for (tool, package) in [("debootstrap", "debootstrap"), ("mkfs.ext4", "e2fsprogs")] {
+        if !tool_exists(tool) {
+            return Err(RootfsError::MissingTool {
+                tool: tool.into(),
+                package: package.into(),
+            });
+        }
+    }
+    if out.exists() {
+        let empty = fs::read_dir(out)
+            .map_err(io(format!("{}: cannot read", out.display())))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(RootfsError::Output {
+                path: out.to_path_buf(),
+                why: "exists and is not empty".into(),
+            });
+        }
+    }
+    fs::create_dir_all(out).map_err(io(format!("{}: cannot create", out.display())))?;
+    let work = out.join(".build");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(io(format!("{}: cannot create", work.display())))?;
+    let root = work.join("root");
+    let log = out.join("build.log");
+
+    progress(&format!(
+        "debootstrap {} from {} (about a minute)",
+        opts.suite, opts.mirror
+    ));
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase")
+        .arg(format!("--include={}", opts.packages().join(",")))
+        .arg(&opts.suite)
+        .arg(&root)
+        .arg(&opts.mirror);
+    run_logged(&mut cmd, "debootstrap", &log)?;
+
+    progress("configuring: fstab, kiln hook, serial autologin");
+    configure(&root)?;
+
+    progress("copying the kernel and initrd");
+    let boot = root.join("boot");
+    let kernel = newest(&boot, "vmlinuz-")?;
+    let initrd = newest(&boot, "initrd.img-")?;
+    fs::copy(&kernel, out.join("vmlinuz"))
+        .map_err(io(format!("{}: cannot copy", kernel.display())))?;
+    fs::copy(&initrd, out.join("initrd.img"))
+        .map_err(io(format!("{}: cannot copy", initrd.display())))?;
+
+    progress("making home.ext4 and var.ext4 (the seeds of each VM's /home and /var)");
+    for (dir, file) in [("home", "home.ext4"), ("var", "var.ext4")] {
+        let target = out.join(file);
+        let _ = fs::remove_file(&target);
+        kiln_host::make_ext4_disk(
+            &target,
+            kiln_host::DEFAULT_DISK_SIZE,
+            Some(&root.join(dir)),
+            dir,
+        )?;
+    }
+
+    progress(&format!(
+        "making rootfs.ext4 ({})",
+        kiln_host::format_size(opts.size)
+    ));
+    let rootfs = out.join("rootfs.ext4");
+    let _ = fs::remove_file(&rootfs);
+    kiln_host::make_ext4_disk(&rootfs, opts.size, Some(&root), "kiln-root")?;
+
+    let manifest = ImageManifest {
+        name: format!("debian-{}", opts.suite),
+        rootfs: "rootfs.ext4".into(),
+        kernel: "vmlinuz".into(),
+        initrd: Some("initrd.img".into()),
+        cmdline: String::new(),
+        home_seed: Some("home.ext4".into()),
+        var_seed: Some("var.ext4".into()),
+        created_at: None,
+        builder: serde_json::json!({
+            "builder": "kiln image debian",
+            "version": BUILDER_VERSION,
+            "suite": opts.suite,
+            "mirror": opts.mirror,
+            "packages": opts.packages(),
+            "kernel": kernel.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "fingerprint": opts.fingerprint(),
+        }),
+    };
+    manifest.save(out)?;
+    progress("cleaning up");
+    fs::remove_dir_all(&work).map_err(io(format!("{}: cannot remove", work.display())))?;
+    Ok(manifest)
+}
+
+/// Writes kiln's configuration into a debootstrapped tree.
+fn configure(root: &Path) -> Result<(), RootfsError> {
+    let write = |rel: &str, text: &str, mode: u32| -> Result<(), RootfsError> {
+        let p = root.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)
+                .map_err(io(format!("{}: cannot create", parent.display())))?;
+        }
+        let _ = fs::remove_file(&p);
+        fs::write(&p, text).map_err(io(format!("{}: cannot write", p.display())))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+            .map_err(io(format!("{}: cannot chmod", p.display())))
+    };
+    let link = |target: &str, rel: &str| -> Result<(), RootfsError> {
+        let p = root.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)
+                .map_err(io(format!("{}: cannot create", parent.display())))?;
+        }
+        let _ = fs::remove_file(&p);
+        symlink(target, &p).map_err(io(format!("{}: cannot link", p.display())))
+    };
+    write("etc/fstab", FSTAB, 0o644)?;
+    write("etc/hostname", "kiln\n", 0o644)?;
+    write(
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n127.0.1.1\tkiln\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        0o644,
+    )?;
+    link("/run/kiln/resolv.conf", "etc/resolv.conf")?;
+    write("usr/lib/kiln/kiln-hook", KILN_HOOK, 0o755)?;
+    write("etc/systemd/system/kiln-hook.service", HOOK_UNIT, 0o644)?;
+    link(
+        "/etc/systemd/system/kiln-hook.service",
+        "etc/systemd/system/sysinit.target.wants/kiln-hook.service",
+    )?;
+    write(
+        "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
+        AUTOLOGIN,
+        0o644,
+    )?;
+    // A first boot must not stop at an interactive prompt on the console.
+    link("/dev/null", "etc/systemd/system/systemd-firstboot.service")?;
+    // Each VM gets its own machine id (generated at first boot) and SSH host keys (kiln hook).
+    write("etc/machine-id", "", 0o444)?;
+    let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    for entry in fs::read_dir(root.join("etc/ssh")).map_err(io("etc/ssh: cannot read"))? {
+        let p = entry.map_err(io("etc/ssh: cannot read"))?.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ssh_host_"))
+        {
+            fs::remove_file(&p).map_err(io(format!("{}: cannot remove", p.display())))?;
+        }
+    }
+    // Downloaded packages and index files are large and stale in a VM: drop them.
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        for entry in fs::read_dir(root.join(dir)).map_err(io(format!("{dir}: cannot read")))? {
+            let p = entry.map_err(io(format!("{dir}: cannot read")))?.path();
+            if p.is_file() {
+                fs::remove_file(&p).map_err(io(format!("{}: cannot remove", p.display())))?;
+            }
+        }
+    }
+    for f in [
+        "var/cache/apt/pkgcache.bin",
+        "var/cache/apt/srcpkgcache.bin",
+    ] {
+        let _ = fs::remove_file(root.join(f));
+    }
+    Ok(())
+}
+
+/// The image for `opts`, built once under `cache_root/kiln-debian-<fingerprint>` and reused by
+/// later calls (tests and benchmarks share it). Concurrent callers wait for one build.
+pub fn cached_debian_image(
+    opts: &DebianOptions,
+    cache_root: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, RootfsError> {
+    let dir = cache_root.join(format!("kiln-debian-{}", opts.fingerprint()));
+    if dir.join(kiln_host::IMAGE_MANIFEST).exists() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(cache_root)
+        .map_err(io(format!("{}: cannot create", cache_root.display())))?;
+    let lock_path = cache_root.join(format!("kiln-debian-{}.lock", opts.fingerprint()));
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("{}: cannot open", lock_path.display())))?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on an fd we own; released when `lock` is dropped.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if dir.join(kiln_host::IMAGE_MANIFEST).exists() {
+        return Ok(dir);
+    }
+    let tmp = cache_root.join(format!("kiln-debian-{}.tmp", opts.fingerprint()));
+    let _ = fs::remove_dir_all(&tmp);
+    build_debian(opts, &tmp, progress)?;
+    fs::rename(&tmp, &dir).map_err(io(format!("{}: cannot rename into place", dir.display())))?;
+    drop(lock);
+    Ok(dir)
+}
+
+fn tool_exists(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|d| d.join(tool).is_file())
+}
+
+/// The lexically newest `prefix*` file in `dir` (the installed kernel/initrd).
+fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, RootfsError> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io(format!("{}: cannot read", dir.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .collect();
+    found.sort();
+    found.pop().ok_or_else(|| RootfsError::Output {
+        path: dir.to_path_buf(),
+        why: format!("no {prefix}* found: the kernel package did not install"),
+    })
+}
+
+/// Runs a long tool with its output appended to `log`; on failure the error quotes its last line.
+fn run_logged(cmd: &mut Command, tool: &str, log: &Path) -> Result<(), RootfsError> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("{}: cannot open", log.display())))?;
+    let _ = writeln!(f, "$ {cmd:?}");
+    let f2 = f
+        .try_clone()
+        .map_err(io(format!("{}: cannot open", log.display())))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .status()
+        .map_err(io(format!("cannot run {tool}")))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let detail = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message")
+        .to_string();
+    Err(RootfsError::Tool {
+        tool: tool.into(),
+        status: status.to_string(),
+        detail,
+        log: log.to_path_buf(),
+    })
+}
+
+/// FNV-1a 64: a stable hash (std's hasher may change between Rust releases).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn add(&mut self, bytes: &[u8]) {
+        for b in bytes.iter().chain(&[0xff]) {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_stable_and_sensitive() {
+        let a = DebianOptions::default();
+        assert_eq!(a.fingerprint(), DebianOptions::default().fingerprint());
+        let b = DebianOptions {
+            suite: "trixie".into(),
+            ..DebianOptions::default()
+        };
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn bad_options_are_one_line_errors() {
+        for o in [
+            DebianOptions {
+                suite: "../x".into(),
+                ..DebianOptions::default()
+            },
+            DebianOptions {
+                size: 1 << 20,
+                ..DebianOptions::default()
+            },
+            DebianOptions {
+                extra_packages: vec!["a,b".into()],
+                ..DebianOptions::default()
+            },
+        ] {
+            let e = build_debian(&o, Path::new("/nonexistent/out"), &mut |_| {}).unwrap_err();
+            assert!(matches!(e, RootfsError::Invalid { .. }), "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+}
