@@ -1,0 +1,190 @@
+//! Shared helpers for kiln's end-to-end tests: a built image set and a serial session driver.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// Runs kiln with `args` and returns its output.
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(KILN)
+        .args(args)
+        .output()
+        .expect("kiln binary runs")
+}
+
+/// `kiln build` once per test process; returns the output directory.
+pub fn built() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kiln-test-build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = kiln(&["build", "--out", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "kiln build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// Fails the test with a clear message when an external tool is missing.
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: run .ci/run's setup (apt-get install qemu-system-x86 qemu-utils xorriso)");
+}
+
+/// Runs an external tool and returns (success, stdout+stderr).
+pub fn tool(cmd: &str, args: &[&str]) -> (bool, String) {
+    require_tool(cmd);
+    let out = Command::new(cmd).args(args).output().expect("tool runs");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// A `kiln run` process whose serial console is driven through pipes.
+pub struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    /// How much of `out` earlier `expect`s consumed.
+    seen: usize,
+}
+
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&buf);
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = from.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Session {
+    pub fn start(args: &[&str]) -> Session {
+        let mut child = Command::new(KILN)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln run starts");
+        let stdin = child.stdin.take().unwrap();
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        Session {
+            child,
+            stdin,
+            out,
+            err,
+            seen: 0,
+        }
+    }
+
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `needle` appears in serial output after what earlier calls consumed.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let out = self.out.lock().unwrap();
+                let hay = &out[self.seen.min(out.len())..];
+                if let Some(pos) = hay
+                    .windows(needle.len())
+                    .position(|w| w == needle.as_bytes())
+                {
+                    self.seen += pos + needle.len();
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {needle:?}\nserial so far: {:?}\nstderr: {}",
+                    self.serial(),
+                    self.stderr()
+                );
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // One more look: output may have arrived just before the exit.
+                thread::sleep(Duration::from_millis(100));
+                let out = self.serial();
+                if out[self.seen.min(out.len())..].contains(needle) {
+                    continue;
+                }
+                panic!(
+                    "kiln exited ({status}) before {needle:?} appeared\nserial: {out:?}\nstderr: {}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.stdin.write_all(text.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for kiln to exit; returns its status or None.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the pipe readers drain.
+                thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An 80-character test line and its reverse.
+pub fn line80() -> (String, String) {
+    let line: String = (0..80)
+        .map(|i| b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[i % 62] as char)
+        .collect();
+    let rev: String = line.chars().rev().collect();
+    (line, rev)
+}

@@ -1,0 +1,150 @@
+//! Every image `kiln build` writes boots on real QEMU (TCG, or KVM with hardware virtualization),
+//! on both pc and q35: banner on serial, the reversing REPL, and a clean ACPI power-off.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{built, line80, require_tool, Session};
+
+/// TCG boots are slow when both cores are busy; these bounds are for hangs, not speed.
+const BOOT: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(20);
+
+fn boot_and_power_off(machine: &str, file: &str) {
+    require_tool("qemu-system-x86_64");
+    // Each VM gets its own copy: QEMU locks a writable image against a second user.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [file, "boot-flat.vmdk"] {
+        std::fs::copy(built().join(f), tmp.path().join(f)).unwrap();
+    }
+    let image = tmp.path().join(file);
+    let mut s = Session::start(&[
+        "run",
+        "--engine",
+        "qemu",
+        "--serial-only",
+        "--machine",
+        machine,
+        image.to_str().unwrap(),
+    ]);
+    s.expect("ClientAPI\r\n", BOOT);
+    s.send("hello\r");
+    s.expect("olleh\r\n", REPLY);
+    let (line, rev) = line80();
+    s.send(&format!("{line}\n"));
+    s.expect(&format!("{rev}\r\n"), REPLY);
+
+    // SIGTERM is `kiln stop`: kiln presses the ACPI power button and the guest powers off.
+    let pressed = Instant::now();
+    s.signal(libc::SIGTERM);
+    let status = s.wait(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "{machine}/{file}: VM still running 10 s after the power button\nstderr: {}",
+            s.stderr()
+        )
+    });
+    let stderr = s.stderr();
+    assert!(
+        status.success(),
+        "{machine}/{file}: kiln run failed ({status})\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("guest powered off"),
+        "{machine}/{file}: expected a guest-initiated power-off, got: {stderr}"
+    );
+    eprintln!(
+        "{machine}/{file}: powered off {:?} after the button",
+        pressed.elapsed()
+    );
+}
+
+macro_rules! boot_tests {
+    ($($name:ident: $machine:expr, $file:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            boot_and_power_off($machine, $file);
+        }
+    )*};
+}
+
+boot_tests! {
+    pc_img: "pc", "boot.img";
+    pc_qcow2: "pc", "boot.qcow2";
+    pc_vmdk: "pc", "boot.vmdk";
+    pc_vhd: "pc", "boot.vhd";
+    pc_vdi: "pc", "boot.vdi";
+    pc_iso: "pc", "boot.iso";
+    q35_img: "q35", "boot.img";
+    q35_qcow2: "q35", "boot.qcow2";
+    q35_vmdk: "q35", "boot.vmdk";
+    q35_vhd: "q35", "boot.vhd";
+    q35_vdi: "q35", "boot.vdi";
+    q35_iso: "q35", "boot.iso";
+}
+
+/// Without --serial-only the BIOS screen is mirrored onto the terminal (SeaBIOS's serial console).
+#[test]
+fn bios_screen_is_multiplexed_by_default() {
+    require_tool("qemu-system-x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("boot.img");
+    std::fs::copy(built().join("boot.img"), &image).unwrap();
+    let mut s = Session::start(&["run", "--engine", "qemu", image.to_str().unwrap()]);
+    s.expect("SeaBIOS", BOOT);
+    s.expect("Booting from Hard Disk", BOOT);
+    // BIOS text and COM1 interleave character by character; the banner's last letter shows that
+    // the program ran and both reached the terminal.
+    s.expect("PI\r\n", BOOT);
+    s.send("hello\r");
+    s.expect("olleh", REPLY);
+    // Ctrl-A X quits, as in QEMU.
+    s.send("\x01x");
+    let status = s
+        .wait(Duration::from_secs(10))
+        .expect("Ctrl-A X ends the VM");
+    assert!(status.success(), "stderr: {}", s.stderr());
+    assert!(
+        s.stderr().contains("quit from the console"),
+        "stderr: {}",
+        s.stderr()
+    );
+}
+
+/// A guest that ignores the button is killed after --stop-timeout and reported as killed.
+#[test]
+fn ignored_power_button_is_killed_after_timeout() {
+    require_tool("qemu-system-x86_64");
+    // A boot sector that prints a mark and spins with interrupts off, ignoring ACPI.
+    let dir = tempfile::tempdir().unwrap();
+    let mut prog = vec![0xBA, 0xF8, 0x03, 0xB0, b'!', 0xEE, 0xFA, 0xEB, 0xFE];
+    prog.resize(16, 0x90);
+    let prog_path = dir.path().join("spin.bin");
+    std::fs::write(&prog_path, &prog).unwrap();
+    let out = common::kiln(&[
+        "build",
+        "--program",
+        prog_path.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = Session::start(&[
+        "run",
+        "--serial-only",
+        "--stop-timeout",
+        "1",
+        dir.path().join("boot.img").to_str().unwrap(),
+    ]);
+    s.expect("!", BOOT);
+    s.signal(libc::SIGTERM);
+    let status = s
+        .wait(Duration::from_secs(10))
+        .expect("killed after the timeout");
+    assert!(!status.success(), "a killed VM is not a success");
+    assert!(s.stderr().contains("killed"), "stderr: {}", s.stderr());
+}
