@@ -54,7 +54,9 @@ fn qemu_img_checks_and_compares_every_disk_format() {
     for (file, qemu_fmt) in DISKS {
         let path = dir.join(file);
         let p = path.to_str().unwrap();
-        let (ok, info) = tool("qemu-img", &["info", "--output=json", p]);
+        // A fixed VHD has its footer at the end only, and qemu-img probes just the start: name
+        // the format, as one must with qemu-img for fixed VHDs.
+        let (ok, info) = tool("qemu-img", &["info", "-f", qemu_fmt, "--output=json", p]);
         assert!(ok, "qemu-img info {file}: {info}");
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(
@@ -63,9 +65,12 @@ fn qemu_img_checks_and_compares_every_disk_format() {
             info["format"]
         );
         assert_eq!(info["virtual-size"], 1 << 20, "{file}: virtual size");
-        // qemu-img check supports qcow2, vmdk, vdi and vpc.
-        let (ok, out) = tool("qemu-img", &["check", "-f", qemu_fmt, p]);
-        assert!(ok, "qemu-img check {file}: {out}");
+        // qemu-img checks qcow2, vmdk and vdi; its vpc driver has no check (the VHD footer is
+        // verified below).
+        if qemu_fmt != "vpc" {
+            let (ok, out) = tool("qemu-img", &["check", "-f", qemu_fmt, p]);
+            assert!(ok, "qemu-img check {file}: {out}");
+        }
         let (ok, out) = tool(
             "qemu-img",
             &[
@@ -177,10 +182,23 @@ fn every_format_converts_to_every_other_and_back() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            for p in [&there, &back] {
+            for (p, ext) in [(&there, *to), (&back, from)] {
+                let qemu_fmt = match ext {
+                    "img" => "raw",
+                    "vhd" => "vpc",
+                    other => other,
+                };
                 let (ok, out) = tool(
                     "qemu-img",
-                    &["compare", img.to_str().unwrap(), p.to_str().unwrap()],
+                    &[
+                        "compare",
+                        "-f",
+                        "raw",
+                        "-F",
+                        qemu_fmt,
+                        img.to_str().unwrap(),
+                        p.to_str().unwrap(),
+                    ],
                 );
                 assert!(
                     ok && out.contains("identical"),
