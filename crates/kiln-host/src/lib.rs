@@ -34,7 +34,7 @@ pub use run::{
     Host, RunRequest, StopReport, DEFAULT_RAM_MIB, DEFAULT_VCPUS, MAX_RAM_MIB, MAX_VCPUS,
 };
 pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE};
-pub use state::{VmConfig, VmDisk, VmMeta, VmRecord, VmState};
+pub use state::{now_rfc3339, VmConfig, VmDisk, VmMeta, VmRecord, VmState};
 pub use storage::{extract_dir, make_ext4_disk};
 
 /// Result alias for this crate.

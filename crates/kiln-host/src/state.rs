@@ -165,7 +165,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
 }
 
 /// Now as RFC 3339 UTC (`2025-01-31T12:34:56.789Z`).
-pub(crate) fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -333,7 +333,7 @@ pub fn build_debian(
         cmdline: String::new(),
         home_seed: Some("home.ext4".into()),
         var_seed: Some("var.ext4".into()),
-        created_at: None,
+        created_at: Some(kiln_host::now_rfc3339()),
         builder: serde_json::json!({
             "builder": "kiln image debian",
             "version": BUILDER_VERSION,
