@@ -69,6 +69,20 @@ enum Command {
     },
     /// Boot an image (any format kiln reads; an ISO boots as a CD). Ctrl-A X quits.
     Run(RunArgs),
+    /// Press a running VM's ACPI power button and wait for it to power off (kill after --timeout).
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest before killing it.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// End a running VM at once.
+    Kill { name: String },
+    /// List running VMs started by `kiln run`.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
     /// Linux microVMs: copy-on-write roots, per-VM disks, serial console, graceful stop.
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
@@ -103,7 +117,7 @@ struct RunArgs {
     /// Force an accelerator (default: kvm only with hardware virtualization, else tcg).
     #[arg(long, value_enum)]
     accel: Option<AccelArg>,
-    /// A name for the VM (shown by QEMU).
+    /// The VM's name for `kiln stop`, `kiln ps` (generated when absent).
     #[arg(long)]
     name: Option<String>,
 }
@@ -260,6 +274,45 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Run(args) => return run(args),
+        Command::Stop { name, timeout } => {
+            let timeout = seconds("--timeout", timeout)?;
+            let reply = kiln::control::send(
+                &name,
+                &kiln::control::Request::Stop {
+                    timeout_s: timeout.as_secs_f64(),
+                },
+                timeout + Duration::from_secs(30),
+            )?;
+            println!("{name}: {}", reply.description);
+            if reply.outcome != "powered-off" {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Kill { name } => {
+            let reply = kiln::control::send(
+                &name,
+                &kiln::control::Request::Kill,
+                Duration::from_secs(30),
+            )?;
+            println!("{name}: {}", reply.description);
+        }
+        Command::Ps { json } => {
+            let vms = kiln::control::list();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                println!("{:<24} {:>8} {:<8} IMAGE", "NAME", "PID", "ENGINE");
+                for vm in vms {
+                    println!(
+                        "{:<24} {:>8} {:<8} {}",
+                        vm.name,
+                        vm.pid,
+                        vm.engine,
+                        vm.image.display()
+                    );
+                }
+            }
+        }
         Command::Vm(cmd) => return vm_cmd::dispatch(cmd),
         Command::Image(cmd) => return image_cmd::dispatch(cmd),
         Command::Web(cmd) => return web_cmd::dispatch(cmd),
@@ -267,13 +320,23 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if !(args.stop_timeout.is_finite() && args.stop_timeout >= 0.0) {
-        anyhow::bail!(
-            "--stop-timeout {}: must be a number of seconds ≥ 0",
-            args.stop_timeout
-        );
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value >= 0.0) {
+        anyhow::bail!("{flag} {value}: must be a number of seconds ≥ 0");
     }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use kiln::run::Event;
+    let stop_timeout = seconds("--stop-timeout", args.stop_timeout)?;
+    let name = match args.name {
+        Some(n) => {
+            kiln_host::validate_name(&n)?;
+            n
+        }
+        None => kiln::control::free_name(),
+    };
     let Engine::Qemu = args.engine;
     let opts = kiln::run::RunOptions {
         image: args.image,
@@ -285,29 +348,34 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }),
         serial_only: args.serial_only,
         ram_mib: args.ram,
-        stop_timeout: Duration::from_secs_f64(args.stop_timeout),
+        stop_timeout,
         accel: args.accel.map(|a| match a {
             AccelArg::Kvm => kiln_qemu::Accel::Kvm,
             AccelArg::Tcg => kiln_qemu::Accel::Tcg,
         }),
-        name: args.name,
+        name: Some(name.clone()),
     };
-    let (tx, rx) = mpsc::channel();
+    let (tx, events) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
+    let signal_tx = tx.clone();
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            if tx.send(sig).is_err() {
+            if signal_tx.send(Event::Signal(sig)).is_err() {
                 break;
             }
         }
     });
-    let outcome = kiln::run::run_qemu(&opts, &rx)?;
-    eprintln!("kiln: {}", outcome.describe());
-    Ok(if outcome.success() {
+    let _registration =
+        kiln::control::Registration::claim(&name, "qemu", &opts.image, move |incoming| {
+            tx.send(Event::Control(incoming)).is_ok()
+        })?;
+    let outcome = kiln::run::run_qemu(&opts, &events)?;
+    eprintln!("kiln: {}", outcome.description);
+    Ok(if outcome.success {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

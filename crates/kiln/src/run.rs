@@ -8,6 +8,8 @@ use anyhow::Context;
 use kiln_image::Format;
 use kiln_qemu::{Accel, Drive, DriveFormat, Machine, Media, QemuConfig, QemuVm, SerialMode, VmEnd};
 
+use crate::control::{Incoming, Reply, Request};
+
 /// Raw image sizes that boot as a floppy (360K .. 2.88M).
 const FLOPPY_SIZES: [u64; 5] = [368_640, 737_280, 1_228_800, 1_474_560, 2_949_120];
 
@@ -29,31 +31,130 @@ pub struct RunOptions {
 }
 
 /// How a supervised VM ended.
-#[derive(Debug)]
-pub enum RunOutcome {
-    Ended(VmEnd),
-    /// The guest ignored the power button for the whole timeout.
-    Killed {
-        timeout: Duration,
-    },
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// `powered-off`, `killed`, `quit`, `reset`, or the engine's own reason.
+    pub reason: String,
+    /// One line for people.
+    pub description: String,
+    /// The guest (or the user at the console) ended the VM cleanly.
+    pub success: bool,
 }
 
-impl RunOutcome {
-    pub fn describe(&self) -> String {
-        match self {
-            RunOutcome::Ended(end) => end.describe(),
-            RunOutcome::Killed { timeout } => format!(
-                "guest did not power off within {} s of the power button; killed",
-                timeout.as_secs_f64()
-            ),
+impl Outcome {
+    fn killed(description: String) -> Outcome {
+        Outcome {
+            reason: "killed".into(),
+            description,
+            success: false,
         }
     }
+}
 
-    /// Success means the guest (or the user at the console) ended the VM cleanly.
-    pub fn success(&self) -> bool {
-        matches!(self, RunOutcome::Ended(end) if end.guest_initiated
-            || matches!(end.reason.as_str(), "host-qmp-quit" | "host-ui"))
+impl From<VmEnd> for Outcome {
+    fn from(end: VmEnd) -> Outcome {
+        let reason = match end.reason.as_str() {
+            _ if end.guest_powered_off() => "powered-off",
+            "host-qmp-quit" | "host-ui" => "quit",
+            "guest-reset" => "reset",
+            other => other,
+        };
+        Outcome {
+            reason: reason.to_string(),
+            description: end.describe(),
+            success: end.guest_initiated || reason == "quit",
+        }
     }
+}
+
+/// A running VM as the supervisor sees it, whatever the engine.
+pub trait Supervised {
+    /// Presses the ACPI power button.
+    fn power_button(&mut self) -> anyhow::Result<()>;
+    /// Waits up to `timeout` for the VM to end.
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<Outcome>;
+    /// Ends the VM at once.
+    fn kill(&mut self) -> Outcome;
+}
+
+impl Supervised for QemuVm {
+    fn power_button(&mut self) -> anyhow::Result<()> {
+        Ok(QemuVm::power_button(self)?)
+    }
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<Outcome> {
+        QemuVm::wait_timeout(self, Some(timeout)).map(Outcome::from)
+    }
+    fn kill(&mut self) -> Outcome {
+        QemuVm::kill(self).into()
+    }
+}
+
+/// What reaches a supervisor while its VM runs.
+pub enum Event {
+    /// SIGTERM or SIGHUP: the first acts as `kiln stop`, a second kills.
+    Signal(i32),
+    /// A `kiln stop` / `kiln kill` from the control socket.
+    Control(Incoming),
+}
+
+/// Runs `vm` until it ends, answering signals and control requests: a stop presses the power
+/// button and kills the VM if it is still running `stop_timeout` later.
+pub fn supervise(
+    vm: &mut dyn Supervised,
+    events: &Receiver<Event>,
+    stop_timeout: Duration,
+) -> Outcome {
+    let mut deadline: Option<(Instant, Duration)> = None;
+    let mut waiting: Vec<Incoming> = Vec::new();
+    let outcome = 'run: loop {
+        if let Some(end) = vm.wait_timeout(Duration::from_millis(10)) {
+            break end;
+        }
+        while let Ok(event) = events.try_recv() {
+            let (stop, timeout) = match event {
+                Event::Signal(_) if deadline.is_some() => {
+                    let mut end = vm.kill();
+                    end.description = "killed (second signal)".into();
+                    break 'run end;
+                }
+                Event::Signal(_) => (true, stop_timeout),
+                Event::Control(incoming) => {
+                    let what = incoming.request.clone();
+                    waiting.push(incoming);
+                    match what {
+                        Request::Kill => break 'run vm.kill(),
+                        Request::Stop { timeout_s } => {
+                            (true, Duration::from_secs_f64(timeout_s.max(0.0)))
+                        }
+                    }
+                }
+            };
+            if stop && deadline.is_none() {
+                tracing::info!("pressing the ACPI power button");
+                if let Err(e) = vm.power_button() {
+                    tracing::warn!("power button: {e:#}");
+                }
+                deadline = Some((Instant::now() + timeout, timeout));
+            }
+        }
+        if let Some((at, timeout)) = deadline {
+            if Instant::now() > at {
+                vm.kill();
+                break Outcome::killed(format!(
+                    "guest did not power off within {} s of the power button; killed",
+                    timeout.as_secs_f64()
+                ));
+            }
+        }
+    };
+    let reply = Reply {
+        outcome: outcome.reason.clone(),
+        description: outcome.description.clone(),
+    };
+    for w in waiting {
+        w.answer(&reply);
+    }
+    outcome
 }
 
 /// The QEMU drive for an image of any format kiln reads.
@@ -78,11 +179,9 @@ pub fn drive_for(image: &Path, media: Option<Media>) -> anyhow::Result<Drive> {
     })
 }
 
-/// Boots `opts.image` on QEMU with the serial console on this process's stdin/stdout.
-///
-/// Every signal number arriving on `signals` acts as `kiln stop`: the first presses the ACPI power
-/// button and waits `stop_timeout` for the guest; a second kills the VM at once.
-pub fn run_qemu(opts: &RunOptions, signals: &Receiver<i32>) -> anyhow::Result<RunOutcome> {
+/// Boots `opts.image` on QEMU with the serial console on this process's stdin/stdout, and
+/// supervises it until it ends (see [`supervise`]).
+pub fn run_qemu(opts: &RunOptions, events: &Receiver<Event>) -> anyhow::Result<Outcome> {
     let drive = drive_for(&opts.image, opts.media)?;
     let runtime = tempfile::Builder::new()
         .prefix("kiln-run-")
@@ -105,30 +204,5 @@ pub fn run_qemu(opts: &RunOptions, signals: &Receiver<i32>) -> anyhow::Result<Ru
         config.accel.name()
     );
     let mut vm = QemuVm::spawn(&config)?;
-    let mut stop_deadline: Option<Instant> = None;
-    loop {
-        if let Some(end) = vm.wait_timeout(Some(Duration::from_millis(50))) {
-            return Ok(RunOutcome::Ended(end));
-        }
-        if signals.try_recv().is_ok() {
-            if stop_deadline.is_some() {
-                vm.kill();
-                return Ok(RunOutcome::Ended(VmEnd {
-                    exit_code: None,
-                    signal: None,
-                    reason: "killed".into(),
-                    guest_initiated: false,
-                }));
-            }
-            tracing::info!("pressing the ACPI power button");
-            vm.power_button()?;
-            stop_deadline = Some(Instant::now() + opts.stop_timeout);
-        }
-        if stop_deadline.is_some_and(|d| Instant::now() > d) {
-            vm.kill();
-            return Ok(RunOutcome::Killed {
-                timeout: opts.stop_timeout,
-            });
-        }
-    }
+    Ok(supervise(&mut vm, events, opts.stop_timeout))
 }

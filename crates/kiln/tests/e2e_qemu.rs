@@ -5,13 +5,22 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{built, line80, require_tool, Session};
+use common::{built, kiln, line80, require_tool, Session};
 
 /// TCG boots are slow when both cores are busy; these bounds are for hangs, not speed.
 const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(20);
 
-fn boot_and_power_off(machine: &str, file: &str) {
+/// How a test asks the VM to stop; both are `kiln stop`.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// `kiln stop NAME` through the control socket.
+    Command,
+    /// SIGTERM to `kiln run`.
+    Signal,
+}
+
+fn boot_and_power_off(machine: &str, file: &str, stop: Stop) {
     require_tool("qemu-system-x86_64");
     // Each VM gets its own copy: QEMU locks a writable image against a second user.
     let tmp = tempfile::tempdir().unwrap();
@@ -19,6 +28,7 @@ fn boot_and_power_off(machine: &str, file: &str) {
         std::fs::copy(built().join(f), tmp.path().join(f)).unwrap();
     }
     let image = tmp.path().join(file);
+    let name = format!("{machine}-{}", file.replace('.', "-"));
     let mut s = Session::start(&[
         "run",
         "--engine",
@@ -26,6 +36,8 @@ fn boot_and_power_off(machine: &str, file: &str) {
         "--serial-only",
         "--machine",
         machine,
+        "--name",
+        &name,
         image.to_str().unwrap(),
     ]);
     s.expect("ClientAPI\r\n", BOOT);
@@ -35,9 +47,31 @@ fn boot_and_power_off(machine: &str, file: &str) {
     s.send(&format!("{line}\n"));
     s.expect(&format!("{rev}\r\n"), REPLY);
 
-    // SIGTERM is `kiln stop`: kiln presses the ACPI power button and the guest powers off.
+    // kiln presses the ACPI power button and the guest powers off.
     let pressed = Instant::now();
-    s.signal(libc::SIGTERM);
+    match stop {
+        Stop::Signal => s.signal(libc::SIGTERM),
+        Stop::Command => {
+            let ps = kiln(&["ps", "--json"]);
+            let listed: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+            assert!(
+                listed
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["name"] == name.as_str()),
+                "kiln ps does not list {name}: {listed}"
+            );
+            let out = kiln(&["stop", &name, "--timeout", "10"]);
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "kiln stop {name}: {said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(said.trim(), format!("{name}: guest powered off"));
+        }
+    }
     let status = s.wait(Duration::from_secs(10)).unwrap_or_else(|| {
         panic!(
             "{machine}/{file}: VM still running 10 s after the power button\nstderr: {}",
@@ -60,27 +94,27 @@ fn boot_and_power_off(machine: &str, file: &str) {
 }
 
 macro_rules! boot_tests {
-    ($($name:ident: $machine:expr, $file:expr;)*) => {$(
+    ($($name:ident: $machine:expr, $file:expr, $stop:expr;)*) => {$(
         #[test]
         fn $name() {
-            boot_and_power_off($machine, $file);
+            boot_and_power_off($machine, $file, $stop);
         }
     )*};
 }
 
 boot_tests! {
-    pc_img: "pc", "boot.img";
-    pc_qcow2: "pc", "boot.qcow2";
-    pc_vmdk: "pc", "boot.vmdk";
-    pc_vhd: "pc", "boot.vhd";
-    pc_vdi: "pc", "boot.vdi";
-    pc_iso: "pc", "boot.iso";
-    q35_img: "q35", "boot.img";
-    q35_qcow2: "q35", "boot.qcow2";
-    q35_vmdk: "q35", "boot.vmdk";
-    q35_vhd: "q35", "boot.vhd";
-    q35_vdi: "q35", "boot.vdi";
-    q35_iso: "q35", "boot.iso";
+    pc_img: "pc", "boot.img", Stop::Command;
+    pc_qcow2: "pc", "boot.qcow2", Stop::Command;
+    pc_vmdk: "pc", "boot.vmdk", Stop::Command;
+    pc_vhd: "pc", "boot.vhd", Stop::Command;
+    pc_vdi: "pc", "boot.vdi", Stop::Command;
+    pc_iso: "pc", "boot.iso", Stop::Command;
+    q35_img: "q35", "boot.img", Stop::Signal;
+    q35_qcow2: "q35", "boot.qcow2", Stop::Signal;
+    q35_vmdk: "q35", "boot.vmdk", Stop::Signal;
+    q35_vhd: "q35", "boot.vhd", Stop::Signal;
+    q35_vdi: "q35", "boot.vdi", Stop::Signal;
+    q35_iso: "q35", "boot.iso", Stop::Signal;
 }
 
 /// Without --serial-only the BIOS screen is mirrored onto the terminal (SeaBIOS's serial console).
@@ -147,4 +181,48 @@ fn ignored_power_button_is_killed_after_timeout() {
         .expect("killed after the timeout");
     assert!(!status.success(), "a killed VM is not a success");
     assert!(s.stderr().contains("killed"), "stderr: {}", s.stderr());
+}
+
+/// Two VMs cannot share a name; a bad name is refused before anything starts.
+#[test]
+fn names_are_unique_and_valid() {
+    require_tool("qemu-system-x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("boot.img");
+    std::fs::copy(built().join("boot.img"), &image).unwrap();
+    let mut first = Session::start(&[
+        "run",
+        "--serial-only",
+        "--name",
+        "twin",
+        image.to_str().unwrap(),
+    ]);
+    first.expect("ClientAPI", BOOT);
+    let second = kiln(&[
+        "run",
+        "--serial-only",
+        "--name",
+        "twin",
+        built().join("boot.img").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("already running"),
+        "{err}"
+    );
+    let bad = kiln(&["run", "--name", "Bad_Name", image.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("Bad_Name"), "{err}");
+    let out = kiln(&["stop", "twin"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    first.wait(Duration::from_secs(10)).expect("stopped");
+    let gone = kiln(&["stop", "twin"]);
+    assert!(
+        !gone.status.success()
+            && String::from_utf8_lossy(&gone.stderr).contains("no running VM named 'twin'")
+    );
 }

@@ -10,9 +10,22 @@ use std::time::{Duration, Instant};
 
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
+/// A runtime directory of this test process's own, so `kiln ps` sees only its VMs.
+pub fn runtime_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| std::env::temp_dir().join(format!("kiln-test-rt-{}", std::process::id())))
+}
+
+/// `kiln` with the test runtime directory.
+pub fn kiln_command() -> Command {
+    let mut c = Command::new(KILN);
+    c.env("KILN_RUNTIME_DIR", runtime_dir());
+    c
+}
+
 /// Runs kiln with `args` and returns its output.
 pub fn kiln(args: &[&str]) -> Output {
-    Command::new(KILN)
+    kiln_command()
         .args(args)
         .output()
         .expect("kiln binary runs")
@@ -80,7 +93,7 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 
 impl Session {
     pub fn start(args: &[&str]) -> Session {
-        let mut child = Command::new(KILN)
+        let mut child = kiln_command()
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
