@@ -1,0 +1,191 @@
+//! The proof with a real Debian guest on QEMU microvm: two VMs from one image, each with its own
+//! copy-on-write root and /home and /var disks, graceful stop through ACPI, vm.json, ls and rm.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use kiln_host::{Host, HostError, QemuMicrovm, RunRequest, StopReport, VmState};
+
+#[test]
+fn two_vms_from_one_image() {
+    let Some(image) = common::debian_image() else {
+        return;
+    };
+    let manifest = kiln_host::ImageManifest::load(&image).unwrap();
+    let base_before = common::sha256(&manifest.rootfs);
+    let home = tempfile::tempdir().unwrap();
+    let host = Host::new(home.path().to_path_buf(), Box::new(QemuMicrovm::default()));
+
+    let mut names = Vec::new();
+    for name in ["proof-a", "proof-b"] {
+        let t0 = Instant::now();
+        let rec = host
+            .run(&RunRequest {
+                name: Some(name.into()),
+                vcpu: 1,
+                ram_mib: 768,
+                image: Some(image.clone()),
+                ..RunRequest::default()
+            })
+            .unwrap();
+        eprintln!(
+            "{name}: started (pid {:?}) in {:?}",
+            rec.meta.pid,
+            t0.elapsed()
+        );
+        assert_eq!(rec.meta.state, VmState::Running);
+        assert!(rec.is_alive());
+        names.push(name);
+    }
+    // A second VM with a name in use is refused, leaving the first alone.
+    let e = host
+        .run(&RunRequest {
+            name: Some("proof-a".into()),
+            image: Some(image.clone()),
+            ..RunRequest::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, HostError::NameInUse(_)), "{e}");
+    assert!(host.get("proof-a").unwrap().is_alive());
+
+    for name in &names {
+        let log = host.vm_dir(name).join("serial.log");
+        let t = common::wait_for_log(&log, "login:", Duration::from_secs(240))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        eprintln!("{name}: serial login prompt after {t:?} more");
+    }
+
+    let mut shells: Vec<_> = names
+        .iter()
+        .map(|n| common::Shell::connect(&host.get(n).unwrap().meta.console_socket))
+        .collect();
+    // Autologin: wait for the root shell.
+    for (shell, name) in shells.iter_mut().zip(&names) {
+        assert_eq!(shell.run("hostname"), *name, "hostname from kiln.name");
+        assert_eq!(shell.run("findmnt -no SOURCE /home"), "/dev/vdb");
+        assert_eq!(shell.run("findmnt -no SOURCE /var"), "/dev/vdc");
+        assert_eq!(shell.run("findmnt -no FSTYPE /tmp"), "tmpfs");
+        assert_eq!(shell.run("findmnt -no FSTYPE /run"), "tmpfs");
+        assert_eq!(shell.run("findmnt -no SOURCE /"), "/dev/vda");
+        // The /var disk starts with the image's /var: dpkg works.
+        assert!(shell
+            .run("dpkg -s systemd | grep Status")
+            .contains("install ok installed"));
+        // resolv.conf comes from kiln.dns= through the kiln hook, not from the base image.
+        let cmdline = host.get(name).unwrap().config.cmdline;
+        let resolv = shell.run("readlink /etc/resolv.conf; cat /etc/resolv.conf");
+        assert!(resolv.starts_with("/run/kiln/resolv.conf"), "{resolv}");
+        if let Some(dns) = cmdline
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("kiln.dns="))
+        {
+            for ns in dns.split(',') {
+                assert!(resolv.contains(&format!("nameserver {ns}")), "{resolv}");
+            }
+        }
+        shell.run(&format!(
+            "echo {name} > /home/owner; echo {name} > /var/owner"
+        ));
+    }
+    // A file written to / in one VM is invisible in the other.
+    shells[0].run("echo only-a > /root/only-a; sync");
+    assert_eq!(shells[0].run("cat /root/only-a"), "only-a");
+    assert_eq!(
+        shells[1].run("test -e /root/only-a && echo present || echo absent"),
+        "absent"
+    );
+    for (shell, name) in shells.iter_mut().zip(&names) {
+        assert_eq!(shell.run("cat /home/owner"), *name, "own /home");
+        assert_eq!(shell.run("cat /var/owner"), *name, "own /var");
+    }
+    drop(shells);
+
+    // vm.json holds the fields the issue lists.
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(host.vm_dir("proof-a").join("vm.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "id",
+        "name",
+        "pid",
+        "created_at",
+        "guest_ip",
+        "net",
+        "control_socket",
+        "log",
+        "rootfs",
+        "kernel",
+        "initrd",
+        "overlay",
+        "home_disk",
+        "var_disk",
+        "state",
+        "exit_reason",
+    ] {
+        assert!(
+            json["meta"].get(key).is_some(),
+            "meta.{key} missing: {json}"
+        );
+    }
+    for key in [
+        "vcpu",
+        "ram_mib",
+        "disks",
+        "kernel",
+        "cmdline",
+        "engine",
+        "accelerator",
+    ] {
+        assert!(
+            json["config"].get(key).is_some(),
+            "config.{key} missing: {json}"
+        );
+    }
+    assert_eq!(json["config"]["disks"].as_array().unwrap().len(), 3);
+    assert_eq!(json["meta"]["state"], "running");
+
+    // Graceful stop through the ACPI power button, within 60 s.
+    let t0 = Instant::now();
+    let report = host.stop("proof-a", Duration::from_secs(60)).unwrap();
+    eprintln!("proof-a: {} ({:?})", report.describe(), t0.elapsed());
+    assert!(
+        matches!(report, StopReport::PoweredOff { .. }),
+        "{report:?}"
+    );
+    let a = host.get("proof-a").unwrap();
+    assert_eq!(a.effective_state(), VmState::Stopped);
+    assert_eq!(a.meta.exit_reason.as_deref(), Some("guest powered off"));
+
+    // ls sees both; rm refuses the running one without --force.
+    let listed: Vec<_> = host
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.meta.name.clone(), r.effective_state()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("proof-a".to_string(), VmState::Stopped),
+            ("proof-b".to_string(), VmState::Running)
+        ]
+    );
+    let e = host.remove("proof-b", false).unwrap_err();
+    assert!(matches!(e, HostError::Running(_)), "{e}");
+    assert!(host.get("proof-b").unwrap().is_alive());
+    host.remove("proof-a", false).unwrap();
+    assert!(!host.vm_dir("proof-a").exists());
+    host.remove("proof-b", true).unwrap();
+    assert!(!host.vm_dir("proof-b").exists());
+    assert!(host.list().unwrap().is_empty());
+
+    // The base image was never written.
+    assert_eq!(
+        base_before,
+        common::sha256(&manifest.rootfs),
+        "base rootfs changed"
+    );
+    assert!(manifest.rootfs.exists() && manifest.kernel.exists());
+}
