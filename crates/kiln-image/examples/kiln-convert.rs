@@ -1,5 +1,5 @@
 //! Minimal converter for benchmarking against `qemu-img convert`:
-//! `kiln-convert INPUT OUTPUT FORMAT`.
+//! `kiln-convert INPUT OUTPUT FORMAT` (set KILN_NO_FSYNC=1 to skip the fsync).
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -15,10 +15,15 @@ fn main() {
         }
     };
     let start = std::time::Instant::now();
-    if let Err(e) = kiln_image::convert(
+    // KILN_NO_FSYNC=1 skips the final fsync, like qemu-img (for like-for-like timing).
+    let opts = kiln_image::WriteOptions {
+        fsync: std::env::var_os("KILN_NO_FSYNC").is_none(),
+    };
+    if let Err(e) = kiln_image::convert_with(
         std::path::Path::new(&args[1]),
         std::path::Path::new(&args[2]),
         format,
+        &opts,
         &mut |_, _| {},
     ) {
         eprintln!("error: {e}");

@@ -54,5 +54,5 @@ pub fn write_boot_iso(boot_sector: &[u8; 512], output: &Path) -> Result<(), Imag
     let dev = hadris_storage::host::FileDevice::new(f)
         .map_err(|e| ImageError::io(output, "cannot open output", e))?;
     hadris_iso::sync::write(dev, &tree, &options).map_err(|e| hadris(&e))?;
-    util::commit(vec![out])
+    util::commit(vec![out], true)
 }

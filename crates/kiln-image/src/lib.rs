@@ -331,6 +331,21 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
     })
 }
 
+/// Options for [`write_image_with`] / [`convert_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// fsync the output file(s) and their directory before returning (default: true).
+    /// Without it the rename is still atomic, but a crash shortly afterwards may leave an
+    /// empty or partial file under the final name (this is what `qemu-img convert` does).
+    pub fsync: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { fsync: true }
+    }
+}
+
 /// Write the content of `source` to `output` as `format`, atomically: everything is written to
 /// temporary name(s) in the output's directory, fsynced, then renamed into place (VMDK: the
 /// `-flat` extent first, the descriptor last). On error no output file is left behind.
@@ -342,12 +357,23 @@ pub fn write_image(
     format: Format,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
+    write_image_with(source, output, format, &WriteOptions::default(), progress)
+}
+
+/// [`write_image`] with explicit [`WriteOptions`].
+pub fn write_image_with(
+    source: &mut dyn ImageReader,
+    output: &Path,
+    format: Format,
+    opts: &WriteOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
     match format {
-        Format::Raw => raw::write(source, output, progress),
-        Format::Qcow2 => qcow2::write(source, output, progress),
-        Format::Vmdk => vmdk::write_flat(source, output, progress),
-        Format::Vhd => vhd::write_fixed(source, output, progress),
-        Format::Vdi => vdi::write(source, output, progress),
+        Format::Raw => raw::write(source, output, opts, progress),
+        Format::Qcow2 => qcow2::write(source, output, opts, progress),
+        Format::Vmdk => vmdk::write_flat(source, output, opts, progress),
+        Format::Vhd => vhd::write_fixed(source, output, opts, progress),
+        Format::Vdi => vdi::write(source, output, opts, progress),
         Format::Iso => Err(ImageError::unsupported(
             output,
             "writing ISO from a disk image is not supported; use write_boot_iso",
@@ -362,6 +388,17 @@ pub fn convert(
     format: Format,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
+    convert_with(input, output, format, &WriteOptions::default(), progress)
+}
+
+/// [`convert`] with explicit [`WriteOptions`].
+pub fn convert_with(
+    input: &Path,
+    output: &Path,
+    format: Format,
+    opts: &WriteOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
     let mut src = open(input)?;
-    write_image(src.as_mut(), output, format, progress)
+    write_image_with(src.as_mut(), output, format, opts, progress)
 }

@@ -287,6 +287,7 @@ impl Sink for QcowSink<'_> {
 pub(crate) fn write(
     source: &mut dyn ImageReader,
     output: &Path,
+    opts: &crate::WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size(), 512)
@@ -318,7 +319,7 @@ pub(crate) fn write(
     }
     access.flush().map_err(|e| io_err(output, "flush", e))?;
     drop(access);
-    util::commit(vec![out])
+    util::commit(vec![out], opts.fsync)
 }
 
 /// Walk all metadata and compare reference counts, like `qemu-img check`.

@@ -156,10 +156,11 @@ pub(crate) fn write_plain(
 pub(crate) fn write(
     source: &mut dyn ImageReader,
     output: &Path,
+    opts: &crate::WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let out = TempOut::create(output)?;
     let size = source.virtual_size();
     write_plain(source, out.file()?, output, size, progress)?;
-    util::commit(vec![out])
+    util::commit(vec![out], opts.fsync)
 }

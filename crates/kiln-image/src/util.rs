@@ -220,9 +220,14 @@ pub(crate) fn parent_dir(p: &Path) -> PathBuf {
     }
 }
 
-/// fsync every output, then rename them into place in order and fsync their directories.
-pub(crate) fn commit(mut outs: Vec<TempOut>) -> Result<(), ImageError> {
+/// fsync every output (unless `fsync` is false), then rename them into place in order and
+/// fsync their directories.
+pub(crate) fn commit(mut outs: Vec<TempOut>, fsync: bool) -> Result<(), ImageError> {
     for o in &mut outs {
+        if !fsync {
+            o.file = None;
+            continue;
+        }
         if let Some(f) = o.file.take() {
             f.sync_all()
                 .map_err(|e| ImageError::io(&o.target, "fsync failed", e))?;
@@ -237,8 +242,14 @@ pub(crate) fn commit(mut outs: Vec<TempOut>) -> Result<(), ImageError> {
             .map_err(|e| ImageError::io(&o.target, "cannot rename temporary file into place", e))?;
         o.done = true;
     }
-    for o in &outs {
-        if let Ok(d) = File::open(parent_dir(&o.target)) {
+    if !fsync {
+        return Ok(());
+    }
+    // Make the renames durable: one fsync per distinct directory.
+    let mut dirs: Vec<PathBuf> = outs.iter().map(|o| parent_dir(&o.target)).collect();
+    dirs.dedup();
+    for d in dirs {
+        if let Ok(d) = File::open(d) {
             let _ = d.sync_all();
         }
     }

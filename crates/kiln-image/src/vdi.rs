@@ -92,6 +92,7 @@ impl Sink for VdiSink<'_> {
 pub(crate) fn write(
     source: &mut dyn ImageReader,
     output: &Path,
+    opts: &crate::WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size(), 512)
@@ -126,7 +127,7 @@ pub(crate) fn write(
     )?;
     // Every allocated block is fully inside the file (its unwritten parts are holes).
     util::set_len(file, output, offset_data + allocated * BLOCK)?;
-    util::commit(vec![out])
+    util::commit(vec![out], opts.fsync)
 }
 
 pub(crate) fn parse_header(

@@ -93,6 +93,7 @@ pub(crate) fn footer(size: u64) -> [u8; FOOTER] {
 pub(crate) fn write_fixed(
     source: &mut dyn ImageReader,
     output: &Path,
+    opts: &crate::WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size().max(1), MIB)
@@ -108,7 +109,7 @@ pub(crate) fn write_fixed(
     let file = out.file()?;
     write_plain(source, file, output, size, progress)?;
     util::write_all_at(file, output, &footer(size), size)?;
-    util::commit(vec![out])
+    util::commit(vec![out], opts.fsync)
 }
 
 struct Footer {

@@ -610,6 +610,7 @@ fn descriptor_text(size: u64, extent_name: &str) -> String {
 pub(crate) fn write_flat(
     source: &mut dyn ImageReader,
     output: &Path,
+    opts: &crate::WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size().max(512), 512)
@@ -635,7 +636,7 @@ pub(crate) fn write_flat(
         0,
     )?;
     // Extent first, descriptor last: a visible descriptor always has its data.
-    util::commit(vec![data, desc])
+    util::commit(vec![data, desc], opts.fsync)
 }
 
 /// Open a monolithicFlat VMDK (single FLAT extent) for in-place writing.
