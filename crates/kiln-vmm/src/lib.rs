@@ -1,1 +1,108 @@
-//! kiln-vmm
+//! kiln-vmm: kiln's builtin VMM on KVM.
+//!
+//! Boots firmware guests (boot sectors, El Torito no-emulation images, floppies) in
+//! milliseconds, without QEMU or SeaBIOS. A tiny BIOS is generated in Rust at VM start:
+//! the interrupt vectors point at 4-byte stubs (`out 0xEF, al; iret`) and the VMM performs
+//! the BIOS service (int 10h/13h/15h/16h/1Ah/11h/12h/19h) on the vCPU registers while the
+//! vCPU is stopped on that port exit.
+//!
+//! Layout follows Firecracker's split: [`vstate`] (memory, vm, vcpu), [`devices`],
+//! [`firmware`], [`acpi`].
+//!
+//! The host KVM may be `kvm_pvm` (no VT-x/SVM; every guest instruction is emulated and
+//! each VM exit costs several microseconds), so the design keeps exits few: no in-kernel
+//! irqchip (so `hlt` exits to us and can end the VM), guest RAM covers the VGA text
+//! buffer, and every exit is counted ([`ExitCounters`]).
+//!
+//! ```no_run
+//! use kiln_vmm::{BootDevice, MemDisk, Vm, VmConfig, ExitReason};
+//! let image = std::fs::read("boot.img").unwrap();
+//! let mut vm = Vm::new(VmConfig::default(), Box::new(MemDisk::new(image)), Box::new(std::io::stdout())).unwrap();
+//! let handle = vm.handle();
+//! std::thread::spawn(move || { std::thread::sleep(std::time::Duration::from_secs(1)); handle.press_power_button(); });
+//! assert_eq!(vm.run().unwrap(), ExitReason::PoweredOff);
+//! ```
+
+pub mod acpi;
+pub mod devices;
+mod disk;
+mod error;
+pub mod firmware;
+mod shared;
+mod vmm;
+pub mod vstate;
+
+pub use disk::{Disk, FileDisk, MemDisk};
+pub use error::VmmError;
+pub use shared::VmHandle;
+pub use vmm::{ExitCounters, ExitReason, Vm};
+
+/// What kind of drive the boot disk is, as the firmware presents it to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BootDevice {
+    /// Hard disk, BIOS drive 0x80, 512-byte sectors; boots sector 0 at 0000:7C00.
+    #[default]
+    HardDisk,
+    /// Floppy, BIOS drive 0x00, 512-byte sectors, geometry guessed from the image size.
+    Floppy,
+    /// CD-ROM, BIOS drive 0xE0, 2048-byte sectors; boots an El Torito no-emulation image.
+    Cdrom,
+}
+
+impl BootDevice {
+    /// BIOS drive number handed to the guest in DL.
+    pub fn drive_number(self) -> u8 {
+        match self {
+            BootDevice::HardDisk => 0x80,
+            BootDevice::Floppy => 0x00,
+            BootDevice::Cdrom => 0xE0,
+        }
+    }
+}
+
+/// What to do with text the guest prints through int 10h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VideoOutput {
+    /// Copy int 10h teletype/write-char output to the console sink as well as the VGA
+    /// text buffer (useful for boot sectors that only print through the BIOS).
+    #[default]
+    Console,
+    /// Only update the VGA text buffer (console then shows COM1 output only, like
+    /// QEMU with `-display none -serial stdio`).
+    VgaOnly,
+}
+
+/// Configuration of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest RAM in MiB (at least 2; at most 3584 so it stays below the 32-bit MMIO hole).
+    pub ram_mib: u32,
+    /// How the boot disk is presented.
+    pub boot: BootDevice,
+    /// Where int 10h output goes.
+    pub video: VideoOutput,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            ram_mib: 16,
+            boot: BootDevice::HardDisk,
+            video: VideoOutput::Console,
+        }
+    }
+}
+
+/// Checks that `/dev/kvm` can be opened and is usable (API version 12, can create a VM).
+///
+/// Returns a human-readable reason when it is not.
+pub fn kvm_available() -> Result<(), String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(format!("/dev/kvm has API version {api}, expected 12"));
+    }
+    kvm.create_vm()
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm cannot create a VM: {e}"))
+}

@@ -1,0 +1,145 @@
+//! State shared between the vCPU thread and [`VmHandle`]s on other threads.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::ExitCounters;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Mutable shared state, behind one mutex.
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    /// Console input not yet taken by the UART or int 16h.
+    pub input: VecDeque<u8>,
+    /// Power button pressed and not yet latched into PM1_STS.
+    pub power_button: bool,
+    /// Bumped on every input, button press or kill, to wake `wait_new_event`.
+    pub events: u64,
+    /// pthread running `Vm::run`, to kick it out of KVM_RUN.
+    pub vcpu_thread: Option<libc::pthread_t>,
+}
+
+/// Exit counters, readable from any thread while the VM runs.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub io: AtomicU64,
+    pub mmio: AtomicU64,
+    pub hlt: AtomicU64,
+    pub bios: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ExitCounters {
+        ExitCounters {
+            io: self.io.load(Ordering::Relaxed),
+            mmio: self.mmio.load(Ordering::Relaxed),
+            hlt: self.hlt.load(Ordering::Relaxed),
+            bios: self.bios.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    pub killed: AtomicBool,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data; keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks until console input is queued or the VM is killed.
+    pub fn wait_input(&self) {
+        let guard = self.lock();
+        drop(
+            self.wake
+                .wait_while(guard, |g| {
+                    g.input.is_empty() && !self.killed.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    /// Blocks until a new event (input, power button, kill) arrives or `timeout` passes.
+    pub fn wait_new_event(&self, timeout: Duration) {
+        let guard = self.lock();
+        let start = guard.events;
+        drop(
+            self.wake
+                .wait_timeout_while(guard, timeout, |g| {
+                    g.events == start && !self.killed.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    fn notify(&self) {
+        self.wake.notify_all();
+    }
+}
+
+/// A cheap, cloneable, thread-safe handle to control a running [`crate::Vm`].
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl VmHandle {
+    /// Presses the ACPI power button: sets PWRBTN_STS (bit 8 of PM1a_STS at port 0x600).
+    ///
+    /// There is no irqchip, so no SCI is raised; guests see the press by polling PM1_STS.
+    pub fn press_power_button(&self) {
+        // No kick: the guest sees the press on its next PM1_STS read (an exit anyway).
+        {
+            let mut inner = self.shared.lock();
+            inner.power_button = true;
+            inner.events += 1;
+        }
+        self.shared.notify();
+    }
+
+    /// Stops the VM: `Vm::run` returns `ExitReason::Killed` promptly, even if the guest
+    /// spins without exits or waits for input.
+    pub fn kill(&self) {
+        self.shared.killed.store(true, Ordering::SeqCst);
+        self.shared.lock().events += 1;
+        self.shared.notify();
+        self.kick();
+    }
+
+    /// Queues console input bytes; the guest reads them through COM1 (when it polls the
+    /// UART and its receive FIFO has room) or through int 16h, whichever asks first.
+    pub fn send_input(&self, bytes: &[u8]) {
+        {
+            let mut inner = self.shared.lock();
+            inner.input.extend(bytes.iter().copied());
+            inner.events += 1;
+        }
+        self.shared.notify();
+    }
+
+    /// VM-exit counters so far (also while the VM runs).
+    pub fn counters(&self) -> ExitCounters {
+        self.shared.counters.snapshot()
+    }
+
+    /// Interrupts KVM_RUN on the vCPU thread (if it is inside `run`).
+    fn kick(&self) {
+        let guard = self.shared.lock();
+        if let Some(thread) = guard.vcpu_thread {
+            crate::vstate::vcpu::kick_thread(thread);
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The VM object: builds everything and runs the vCPU loop.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::VcpuExit;
+
+use crate::devices::acpi_pm::{AcpiPm, SmiCmd, PM_BASE, PM_LEN, SMI_CMD_PORT};
+use crate::devices::cmos::Cmos;
+use crate::devices::legacy::{DebugCon, Port92, Quiet, ResetControl, I8042};
+use crate::devices::serial::{SerialDevice, COM1_BASE};
+use crate::devices::{Bus, BusDevice, ConsoleOut, DeviceAction};
+use crate::firmware::{Firmware, ServiceOutcome, SERVICE_PORT};
+use crate::shared::{Counters, Shared};
+use crate::vstate::memory::{create_guest_memory, GuestMem};
+use crate::vstate::vcpu::{register_kick_handler, Vcpu};
+use crate::vstate::vm::KvmVm;
+use crate::{BootDevice, Disk, VmConfig, VmHandle, VmmError};
+
+/// Why [`Vm::run`] returned normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest entered ACPI S5 (PM1a_CNT SLP_EN with SLP_TYP 0).
+    PoweredOff,
+    /// The guest asked for a reset (i8042 0xFE, port 0x92 bit 0, 0xCF9, or a jump to the
+    /// reset vector). Calling `run` again reboots from the disk.
+    Reset,
+    /// [`VmHandle::kill`] was called.
+    Killed,
+    /// The guest executed `hlt` with interrupts disabled: it can never continue.
+    Halted,
+}
+
+/// VM-exit counters. Every KVM_RUN return is one exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounters {
+    /// Port I/O exits (including BIOS service traps).
+    pub io: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// `hlt` exits.
+    pub hlt: u64,
+    /// BIOS service calls (a subset of `io`).
+    pub bios: u64,
+    /// All exits.
+    pub total: u64,
+}
+
+/// A kiln VM: one real-mode vCPU, guest RAM, the built-in BIOS and legacy devices.
+pub struct Vm {
+    // Field order is drop order: vCPU and VM fds go before the memory they map.
+    vcpu: Vcpu,
+    _kvm: KvmVm,
+    pio: Bus,
+    mmio: Bus,
+    firmware: Firmware,
+    shared: Arc<Shared>,
+    config: VmConfig,
+    needs_reboot: bool,
+    mem: GuestMem,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .field("firmware", &self.firmware)
+            .field("pio", &self.pio)
+            .finish()
+    }
+}
+
+fn dev<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
+    Arc::new(Mutex::new(d))
+}
+
+impl Vm {
+    /// Creates the VM: guest memory, KVM VM and vCPU, devices, firmware, ACPI tables, and
+    /// loads the boot code from `disk` (checking the 0x55AA signature, or El Torito).
+    ///
+    /// `console_out` receives COM1 output, debug-port (0xE9) output and, with
+    /// [`crate::VideoOutput::Console`], int 10h text.
+    pub fn new(
+        config: VmConfig,
+        disk: Box<dyn Disk>,
+        console_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<Vm, VmmError> {
+        register_kick_handler()?;
+        let mem = create_guest_memory(config.ram_mib)?;
+        let ram_bytes = u64::from(config.ram_mib) << 20;
+        let kvm = KvmVm::new(&mem)?;
+        let vcpu = Vcpu::new(&kvm)?;
+        let shared = Arc::new(Shared::default());
+        let console = ConsoleOut::new(console_out);
+
+        let mut pio = Bus::new("pio");
+        let pm = Arc::new(Mutex::new(AcpiPm::new(shared.clone())));
+        let mut add = |base: u16, len: u16, d: Arc<Mutex<dyn BusDevice>>| {
+            pio.insert(u64::from(base), u64::from(len), d)
+                .map_err(VmmError::Config)
+        };
+        add(
+            COM1_BASE,
+            8,
+            dev(SerialDevice::new(Box::new(console.clone()), shared.clone())),
+        )?;
+        add(PM_BASE, PM_LEN, pm.clone())?;
+        add(SMI_CMD_PORT, 1, dev(SmiCmd(pm)))?;
+        add(0x60, 5, dev(I8042::default()))?;
+        add(
+            0x70,
+            2,
+            dev(Cmos::new(ram_bytes, config.boot == BootDevice::Floppy)),
+        )?;
+        add(0x80, 1, dev(Quiet))?;
+        add(0xed, 1, dev(Quiet))?;
+        add(0x92, 1, dev(Port92))?;
+        add(0xcf9, 1, dev(ResetControl))?;
+        add(0xe9, 1, dev(DebugCon(console.clone())))?;
+
+        let mut firmware = Firmware::new(
+            config.boot,
+            disk,
+            ram_bytes,
+            console,
+            config.video,
+            shared.clone(),
+        );
+        let mut vm = Vm {
+            vcpu,
+            _kvm: kvm,
+            pio,
+            mmio: Bus::new("mmio"),
+            firmware: {
+                firmware.install(&mem)?;
+                firmware
+            },
+            shared,
+            config,
+            needs_reboot: false,
+            mem,
+        };
+        vm.boot()?;
+        Ok(vm)
+    }
+
+    fn boot(&mut self) -> Result<(), VmmError> {
+        let (cs, ip) = self.firmware.load_boot(&self.mem)?;
+        self.vcpu
+            .set_boot_state(cs, ip, self.config.boot.drive_number())
+    }
+
+    /// A handle to press the power button, send input or kill the VM from other threads.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Exit counters so far.
+    pub fn counters(&self) -> ExitCounters {
+        self.shared.counters.snapshot()
+    }
+
+    /// The 80x25 VGA text screen as text (one line per row, trailing blanks trimmed).
+    pub fn screen_text(&self) -> String {
+        use vm_memory::{Bytes, GuestAddress};
+        let mut buf = vec![0u8; 80 * 25 * 2];
+        let _ = self.mem.read_slice(
+            &mut buf,
+            GuestAddress(crate::vstate::memory::VGA_TEXT_START),
+        );
+        buf.chunks(160)
+            .map(|row| {
+                let line: String = row
+                    .chunks(2)
+                    .map(|c| match c[0] {
+                        0x20..=0x7e => c[0] as char,
+                        0 => ' ',
+                        _ => '.',
+                    })
+                    .collect();
+                line.trim_end().to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs the guest on the calling thread until it powers off, resets, halts for good,
+    /// is killed, or fails. Never busy-waits: a guest blocked in int 16h or in `hlt`
+    /// sleeps until input, a power-button press or a kill.
+    pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        if self.needs_reboot {
+            self.firmware.install(&self.mem)?;
+            self.boot()?;
+            self.needs_reboot = false;
+        }
+        let _run_guard = self.vcpu.run_guard();
+        // SAFETY: pthread_self has no preconditions.
+        self.shared.lock().vcpu_thread = Some(unsafe { libc::pthread_self() });
+        let result = self.run_loop();
+        self.shared.lock().vcpu_thread = None;
+        self.vcpu.clear_immediate_exit();
+        if let Ok(ExitReason::Reset) = result {
+            self.needs_reboot = true;
+        }
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<ExitReason, VmmError> {
+        let counters = &self.shared.counters;
+        loop {
+            if self.shared.killed.load(Ordering::SeqCst) {
+                return Ok(ExitReason::Killed);
+            }
+            let mut trap = false;
+            let mut halted = false;
+            let mut action = DeviceAction::None;
+            match self.vcpu.fd.run() {
+                Ok(exit) => {
+                    Counters::bump(&counters.total);
+                    match exit {
+                        VcpuExit::IoIn(port, data) => {
+                            Counters::bump(&counters.io);
+                            self.pio.read(u64::from(port), data);
+                        }
+                        VcpuExit::IoOut(port, data) => {
+                            Counters::bump(&counters.io);
+                            if port == SERVICE_PORT && data.len() == 1 {
+                                trap = true;
+                            } else {
+                                action = self.pio.write(u64::from(port), data);
+                            }
+                        }
+                        VcpuExit::MmioRead(addr, data) => {
+                            Counters::bump(&counters.mmio);
+                            self.mmio.read(addr, data);
+                        }
+                        VcpuExit::MmioWrite(addr, data) => {
+                            Counters::bump(&counters.mmio);
+                            action = self.mmio.write(addr, data);
+                        }
+                        VcpuExit::Hlt => {
+                            Counters::bump(&counters.hlt);
+                            halted = true;
+                        }
+                        VcpuExit::Intr => {}
+                        VcpuExit::Shutdown => {
+                            let (cs, ip) = self.vcpu.cs_ip();
+                            return Err(VmmError::TripleFault { cs, ip });
+                        }
+                        VcpuExit::InternalError => {
+                            let suberror = self.vcpu.internal_suberror();
+                            let (cs, ip) = self.vcpu.cs_ip();
+                            return Err(VmmError::InternalError { suberror, cs, ip });
+                        }
+                        VcpuExit::FailEntry(reason, _) => {
+                            return Err(VmmError::FailEntry { reason });
+                        }
+                        VcpuExit::SystemEvent(kind, _) => {
+                            return match kind {
+                                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                                    Ok(ExitReason::PoweredOff)
+                                }
+                                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ok(ExitReason::Reset),
+                                k => Err(VmmError::UnsupportedExit(format!("system event {k}"))),
+                            };
+                        }
+                        other => {
+                            return Err(VmmError::UnsupportedExit(format!("{other:?}")));
+                        }
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked out of KVM_RUN; the loop head checks why.
+                    self.vcpu.clear_immediate_exit();
+                    continue;
+                }
+                Err(e) => {
+                    return Err(VmmError::Kvm {
+                        op: "KVM_RUN",
+                        source: e,
+                    })
+                }
+            }
+            match action {
+                DeviceAction::None => {}
+                DeviceAction::PowerOff => return Ok(ExitReason::PoweredOff),
+                DeviceAction::Reset => return Ok(ExitReason::Reset),
+            }
+            if trap {
+                match self.firmware.handle_trap(&mut self.vcpu, &self.mem)? {
+                    Some(ServiceOutcome::Resume) => Counters::bump(&counters.bios),
+                    Some(ServiceOutcome::Exit(reason)) => return Ok(reason),
+                    None => {
+                        // Not from a BIOS stub: an ordinary write to an unknown port.
+                        let _ = self.pio.write(u64::from(SERVICE_PORT), &[0]);
+                    }
+                }
+            }
+            if halted {
+                let regs = self
+                    .vcpu
+                    .fd
+                    .get_regs()
+                    .map_err(VmmError::kvm("KVM_GET_REGS"))?;
+                if regs.rflags & 0x200 == 0 {
+                    return Ok(ExitReason::Halted);
+                }
+                // No interrupt sources exist; sleep until something may have changed
+                // (input, power button, kill) or a timer-tick's worth of time passes.
+                self.shared.wait_new_event(Duration::from_millis(55));
+            }
+        }
+    }
+}

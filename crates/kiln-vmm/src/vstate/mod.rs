@@ -1,0 +1,5 @@
+//! KVM state: guest memory, the VM and its vCPU.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,89 @@
+//! Shared helpers for kiln-vmm integration tests.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::CodeAssembler;
+
+/// Returns false (test should skip) when /dev/kvm is unusable, unless KILN_REQUIRE_KVM=1.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kiln_vmm::kvm_available() {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var("KILN_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: KVM required (KILN_REQUIRE_KVM=1) but unavailable: {e}");
+            }
+            eprintln!("SKIP {test}: KVM unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// A console sink tests can read while the VM runs.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    /// Waits until the output contains `needle`; panics with the output after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Instant {
+        let start = Instant::now();
+        loop {
+            if self.text().contains(needle) {
+                return Instant::now();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out waiting for {needle:?}; console so far: {:?}",
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Assembles 16-bit code at 0x7C00 with `body`, appends `data` at sector offset
+/// `data_off` (address 0x7C00 + data_off) and the 55AA signature.
+pub fn boot_sector(
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+    data_off: usize,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    body(&mut a).unwrap();
+    let code = a.assemble(0x7c00).unwrap();
+    assert!(
+        code.len() <= data_off,
+        "code ({} bytes) overlaps data",
+        code.len()
+    );
+    assert!(data_off + data.len() <= 510);
+    let mut s = vec![0u8; 512];
+    s[..code.len()].copy_from_slice(&code);
+    s[data_off..data_off + data.len()].copy_from_slice(data);
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
+}
+
+/// A raw disk image of `size` bytes starting with `sector0`.
+pub fn disk_image(sector0: &[u8], size: usize) -> Vec<u8> {
+    let mut d = vec![0u8; size];
+    d[..sector0.len()].copy_from_slice(sector0);
+    d
+}
