@@ -87,3 +87,40 @@ pub fn disk_image(sector0: &[u8], size: usize) -> Vec<u8> {
     d[..sector0.len()].copy_from_slice(sector0);
     d
 }
+
+/// A console sink that records the time and exit counters at the moment the output
+/// first contains `needle` (for measuring time/exits to the banner).
+#[derive(Clone)]
+pub struct BannerProbe {
+    pub capture: Capture,
+    needle: &'static str,
+    pub handle: Arc<std::sync::OnceLock<kiln_vmm::VmHandle>>,
+    pub hit: Arc<std::sync::OnceLock<(Instant, kiln_vmm::ExitCounters)>>,
+}
+
+impl BannerProbe {
+    pub fn new(needle: &'static str) -> BannerProbe {
+        BannerProbe {
+            capture: Capture::default(),
+            needle,
+            handle: Arc::default(),
+            hit: Arc::default(),
+        }
+    }
+}
+
+impl Write for BannerProbe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.capture.write(buf)?;
+        if self.hit.get().is_none() && self.capture.text().contains(self.needle) {
+            let now = Instant::now();
+            if let Some(h) = self.handle.get() {
+                let _ = self.hit.set((now, h.counters()));
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
