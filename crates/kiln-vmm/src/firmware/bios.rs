@@ -34,8 +34,7 @@ pub fn equipment_word(boot: BootDevice) -> u16 {
 }
 
 /// Writes all static BIOS structures.
-pub fn install(mem: &GuestMem, boot: BootDevice, ram_bytes: u64) -> Result<(), VmmError> {
-    let _ = ram_bytes;
+pub fn install(mem: &GuestMem, boot: BootDevice) -> Result<(), VmmError> {
     let bios = u64::from(BIOS_SEGMENT) << 4;
 
     // Stubs: out SERVICE_PORT, al; iret; nop.

@@ -161,7 +161,7 @@ impl Firmware {
 
     /// Writes IVT, BDA, EBDA, stubs, VGA text buffer and ACPI tables into guest memory.
     pub fn install(&mut self, mem: &GuestMem) -> Result<(), VmmError> {
-        bios::install(mem, self.boot, self.ram_bytes)?;
+        bios::install(mem, self.boot)?;
         crate::acpi::install(mem)?;
         Ok(())
     }

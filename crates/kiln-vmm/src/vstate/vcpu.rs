@@ -138,7 +138,7 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// hardware_entry_failure_reason of the last KVM_EXIT_FAIL_ENTRY.
+    /// CS selector and RIP now (for error reports; zeros if they cannot be read).
     pub(crate) fn cs_ip(&self) -> (u16, u64) {
         match (self.fd.get_sregs(), self.fd.get_regs()) {
             (Ok(s), Ok(r)) => (s.cs.selector, r.rip),
