@@ -113,6 +113,15 @@ pub(crate) fn read_header(path: &Path, file: &std::fs::File) -> Result<Header, I
             "L1 table has {l1_size} entries but {needed_l1} are needed for {size} bytes"
         )));
     }
+    // Same limits as QEMU (32 MiB L1, 8 MiB refcount table): bounds what we and imago allocate.
+    if l1_size * 8 > 32 << 20 {
+        return Err(bad(format!("L1 table of {l1_size} entries is too large")));
+    }
+    if rt_clusters * cs > 8 << 20 {
+        return Err(bad(format!(
+            "refcount table of {rt_clusters} clusters is too large"
+        )));
+    }
     let table_fits = |off: u64, bytes: u64| off.checked_add(bytes).is_some_and(|e| e <= len);
     if l1_offset % cs != 0 || !table_fits(l1_offset, l1_size * 8) {
         return Err(bad(format!(

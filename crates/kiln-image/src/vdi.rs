@@ -20,8 +20,9 @@ const BLOCK: u64 = 1 << 20;
 const UNALLOCATED: u32 = u32::MAX;
 const ZEROED: u32 = u32::MAX - 1;
 const BMAP_OFFSET: u64 = 0x200;
-/// VirtualBox's limit on the number of blocks (qemu uses the same).
-const MAX_BLOCKS: u64 = 0x3fff_ffff;
+/// Most blocks we accept: 16 Mi blocks (16 TiB with 1 MiB blocks), so the in-memory block
+/// map stays ≤ 64 MiB whatever the header claims.
+const MAX_BLOCKS: u64 = 1 << 24;
 
 pub(crate) struct Header {
     image_type: u32,
@@ -184,7 +185,13 @@ pub(crate) fn parse_header(
     if hdr.block_extra > (1 << 20) {
         return Err(bad(format!("invalid block extra size {}", hdr.block_extra)));
     }
-    if hdr.blocks_in_image > MAX_BLOCKS || hdr.blocks_in_image * hdr.block_size < hdr.disk_size {
+    if hdr.blocks_in_image > MAX_BLOCKS {
+        return Err(bad(format!(
+            "block map of {} entries is too large",
+            hdr.blocks_in_image
+        )));
+    }
+    if hdr.blocks_in_image * hdr.block_size < hdr.disk_size {
         return Err(bad(format!(
             "{} blocks of {} bytes cannot hold the disk size {}",
             hdr.blocks_in_image, hdr.block_size, hdr.disk_size

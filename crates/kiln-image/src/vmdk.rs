@@ -17,6 +17,8 @@ const SPARSE_MAGIC: &[u8; 4] = b"KDMV";
 /// Descriptors are small text files; refuse to parse anything bigger.
 const MAX_DESCRIPTOR: u64 = 64 << 10;
 const GD_AT_END: u64 = u64::MAX;
+/// Largest grain directory we load (bounds memory for crafted headers).
+const MAX_TABLE: u64 = 64 << 20;
 const FLAG_ZERO_GRAIN: u32 = 1 << 2;
 const FLAG_COMPRESSED: u32 = 1 << 16;
 
@@ -121,6 +123,11 @@ impl SparseExtent {
         let grain = grain_sectors * 512;
         let gd_entries = size.div_ceil(grain * gt_entries);
         let gd_bytes = gd_entries * 4;
+        if gd_bytes > MAX_TABLE {
+            return Err(bad(format!(
+                "grain directory of {gd_entries} entries is too large"
+            )));
+        }
         if gd_offset
             .checked_mul(512)
             .and_then(|o| o.checked_add(gd_bytes))
@@ -243,8 +250,19 @@ impl SparseExtent {
     fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
         let end = self.size.min(offset.saturating_add(max_len));
         let first = self.grain_offset(offset)?.is_some();
+        let gt_span = self.grain * self.gt_entries;
         let mut pos = offset;
         while pos < end {
+            // A missing grain table covers gt_span bytes of zeros: skip it in one step, so
+            // huge empty disks don't cost one iteration per grain.
+            let gt_idx = (pos / gt_span) as usize;
+            if matches!(self.gd.get(gt_idx), Some(&0) | None) {
+                if first {
+                    break;
+                }
+                pos = (gt_idx as u64 + 1) * gt_span;
+                continue;
+            }
             if self.grain_offset(pos)?.is_some() != first {
                 break;
             }

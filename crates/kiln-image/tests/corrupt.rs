@@ -186,6 +186,9 @@ fn vdi_corrupt() {
     let p = c("blocks.vdi");
     patch(&p, 0x180, &0x03ff_ffff_u32.to_le_bytes());
     expect_err(&p, "block map");
+    let p = c("blocks2.vdi");
+    patch(&p, 0x180, &0x0010_0000_u32.to_le_bytes()); // fits the limit, not the file
+    expect_err(&p, "block map");
     let p = c("bs.vdi");
     patch(&p, 0x178, &12345u32.to_le_bytes());
     expect_err(&p, "block size");

@@ -114,8 +114,16 @@ fn reads_images_written_by_qemu_img() {
         let cases: &[(&str, &[&str], Format)] = &[
             ("qcow2", &[], Format::Qcow2),
             ("qcow2", &["-c"], Format::Qcow2),
-            ("qcow2", &["-o", "compat=0.10,cluster_size=4096"], Format::Qcow2),
-            ("qcow2", &["-o", "cluster_size=2M,refcount_bits=1"], Format::Qcow2),
+            (
+                "qcow2",
+                &["-o", "compat=0.10,cluster_size=4096"],
+                Format::Qcow2,
+            ),
+            (
+                "qcow2",
+                &["-o", "cluster_size=2M,refcount_bits=1"],
+                Format::Qcow2,
+            ),
             ("vmdk", &["-o", "subformat=monolithicFlat"], Format::Vmdk),
             ("vmdk", &["-o", "subformat=monolithicSparse"], Format::Vmdk),
             ("vmdk", &["-o", "subformat=streamOptimized"], Format::Vmdk),
