@@ -315,3 +315,38 @@ fn vhd_is_azure_aligned_with_valid_footer() {
         "{info}"
     );
 }
+
+/// Huge, empty disks: converting must cost time proportional to metadata, not disk size.
+#[test]
+fn huge_empty_images_convert_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    for (q, opts, name) in [
+        ("qcow2", "cluster_size=65536", "huge.qcow2"),
+        ("vmdk", "subformat=monolithicSparse", "huge.vmdk"),
+        ("vdi", "static=off", "huge.vdi"),
+        ("vpc", "subformat=dynamic", "huge.vhd"),
+    ] {
+        let src = dir.path().join(name);
+        qemu_img_ok(&["create", "-f", q, "-o", opts, p(&src), "1T"]);
+        let size = open(&src).unwrap().virtual_size();
+        assert!(size >= 1 << 39, "{name}: {size}");
+        for out_fmt in [Format::Qcow2, Format::Vdi, Format::Raw] {
+            let out = dir.path().join(format!("out-{name}.{}", ext(out_fmt)));
+            convert(&src, &out, out_fmt, &mut |_, _| {}).unwrap();
+            let i = inspect(&out).unwrap();
+            assert!(i.consistent, "{name} -> {out_fmt}: {:?}", i.problems);
+            assert!(
+                i.allocated_size < 64 * MIB,
+                "{name} -> {out_fmt}: {}",
+                i.allocated_size
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(120),
+        "took {:?}",
+        start.elapsed()
+    );
+}
