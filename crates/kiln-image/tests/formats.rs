@@ -350,3 +350,22 @@ fn huge_empty_images_convert_quickly() {
         start.elapsed()
     );
 }
+
+#[test]
+fn tiny_and_odd_sized_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, size) in [("empty.raw", 0u64), ("odd.raw", 1000), ("sector.raw", 512)] {
+        let src = dir.path().join(name);
+        make_sparse(&src, size, if size > 0 { &[(0, 7)] } else { &[] });
+        for fmt in WRITABLE {
+            let out = dir.path().join(format!("{name}.{}", ext(fmt)));
+            convert(&src, &out, fmt, &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("{name} -> {fmt}: {e}"));
+            let mut r = open(&out).unwrap();
+            assert!(r.virtual_size() >= size, "{name} -> {fmt}");
+            let got = read_all(r.as_mut());
+            let want = std::fs::read(&src).unwrap();
+            assert_eq!(&got[..want.len()], &want[..], "{name} -> {fmt}");
+        }
+    }
+}
