@@ -178,8 +178,7 @@ pub(crate) fn run_tool(cmd: &mut Command, tool: &str, install: &str) -> Result<(
     let detail = stderr
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .last()
+        .rfind(|l| !l.is_empty())
         .unwrap_or("no message")
         .to_string();
     Err(HostError::Tool {

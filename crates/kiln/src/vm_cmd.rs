@@ -63,13 +63,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = kiln_host::DEFAULT_RAM_MIB)]
     ram: u32,
     /// An image directory (image.json names rootfs, kernel and initrd), e.g. from `kiln image debian`.
-    #[arg(long, conflicts_with_all = ["rootfs", "kernel"])]
+    #[arg(long)]
     image: Option<PathBuf>,
     /// A raw ext4 root filesystem (opened read-only; the VM writes to its own overlay).
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     rootfs: Option<PathBuf>,
     /// The Linux kernel (bzImage).
-    #[arg(long, requires = "rootfs")]
+    #[arg(long)]
     kernel: Option<PathBuf>,
     /// The initrd.
     #[arg(long)]
