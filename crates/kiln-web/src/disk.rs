@@ -110,7 +110,14 @@ pub fn load_disk(path: &Path) -> Result<Disk> {
         .filter(|s| !s.is_empty())
         .map(sanitize)
         .unwrap_or_else(|| "disk".into());
-    let file_name = format!("{stem}.{}", if kind == DiskKind::Cdrom { "iso" } else { "img" });
+    let file_name = format!(
+        "{stem}.{}",
+        if kind == DiskKind::Cdrom {
+            "iso"
+        } else {
+            "img"
+        }
+    );
     Ok(Disk {
         path: path.to_path_buf(),
         format,
@@ -177,7 +184,9 @@ mod tests {
         std::fs::write(&bad, vec![0u8; 4096]).unwrap();
         let e = load_disk(&bad).unwrap_err().to_string();
         assert!(e.contains("not bootable") && e.contains("0x55AA"), "{e}");
-        let e = load_disk(&dir.path().join("nope.img")).unwrap_err().to_string();
+        let e = load_disk(&dir.path().join("nope.img"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope.img"), "{e}");
     }
 }

@@ -13,9 +13,10 @@ pub enum WebError {
         /// How to install it.
         hint: String,
     },
-    /// The image could not be read.
-    #[error(transparent)]
-    Image(#[from] kiln_image::ImageError),
+    /// The image could not be read. (Not a `#[source]`: the message already includes the
+    /// cause, and error-chain printers would repeat it.)
+    #[error("{0}")]
+    Image(kiln_image::ImageError),
     /// The image is readable but nothing in it can boot.
     #[error("{}: not bootable: {why}", path.display())]
     NotBootable {
@@ -25,14 +26,14 @@ pub enum WebError {
         why: String,
     },
     /// A file-system operation failed.
-    #[error("{}: {what}: {source}", path.display())]
+    #[error("{}: {what}: {err}", path.display())]
     Io {
         /// The file or directory concerned.
         path: PathBuf,
         /// What was being done.
         what: String,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (part of the message, so not a `#[source]`).
+        err: std::io::Error,
     },
     /// The output directory exists and holds something that is not a kiln site.
     #[error("{}: exists and is not an empty directory or a kiln site; refusing to overwrite it", path.display())]
@@ -64,12 +65,22 @@ pub enum WebError {
     },
 }
 
+impl From<kiln_image::ImageError> for WebError {
+    fn from(e: kiln_image::ImageError) -> Self {
+        WebError::Image(e)
+    }
+}
+
 impl WebError {
-    pub(crate) fn io(path: impl Into<PathBuf>, what: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        what: impl Into<String>,
+        err: std::io::Error,
+    ) -> Self {
         WebError::Io {
             path: path.into(),
             what: what.into(),
-            source,
+            err,
         }
     }
 }

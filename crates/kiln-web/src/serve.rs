@@ -100,7 +100,11 @@ struct Hub {
 }
 
 /// Serve `source` until Ctrl-C (or SIGTERM). `on_ready` gets the bound address once listening.
-pub fn serve(source: ServeSource, opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()> {
+pub fn serve(
+    source: ServeSource,
+    opts: ServeOptions,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
     let addr_s = opts.addr.to_string();
     if !opts.addr.ip().is_loopback() && !opts.public {
         return Err(WebError::Listen {
@@ -136,10 +140,12 @@ pub fn serve(source: ServeSource, opts: ServeOptions, on_ready: impl FnOnce(Sock
         addr: addr_s.clone(),
         msg: e.to_string(),
     })?;
-    listener.set_nonblocking(true).map_err(|e| WebError::Listen {
-        addr: addr_s.clone(),
-        msg: e.to_string(),
-    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| WebError::Listen {
+            addr: addr_s.clone(),
+            msg: e.to_string(),
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -160,10 +166,11 @@ pub fn serve(source: ServeSource, opts: ServeOptions, on_ready: impl FnOnce(Sock
         },
     });
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| WebError::Listen {
-            addr: addr_s.clone(),
-            msg: e.to_string(),
-        })?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|e| WebError::Listen {
+                addr: addr_s.clone(),
+                msg: e.to_string(),
+            })?;
         let router = Router::new()
             .route("/ctl", get(ctl))
             .route("/net", get(net))
@@ -211,7 +218,10 @@ async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
     if path.is_empty() || path.ends_with('/') {
         path.push_str("index.html");
     }
-    if path.split('/').any(|s| s == ".." || s.is_empty() || s.starts_with('.')) {
+    if path
+        .split('/')
+        .any(|s| s == ".." || s.is_empty() || s.starts_with('.'))
+    {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();
     }
     let content: Option<Bytes> = match &app.files {
@@ -245,7 +255,10 @@ fn origin_ok(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let (Ok(origin), Some(Ok(host))) = (origin.to_str(), headers.get(header::HOST).map(|h| h.to_str())) else {
+    let (Ok(origin), Some(Ok(host))) = (
+        origin.to_str(),
+        headers.get(header::HOST).map(|h| h.to_str()),
+    ) else {
         return false;
     };
     let rest = origin
@@ -346,7 +359,9 @@ async fn vm_conn(ws: WebSocket, app: Arc<App>) {
                 let path = app.save_path.clone();
                 let res = tokio::task::spawn_blocking(move || save_state(&path, &state)).await;
                 let ev = match res {
-                    Ok(Ok(n)) => serde_json::json!({"ev": "saved", "path": app.save_path, "bytes": n}),
+                    Ok(Ok(n)) => {
+                        serde_json::json!({"ev": "saved", "path": app.save_path, "bytes": n})
+                    }
                     Ok(Err(e)) => serde_json::json!({"ev": "error", "message": e}),
                     Err(e) => serde_json::json!({"ev": "error", "message": e.to_string()}),
                 };

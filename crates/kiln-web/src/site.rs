@@ -93,7 +93,13 @@ impl Site {
         let tmp = tempfile::Builder::new()
             .prefix(".kiln-site-")
             .tempdir_in(&parent)
-            .map_err(|e| WebError::io(&parent, "create a temporary directory", e))?;
+            .map_err(|e| {
+                WebError::io(
+                    out,
+                    "create the site (in a temporary directory beside it)",
+                    e,
+                )
+            })?;
         for (rel, content) in &self.files {
             let p = tmp.path().join(rel);
             if let Some(d) = p.parent() {
@@ -112,7 +118,10 @@ impl Site {
                 return Err(WebError::io(
                     out.join(rel),
                     "verify written file",
-                    std::io::Error::other(format!("{len} bytes on disk, expected {}", content.len())),
+                    std::io::Error::other(format!(
+                        "{len} bytes on disk, expected {}",
+                        content.len()
+                    )),
                 ));
             }
         }
@@ -124,7 +133,8 @@ impl Site {
                     ".kiln-old-{}",
                     tmp.file_name().and_then(|s| s.to_str()).unwrap_or("site")
                 ));
-                std::fs::rename(out, &old).map_err(|e| WebError::io(out, "move the previous site aside", e))?;
+                std::fs::rename(out, &old)
+                    .map_err(|e| WebError::io(out, "move the previous site aside", e))?;
                 std::fs::rename(&tmp, out).map_err(|e| {
                     let _ = std::fs::rename(&old, out);
                     WebError::io(out, "move the new site into place", e)
@@ -133,7 +143,8 @@ impl Site {
             } else {
                 // An empty directory (or nothing) is replaced by the rename.
                 let _ = std::fs::remove_dir(out);
-                std::fs::rename(&tmp, out).map_err(|e| WebError::io(out, "move the new site into place", e))?;
+                std::fs::rename(&tmp, out)
+                    .map_err(|e| WebError::io(out, "move the new site into place", e))?;
             }
             Ok(())
         })();
@@ -196,7 +207,8 @@ pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
     site.insert(disk_path, bytes);
     site.insert(
         "kiln.json",
-        serde_json::to_vec_pretty(&config).map_err(|e| WebError::io(image, "encode kiln.json", e.into()))?,
+        serde_json::to_vec_pretty(&config)
+            .map_err(|e| WebError::io(image, "encode kiln.json", e.into()))?,
     );
     Ok(site)
 }

@@ -36,7 +36,8 @@ pub(crate) fn warm_state(
             hint: "install the page's npm packages with `npm ci` in kiln's web/ directory".into(),
         });
     }
-    let tmp = tempfile::tempdir().map_err(|e| WebError::io(std::env::temp_dir(), "create temp dir", e))?;
+    let tmp = tempfile::tempdir()
+        .map_err(|e| WebError::io(std::env::temp_dir(), "create temp dir", e))?;
     let script = tmp.path().join("warm.mjs");
     let disk_file = tmp.path().join("disk");
     let state_file = tmp.path().join("state.bin");
@@ -86,7 +87,10 @@ pub(crate) fn warm_state(
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(err(format!("Node did not finish within {} s", timeout.as_secs() + 30)));
+                return Err(err(format!(
+                    "Node did not finish within {} s",
+                    timeout.as_secs() + 30
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(err(format!("waiting for Node: {e}"))),
@@ -101,12 +105,22 @@ pub(crate) fn warm_state(
         let _ = e.read_to_string(&mut stderr);
     }
     if !status.success() {
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
         return Err(err(format!("v86 under Node failed ({status}): {last}")));
     }
-    let result: serde_json::Value = serde_json::from_str(stdout.trim())
-        .map_err(|e| err(format!("unexpected output from the warm script ({e}): {}", stdout.trim())))?;
-    let raw = std::fs::read(&state_file).map_err(|e| WebError::io(&state_file, "read saved state", e))?;
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| {
+        err(format!(
+            "unexpected output from the warm script ({e}): {}",
+            stdout.trim()
+        ))
+    })?;
+    let raw =
+        std::fs::read(&state_file).map_err(|e| WebError::io(&state_file, "read saved state", e))?;
     let compressed = zstd::bulk::compress(&raw, 19).map_err(|e| err(format!("zstd: {e}")))?;
     let mut out = Vec::new();
     let mut parts = Vec::new();

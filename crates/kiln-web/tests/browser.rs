@@ -84,7 +84,10 @@ fn browser_boot_repl_save_restore_warm_serve_ctl_net() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("browser test did not finish in 240 s; output so far:\n{}", lines.join("\n"));
+            panic!(
+                "browser test did not finish in 240 s; output so far:\n{}",
+                lines.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -97,5 +100,9 @@ fn browser_boot_repl_save_restore_warm_serve_ctl_net() {
         "browser test failed ({status}):\n{}",
         lines.join("\n")
     );
-    assert!(save_path.is_file(), "/ctl save wrote nothing at {}", save_path.display());
+    assert!(
+        save_path.is_file(),
+        "/ctl save wrote nothing at {}",
+        save_path.display()
+    );
 }
