@@ -1,4 +1,8 @@
-//! Probe what this host's KVM supports (run: cargo run -p kiln-vmm --example probe).
+//! Probes what the host KVM supports: capabilities, irqchip/PIT creation, real mode at
+//! 0000:7C00, which exits port I/O, MMIO and `hlt` produce, and what an exit costs.
+//! Run: `cargo run -p kiln-vmm --example probe`. With `IRQCHIP=1` it also creates an
+//! in-kernel irqchip and PIT; `hlt` then no longer exits and the probe hangs there
+//! (which is why the VMM creates no irqchip).
 use kvm_bindings::{kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuExit};
 
