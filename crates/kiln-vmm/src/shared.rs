@@ -112,6 +112,9 @@ impl VmHandle {
 
     /// Stops the VM: `Vm::run` returns `ExitReason::Killed` promptly, even if the guest
     /// spins without exits or waits for input.
+    ///
+    /// The kill is permanent: later `run` calls return `Killed` at once. It interrupts
+    /// KVM_RUN with a real-time signal (SIGRTMIN+3) sent to the thread inside `run`.
     pub fn kill(&self) {
         self.shared.killed.store(true, Ordering::SeqCst);
         self.shared.lock().events += 1;
