@@ -2,6 +2,7 @@
 //! or in one of the focused crates (kiln-boot, kiln-image, kiln-qemu).
 
 pub mod build;
+pub mod builtin;
 pub mod control;
 pub mod run;
 

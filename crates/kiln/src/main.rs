@@ -96,25 +96,26 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     image: PathBuf,
-    /// The engine that runs the VM.
-    #[arg(long, value_enum, default_value_t = Engine::Qemu)]
-    engine: Engine,
+    /// The engine: builtin (kiln's own VMM on KVM, milliseconds to boot) or qemu (with SeaBIOS).
+    /// Default: builtin where /dev/kvm works, else qemu.
+    #[arg(long, value_enum)]
+    engine: Option<Engine>,
     /// Serial console only: do not mirror the BIOS screen onto the terminal.
     #[arg(long)]
     serial_only: bool,
-    /// QEMU machine type: pc or q35.
-    #[arg(long, default_value = "pc")]
-    machine: kiln_qemu::Machine,
+    /// QEMU machine type: pc or q35 (qemu engine only; default pc).
+    #[arg(long)]
+    machine: Option<kiln_qemu::Machine>,
     /// How the guest sees the image (detected when absent).
     #[arg(long, value_enum)]
     media: Option<MediaArg>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    ram: u32,
+    /// Guest memory in MiB (default: 16 on builtin, 128 on qemu).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3584))]
+    ram: Option<u32>,
     /// Seconds to wait for the guest to power off after SIGTERM presses the power button.
     #[arg(long, default_value_t = 30.0)]
     stop_timeout: f64,
-    /// Force an accelerator (default: kvm only with hardware virtualization, else tcg).
+    /// Force an accelerator (qemu engine only; default: kvm only with hardware virtualization, else tcg).
     #[arg(long, value_enum)]
     accel: Option<AccelArg>,
     /// The VM's name for `kiln stop`, `kiln ps` (generated when absent).
@@ -122,8 +123,10 @@ struct RunArgs {
     name: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Engine {
+    /// kiln's own VMM on KVM with a built-in minimal BIOS.
+    Builtin,
     /// qemu-system-x86_64 with SeaBIOS.
     Qemu,
 }
@@ -337,24 +340,29 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => kiln::control::free_name(),
     };
-    let Engine::Qemu = args.engine;
-    let opts = kiln::run::RunOptions {
-        image: args.image,
-        machine: args.machine,
-        media: args.media.map(|m| match m {
-            MediaArg::Disk => kiln_qemu::Media::Disk,
-            MediaArg::Cdrom => kiln_qemu::Media::Cdrom,
-            MediaArg::Floppy => kiln_qemu::Media::Floppy,
-        }),
-        serial_only: args.serial_only,
-        ram_mib: args.ram,
-        stop_timeout,
-        accel: args.accel.map(|a| match a {
-            AccelArg::Kvm => kiln_qemu::Accel::Kvm,
-            AccelArg::Tcg => kiln_qemu::Accel::Tcg,
-        }),
-        name: Some(name.clone()),
+    let engine = match args.engine {
+        Some(e) => e,
+        None => match kiln_vmm::kvm_available() {
+            Ok(()) => Engine::Builtin,
+            Err(why) => {
+                tracing::info!("{why}; using the qemu engine");
+                Engine::Qemu
+            }
+        },
     };
+    if engine == Engine::Builtin {
+        if args.machine.is_some() || args.accel.is_some() {
+            anyhow::bail!("--machine and --accel apply to --engine qemu only");
+        }
+        if let Err(why) = kiln_vmm::kvm_available() {
+            anyhow::bail!("the builtin engine needs KVM: {why} (or use --engine qemu)");
+        }
+    }
+    let media = args.media.map(|m| match m {
+        MediaArg::Disk => kiln_qemu::Media::Disk,
+        MediaArg::Cdrom => kiln_qemu::Media::Cdrom,
+        MediaArg::Floppy => kiln_qemu::Media::Floppy,
+    });
     let (tx, events) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -369,11 +377,56 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    let engine_name = match engine {
+        Engine::Builtin => "builtin",
+        Engine::Qemu => "qemu",
+    };
     let _registration =
-        kiln::control::Registration::claim(&name, "qemu", &opts.image, move |incoming| {
+        kiln::control::Registration::claim(&name, engine_name, &args.image, move |incoming| {
             tx.send(Event::Control(incoming)).is_ok()
         })?;
-    let outcome = kiln::run::run_qemu(&opts, &events)?;
+    let outcome = match engine {
+        Engine::Builtin => {
+            let opts = kiln::builtin::BuiltinOptions {
+                image: args.image,
+                boot: media.map(|m| match m {
+                    kiln_qemu::Media::Disk => kiln_vmm::BootDevice::HardDisk,
+                    kiln_qemu::Media::Cdrom => kiln_vmm::BootDevice::Cdrom,
+                    kiln_qemu::Media::Floppy => kiln_vmm::BootDevice::Floppy,
+                }),
+                ram_mib: args.ram.unwrap_or(16),
+                serial_only: args.serial_only,
+            };
+            let mut vm = kiln::builtin::BuiltinVm::start(&opts)?;
+            let outcome = kiln::run::supervise(&mut vm, &events, stop_timeout);
+            let c = vm.counters();
+            tracing::info!(
+                "VM exits: {} total ({} port I/O, {} BIOS calls, {} MMIO, {} hlt)",
+                c.total,
+                c.io,
+                c.bios,
+                c.mmio,
+                c.hlt
+            );
+            outcome
+        }
+        Engine::Qemu => {
+            let opts = kiln::run::RunOptions {
+                image: args.image,
+                machine: args.machine.unwrap_or(kiln_qemu::Machine::Pc),
+                media,
+                serial_only: args.serial_only,
+                ram_mib: args.ram.unwrap_or(128),
+                stop_timeout,
+                accel: args.accel.map(|a| match a {
+                    AccelArg::Kvm => kiln_qemu::Accel::Kvm,
+                    AccelArg::Tcg => kiln_qemu::Accel::Tcg,
+                }),
+                name: Some(name.clone()),
+            };
+            kiln::run::run_qemu(&opts, &events)?
+        }
+    };
     eprintln!("kiln: {}", outcome.description);
     Ok(if outcome.success {
         ExitCode::SUCCESS

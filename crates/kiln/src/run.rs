@@ -11,7 +11,7 @@ use kiln_qemu::{Accel, Drive, DriveFormat, Machine, Media, QemuConfig, QemuVm, S
 use crate::control::{Incoming, Reply, Request};
 
 /// Raw image sizes that boot as a floppy (360K .. 2.88M).
-const FLOPPY_SIZES: [u64; 5] = [368_640, 737_280, 1_228_800, 1_474_560, 2_949_120];
+pub const FLOPPY_SIZES: [u64; 5] = [368_640, 737_280, 1_228_800, 1_474_560, 2_949_120];
 
 /// What `kiln run` boots and how.
 #[derive(Clone, Debug)]

@@ -1,5 +1,6 @@
 //! Every image `kiln build` writes boots on real QEMU (TCG, or KVM with hardware virtualization),
-//! on both pc and q35: banner on serial, the reversing REPL, and a clean ACPI power-off.
+//! on both pc and q35, and on kiln's builtin VMM (KVM): banner on serial, the reversing REPL,
+//! and a clean ACPI power-off through `kiln stop` or SIGTERM.
 
 mod common;
 
@@ -20,8 +21,22 @@ enum Stop {
     Signal,
 }
 
-fn boot_and_power_off(machine: &str, file: &str, stop: Stop) {
-    require_tool("qemu-system-x86_64");
+/// Boots `file` on `engine` ("qemu-pc", "qemu-q35" or "builtin") and runs the whole dialogue.
+fn boot_and_power_off(engine: &str, file: &str, stop: Stop) {
+    let engine_args: &[&str] = match engine {
+        "qemu-pc" => &["--engine", "qemu", "--machine", "pc"],
+        "qemu-q35" => &["--engine", "qemu", "--machine", "q35"],
+        "builtin" => &["--engine", "builtin"],
+        other => panic!("unknown engine {other}"),
+    };
+    if engine == "builtin" {
+        if !common::kvm_or_skip(&format!("{engine}/{file}")) {
+            return;
+        }
+    } else {
+        require_tool("qemu-system-x86_64");
+    }
+    let machine = engine;
     // Each VM gets its own copy: QEMU locks a writable image against a second user.
     let tmp = tempfile::tempdir().unwrap();
     for f in [file, "boot-flat.vmdk"] {
@@ -29,17 +44,10 @@ fn boot_and_power_off(machine: &str, file: &str, stop: Stop) {
     }
     let image = tmp.path().join(file);
     let name = format!("{machine}-{}", file.replace('.', "-"));
-    let mut s = Session::start(&[
-        "run",
-        "--engine",
-        "qemu",
-        "--serial-only",
-        "--machine",
-        machine,
-        "--name",
-        &name,
-        image.to_str().unwrap(),
-    ]);
+    let mut args = vec!["run", "--serial-only", "--name", &name];
+    args.extend_from_slice(engine_args);
+    args.push(image.to_str().unwrap());
+    let mut s = Session::start(&args);
     s.expect("ClientAPI\r\n", BOOT);
     s.send("hello\r");
     s.expect("olleh\r\n", REPLY);
@@ -103,18 +111,24 @@ macro_rules! boot_tests {
 }
 
 boot_tests! {
-    pc_img: "pc", "boot.img", Stop::Command;
-    pc_qcow2: "pc", "boot.qcow2", Stop::Command;
-    pc_vmdk: "pc", "boot.vmdk", Stop::Command;
-    pc_vhd: "pc", "boot.vhd", Stop::Command;
-    pc_vdi: "pc", "boot.vdi", Stop::Command;
-    pc_iso: "pc", "boot.iso", Stop::Command;
-    q35_img: "q35", "boot.img", Stop::Signal;
-    q35_qcow2: "q35", "boot.qcow2", Stop::Signal;
-    q35_vmdk: "q35", "boot.vmdk", Stop::Signal;
-    q35_vhd: "q35", "boot.vhd", Stop::Signal;
-    q35_vdi: "q35", "boot.vdi", Stop::Signal;
-    q35_iso: "q35", "boot.iso", Stop::Signal;
+    pc_img: "qemu-pc", "boot.img", Stop::Command;
+    pc_qcow2: "qemu-pc", "boot.qcow2", Stop::Command;
+    pc_vmdk: "qemu-pc", "boot.vmdk", Stop::Command;
+    pc_vhd: "qemu-pc", "boot.vhd", Stop::Command;
+    pc_vdi: "qemu-pc", "boot.vdi", Stop::Command;
+    pc_iso: "qemu-pc", "boot.iso", Stop::Command;
+    q35_img: "qemu-q35", "boot.img", Stop::Signal;
+    q35_qcow2: "qemu-q35", "boot.qcow2", Stop::Signal;
+    q35_vmdk: "qemu-q35", "boot.vmdk", Stop::Signal;
+    q35_vhd: "qemu-q35", "boot.vhd", Stop::Signal;
+    q35_vdi: "qemu-q35", "boot.vdi", Stop::Signal;
+    q35_iso: "qemu-q35", "boot.iso", Stop::Signal;
+    builtin_img: "builtin", "boot.img", Stop::Command;
+    builtin_qcow2: "builtin", "boot.qcow2", Stop::Signal;
+    builtin_vmdk: "builtin", "boot.vmdk", Stop::Command;
+    builtin_vhd: "builtin", "boot.vhd", Stop::Signal;
+    builtin_vdi: "builtin", "boot.vdi", Stop::Command;
+    builtin_iso: "builtin", "boot.iso", Stop::Signal;
 }
 
 /// Without --serial-only the BIOS screen is mirrored onto the terminal (SeaBIOS's serial console).
@@ -146,16 +160,14 @@ fn bios_screen_is_multiplexed_by_default() {
 }
 
 /// A guest that ignores the button is killed after --stop-timeout and reported as killed.
-#[test]
-fn ignored_power_button_is_killed_after_timeout() {
-    require_tool("qemu-system-x86_64");
+fn ignored_power_button_is_killed(engine: &str) {
     // A boot sector that prints a mark and spins with interrupts off, ignoring ACPI.
     let dir = tempfile::tempdir().unwrap();
     let mut prog = vec![0xBA, 0xF8, 0x03, 0xB0, b'!', 0xEE, 0xFA, 0xEB, 0xFE];
     prog.resize(16, 0x90);
     let prog_path = dir.path().join("spin.bin");
     std::fs::write(&prog_path, &prog).unwrap();
-    let out = common::kiln(&[
+    let out = kiln(&[
         "build",
         "--program",
         prog_path.to_str().unwrap(),
@@ -167,20 +179,51 @@ fn ignored_power_button_is_killed_after_timeout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let name = format!("deaf-{engine}");
     let mut s = Session::start(&[
         "run",
         "--serial-only",
-        "--stop-timeout",
-        "1",
+        "--engine",
+        engine,
+        "--name",
+        &name,
         dir.path().join("boot.img").to_str().unwrap(),
     ]);
     s.expect("!", BOOT);
-    s.signal(libc::SIGTERM);
+    let asked = Instant::now();
+    let out = kiln(&["stop", &name, "--timeout", "1"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "kiln stop reports a kill as a failure: {said}"
+    );
+    assert!(
+        said.contains("did not power off within 1 s") && said.contains("killed"),
+        "{said}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        asked.elapsed()
+    );
     let status = s
         .wait(Duration::from_secs(10))
-        .expect("killed after the timeout");
+        .expect("kiln run ends with the kill");
     assert!(!status.success(), "a killed VM is not a success");
     assert!(s.stderr().contains("killed"), "stderr: {}", s.stderr());
+}
+
+#[test]
+fn ignored_power_button_is_killed_on_qemu() {
+    require_tool("qemu-system-x86_64");
+    ignored_power_button_is_killed("qemu");
+}
+
+#[test]
+fn ignored_power_button_is_killed_on_builtin() {
+    if common::kvm_or_skip("ignored_power_button_is_killed_on_builtin") {
+        ignored_power_button_is_killed("builtin");
+    }
 }
 
 /// Two VMs cannot share a name; a bad name is refused before anything starts.

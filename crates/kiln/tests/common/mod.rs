@@ -201,3 +201,22 @@ pub fn line80() -> (String, String) {
     let rev: String = line.chars().rev().collect();
     (line, rev)
 }
+
+/// True when /dev/kvm can run the builtin engine. Otherwise the test skips with a message, or
+/// fails when `KILN_REQUIRE_KVM=1` (CI sets it).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("KILN_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: /dev/kvm cannot be opened ({e}) and KILN_REQUIRE_KVM=1");
+            }
+            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened ({e}); set KILN_REQUIRE_KVM=1 to fail instead");
+            false
+        }
+    }
+}

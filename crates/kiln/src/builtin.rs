@@ -1,0 +1,294 @@
+//! The builtin engine (kiln-vmm) behind `kiln run`: any image kiln-image opens becomes the boot
+//! disk, the terminal becomes COM1, and the VM runs on its own thread under [`supervise`].
+//!
+//! [`supervise`]: crate::run::supervise
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_image::{Format, ImageDevice, ImageReader};
+use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
+
+use crate::run::{Outcome, Supervised, FLOPPY_SIZES};
+
+/// Ctrl-A, the console escape (as in QEMU): Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.
+const ESCAPE: u8 = 0x01;
+
+/// A kiln-image disk as the VMM's int 13h sees it.
+struct ImageDisk {
+    image: Box<dyn ImageDevice>,
+}
+
+fn io_error(e: kiln_image::ImageError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl kiln_vmm::Disk for ImageDisk {
+    fn size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.image.read_at(buf, off).map_err(io_error)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.image.write_at(buf, off).map_err(io_error)?;
+        // The guest has no flush; make each BIOS write durable so a killed VM loses nothing.
+        self.image.flush().map_err(io_error)
+    }
+}
+
+/// A read-only disk (an ISO, or a format kiln can read but not write in place).
+struct ReadOnlyDisk {
+    image: Box<dyn ImageReader>,
+}
+
+impl kiln_vmm::Disk for ReadOnlyDisk {
+    fn size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.image.read_at(buf, off).map_err(io_error)
+    }
+    fn write_at(&mut self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the disk is read-only",
+        ))
+    }
+}
+
+/// What `kiln run --engine builtin` boots and how.
+#[derive(Clone, Debug)]
+pub struct BuiltinOptions {
+    pub image: std::path::PathBuf,
+    /// Detected from the image when `None`.
+    pub boot: Option<BootDevice>,
+    pub ram_mib: u32,
+    /// Serial only: int 10h text goes to the VGA buffer, not the terminal.
+    pub serial_only: bool,
+}
+
+/// A VM of the builtin engine running on its own thread.
+pub struct BuiltinVm {
+    handle: VmHandle,
+    ended: Receiver<Result<ExitReason, kiln_vmm::VmmError>>,
+    quit: Receiver<()>,
+    end: Option<Outcome>,
+    _terminal: Option<RawTerminal>,
+}
+
+impl BuiltinVm {
+    /// Opens the image, builds the VM and starts it, with the console on stdin/stdout.
+    pub fn start(opts: &BuiltinOptions) -> anyhow::Result<BuiltinVm> {
+        let format = kiln_image::detect(&opts.image)?;
+        let disk: Box<dyn kiln_vmm::Disk> = if format == Format::Iso {
+            Box::new(ReadOnlyDisk {
+                image: kiln_image::open(&opts.image)?,
+            })
+        } else {
+            match kiln_image::open_rw(&opts.image) {
+                Ok(image) => Box::new(ImageDisk { image }),
+                // Formats kiln cannot update in place still boot; the guest's writes fail.
+                Err(kiln_image::ImageError::Unsupported { .. }) => {
+                    tracing::warn!(
+                        "{}: {} images open read-only here; guest disk writes will fail",
+                        opts.image.display(),
+                        format.name()
+                    );
+                    Box::new(ReadOnlyDisk {
+                        image: kiln_image::open(&opts.image)?,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let boot = opts.boot.unwrap_or(match format {
+            Format::Iso => BootDevice::Cdrom,
+            Format::Raw if FLOPPY_SIZES.contains(&disk.size()) => BootDevice::Floppy,
+            _ => BootDevice::HardDisk,
+        });
+        let config = VmConfig {
+            ram_mib: opts.ram_mib,
+            boot,
+            video: if opts.serial_only {
+                VideoOutput::VgaOnly
+            } else {
+                VideoOutput::Console
+            },
+        };
+        let mut vm = Vm::new(config, disk, Box::new(Console))
+            .with_context(|| format!("{}: cannot start the VM", opts.image.display()))?;
+        let handle = vm.handle();
+        let terminal = RawTerminal::enter();
+        let (quit_tx, quit) = mpsc::channel();
+        let input = handle.clone();
+        thread::spawn(move || forward_input(&input, &quit_tx));
+        let (tx, ended) = mpsc::channel();
+        thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let _ = tx.send(vm.run());
+            })
+            .context("cannot start the vCPU thread")?;
+        Ok(BuiltinVm {
+            handle,
+            ended,
+            quit,
+            end: None,
+            _terminal: terminal,
+        })
+    }
+
+    /// VM-exit counters so far.
+    pub fn counters(&self) -> kiln_vmm::ExitCounters {
+        self.handle.counters()
+    }
+}
+
+fn outcome_of(result: Result<ExitReason, kiln_vmm::VmmError>) -> Outcome {
+    let (reason, description, success) = match result {
+        Ok(ExitReason::PoweredOff) => ("powered-off", "guest powered off".to_string(), true),
+        Ok(ExitReason::Reset) => (
+            "reset",
+            "guest reset (reboot ends the VM)".to_string(),
+            true,
+        ),
+        Ok(ExitReason::Killed) => ("killed", "killed".to_string(), false),
+        Ok(ExitReason::Halted) => (
+            "halted",
+            "guest halted with interrupts off; it can never continue".to_string(),
+            false,
+        ),
+        Err(e) => ("error", format!("VM failed: {e}"), false),
+    };
+    Outcome {
+        reason: reason.into(),
+        description,
+        success,
+    }
+}
+
+impl Supervised for BuiltinVm {
+    fn power_button(&mut self) -> anyhow::Result<()> {
+        self.handle.press_power_button();
+        Ok(())
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<Outcome> {
+        if let Some(end) = &self.end {
+            return Some(end.clone());
+        }
+        if self.quit.try_recv().is_ok() {
+            self.handle.kill();
+            let _ = self.ended.recv();
+            self.end = Some(Outcome {
+                reason: "quit".into(),
+                description: "quit from the console".into(),
+                success: true,
+            });
+            return self.end.clone();
+        }
+        let result = self.ended.recv_timeout(timeout).ok()?;
+        self.end = Some(outcome_of(result));
+        self.end.clone()
+    }
+
+    fn kill(&mut self) -> Outcome {
+        if self.end.is_none() {
+            self.handle.kill();
+            let _ = self.ended.recv();
+            self.end = Some(Outcome {
+                reason: "killed".into(),
+                description: "killed".into(),
+                success: false,
+            });
+        }
+        self.end
+            .clone()
+            .unwrap_or_else(|| outcome_of(Ok(ExitReason::Killed)))
+    }
+}
+
+/// The guest's console output: straight to stdout, flushed per write so a pipe sees it at once.
+struct Console;
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Copies stdin to the guest, handling the Ctrl-A escape; ends at EOF or Ctrl-A X.
+fn forward_input(vm: &VmHandle, quit: &mpsc::Sender<()>) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 512];
+    let mut escaped = false;
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut out = Vec::with_capacity(n);
+        for &b in &buf[..n] {
+            match (escaped, b) {
+                (false, ESCAPE) => escaped = true,
+                (true, b'x' | b'X') => {
+                    if !out.is_empty() {
+                        vm.send_input(&out);
+                    }
+                    let _ = quit.send(());
+                    return;
+                }
+                (true, b) => {
+                    escaped = false;
+                    out.push(b);
+                }
+                (false, b) => out.push(b),
+            }
+        }
+        if !out.is_empty() {
+            vm.send_input(&out);
+        }
+    }
+}
+
+/// A terminal on stdin put in raw mode while the VM runs; restored on drop.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: termios calls on fd 0 with structs we own.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return None;
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            // Keep output post-processing off too: the guest sends CR LF itself.
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+            Some(RawTerminal { saved })
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores what `enter` read from the same fd.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
