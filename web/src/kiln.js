@@ -99,6 +99,11 @@ class KilnVM {
 
   async _start() {
     const configUrl = new URL(this.options.config || "kiln.json", HERE);
+    // Compile v86 while everything else loads (kiln sites always ship it as v86.wasm).
+    const compile = (url) => WebAssembly.compileStreaming(fetch(url));
+    let wasmUrl = new URL("v86.wasm", configUrl).href;
+    let wasm = compile(wasmUrl);
+    wasm.catch(() => {});
     const cfg = await (await fetchOk(configUrl)).json();
     this.config = cfg;
     const u = (p) => new URL(p, configUrl).href;
@@ -132,8 +137,10 @@ class KilnVM {
     }
 
     const state = await warmP;
+    if (u(cfg.wasm) !== wasmUrl) wasm = compile((wasmUrl = u(cfg.wasm)));
     const opts = {
-      wasm_path: u(cfg.wasm),
+      wasm_path: wasmUrl,
+      wasm_fn: async (env) => (await WebAssembly.instantiate(await wasm, env)).exports,
       memory_size: cfg.memory_size,
       vga_memory_size: cfg.vga_memory_size,
       screen_container: screen,

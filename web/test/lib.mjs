@@ -29,7 +29,11 @@ export function staticServer(mounts) {
           res.writeHead(404).end("not found\n");
           return;
         }
-        res.writeHead(200, { "content-type": TYPES[path.extname(file)] || "application/octet-stream" });
+        // no-store: every navigation (and benchmark run) fetches the site afresh.
+        res.writeHead(200, {
+          "content-type": TYPES[path.extname(file)] || "application/octet-stream",
+          "cache-control": "no-store",
+        });
         res.end(data);
       });
       return;
