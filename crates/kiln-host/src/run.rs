@@ -168,24 +168,28 @@ impl Host {
         let vms = self.vms_dir();
         fs::create_dir_all(&vms)
             .map_err(|e| HostError::io(format!("{}: cannot create", vms.display()), e))?;
-        let name = match &req.name {
-            Some(n) => n.clone(),
-            None => generate_name(|n| vms.join(n).exists()),
+        let (name, dir) = loop {
+            let name = match &req.name {
+                Some(n) => n.clone(),
+                None => generate_name(|n| vms.join(n).exists()),
+            };
+            let dir = vms.join(&name);
+            // mkdir is atomic: of two runs with one name, exactly one creates the directory.
+            match fs::create_dir(&dir) {
+                Ok(()) => break (name, dir),
+                // A generated name another run took meanwhile: draw again.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && req.name.is_none() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(HostError::NameInUse(name))
+                }
+                Err(e) => {
+                    return Err(HostError::io(
+                        format!("{}: cannot create", dir.display()),
+                        e,
+                    ))
+                }
+            }
         };
-        let dir = vms.join(&name);
-        // mkdir is atomic: of two runs with one name, exactly one creates the directory.
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(HostError::NameInUse(name))
-            }
-            Err(e) => {
-                return Err(HostError::io(
-                    format!("{}: cannot create", dir.display()),
-                    e,
-                ))
-            }
-        }
         match self.create_and_start(&name, &dir, req, &inputs) {
             Ok(rec) => Ok(rec),
             Err(e) => {
@@ -613,6 +617,10 @@ fn supervise(engine: &dyn Engine, spec: &LaunchSpec, json: &Path, wfd: i32) -> i
     // SAFETY: wfd is the pipe's write end, ours alone in this process.
     let mut report = unsafe { fs::File::from_raw_fd(wfd) };
     redirect_stdio(&spec.engine_log);
+    // Descriptors inherited from kiln's caller (a shell's pipes) must not reach QEMU: it would
+    // keep them open for the VM's lifetime. CLOSE_RANGE_CLOEXEC (4) marks them all close-on-exec.
+    // SAFETY: close_range only changes descriptor flags.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) };
     let lock_path = json.with_file_name(LOCK);
     let started = match engine.start(spec) {
         Ok(s) => s,
