@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -86,7 +87,16 @@ impl QemuVm {
         // QEMU puts a terminal stdin in raw mode; if it dies hard we put it back.
         let terminal = saved_terminal();
         tracing::debug!("{} {:?}", config.binary, config.args());
-        let mut child = Command::new(&config.binary)
+        let mut command = Command::new(&config.binary);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+        unsafe {
+            command.pre_exec(|| {
+                // If kiln dies (even by SIGKILL), QEMU must not live on as an orphan.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .args(config.args())
             .stdin(stdin)
             .stdout(stdout)

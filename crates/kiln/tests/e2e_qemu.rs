@@ -269,3 +269,45 @@ fn names_are_unique_and_valid() {
             && String::from_utf8_lossy(&gone.stderr).contains("no running VM named 'twin'")
     );
 }
+
+/// QEMU does not outlive a `kiln run` that is killed outright.
+#[test]
+fn qemu_dies_with_a_killed_kiln() {
+    require_tool("qemu-system-x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("boot.img");
+    std::fs::copy(built().join("boot.img"), &image).unwrap();
+    let mut s = Session::start(&[
+        "run",
+        "--engine",
+        "qemu",
+        "--serial-only",
+        image.to_str().unwrap(),
+    ]);
+    s.expect("ClientAPI", BOOT);
+    let children =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", s.pid(), s.pid())).unwrap();
+    let qemu: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("QEMU is kiln's child")
+        .parse()
+        .unwrap();
+    s.signal(libc::SIGKILL);
+    s.wait(Duration::from_secs(5)).expect("kiln killed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // SAFETY: signal 0 only asks whether the process exists.
+    while unsafe { libc::kill(qemu, 0) } == 0 {
+        let zombie = std::fs::read_to_string(format!("/proc/{qemu}/stat"))
+            .map(|st| st.contains(") Z "))
+            .unwrap_or(true);
+        if zombie {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {qemu} still runs after kiln was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

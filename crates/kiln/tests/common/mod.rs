@@ -163,6 +163,11 @@ impl Session {
         self.stdin.flush().unwrap();
     }
 
+    /// kiln's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
