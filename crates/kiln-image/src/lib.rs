@@ -230,7 +230,28 @@ pub trait ImageDevice: ImageReader {
 /// Detect the format from the file content: magic numbers (QCOW2 `QFI\xfb`, VMDK `KDMV`, VDI
 /// signature, VHD `conectix` at start or in the footer at the end), a VMDK descriptor text,
 /// ISO `CD001` at 0x8001; anything else is raw.
+///
+/// A file whose extension names a container format (`.qcow2`, `.vmdk`, `.vhd`, `.vdi`, `.iso`)
+/// but whose content has no signature at all is an error, not raw data: that is what a
+/// truncated fixed VHD or a VDI with a damaged header looks like, and booting or converting it
+/// as raw would silently hand out garbage.
 pub fn detect(path: &Path) -> Result<Format, ImageError> {
+    let format = detect_content(path)?;
+    match Format::from_extension(path) {
+        Some(named) if format == Format::Raw && named != Format::Raw => Err(ImageError::corrupt(
+            path,
+            named,
+            format!(
+                "the name says {} but the file has no {} signature (truncated or damaged?)",
+                named.name(),
+                named.name()
+            ),
+        )),
+        _ => Ok(format),
+    }
+}
+
+fn detect_content(path: &Path) -> Result<Format, ImageError> {
     let file = util::open_ro(path)?;
     let len = util::file_len(&file, path)?;
     let mut head = [0u8; 512];

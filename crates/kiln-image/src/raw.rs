@@ -46,6 +46,9 @@ impl RawReader {
     pub(crate) fn open(path: &Path, format: Format) -> Result<Self, ImageError> {
         let file = util::open_ro(path)?;
         let size = util::file_len(&file, path)?;
+        if format == Format::Iso {
+            check_iso_size(&file, path, size)?;
+        }
         Ok(RawReader {
             range: FileRange {
                 file,
@@ -82,6 +85,9 @@ impl RawDevice {
     pub(crate) fn open_rw(path: &Path, format: Format) -> Result<Self, ImageError> {
         let file = util::open_rw(path)?;
         let size = util::file_len(&file, path)?;
+        if format == Format::Iso {
+            check_iso_size(&file, path, size)?;
+        }
         Ok(RawDevice {
             range: FileRange {
                 file,
@@ -163,4 +169,21 @@ pub(crate) fn write(
     let size = source.virtual_size();
     write_plain(source, out.file()?, output, size, progress)?;
     util::commit(vec![out], opts.fsync)
+}
+
+/// An ISO's primary volume descriptor states the volume's size; a shorter file was truncated.
+fn check_iso_size(file: &std::fs::File, path: &Path, size: u64) -> Result<(), ImageError> {
+    let mut pvd = [0u8; 0x82];
+    util::read_exact_at(file, path, &mut pvd, 0x8000, Format::Iso)?;
+    let blocks = u32::from_le_bytes([pvd[0x50], pvd[0x51], pvd[0x52], pvd[0x53]]) as u64;
+    let block_size = u16::from_le_bytes([pvd[0x80], pvd[0x81]]) as u64;
+    let volume = blocks * block_size;
+    if volume > size {
+        return Err(ImageError::corrupt(
+            path,
+            Format::Iso,
+            format!("the volume is {volume} bytes but the file is only {size} (truncated?)"),
+        ));
+    }
+    Ok(())
 }

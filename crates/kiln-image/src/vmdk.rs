@@ -354,6 +354,9 @@ fn parse_descriptor(path: &Path, text: &str) -> Result<Descriptor, ImageError> {
             }
             None => (String::new(), 0),
         };
+        if file.is_empty() && kind != "ZERO" {
+            return Err(bad(format!("line {}: {kind} extent names no file", no + 1)));
+        }
         extents.push(ExtentLine {
             sectors,
             kind,
