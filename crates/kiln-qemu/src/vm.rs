@@ -1,8 +1,8 @@
 //! A supervised QEMU process: spawn, QMP, power button, wait, kill.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
