@@ -324,7 +324,14 @@ pub(crate) fn write(
             path: output,
         };
         let src_size = source.virtual_size();
-        copy(source, src_size, &mut sink, Some(out.file()?), progress)?;
+        let file = out.file()?;
+        copy(
+            source,
+            src_size,
+            &mut sink,
+            opts.fsync.then_some(file),
+            progress,
+        )?;
     }
     access.flush().map_err(|e| io_err(output, "flush", e))?;
     drop(access);

@@ -116,7 +116,13 @@ pub(crate) fn write(
         offset_data,
     };
     let src_size = source.virtual_size();
-    copy(source, src_size, &mut sink, Some(file), progress)?;
+    copy(
+        source,
+        src_size,
+        &mut sink,
+        opts.fsync.then_some(file),
+        progress,
+    )?;
     let allocated = sink.allocated as u64;
     let map: Vec<u8> = sink.map.iter().flat_map(|e| e.to_le_bytes()).collect();
     util::write_all_at(file, output, &map, BMAP_OFFSET)?;

@@ -107,7 +107,7 @@ pub(crate) fn write_fixed(
     }
     let out = TempOut::create(output)?;
     let file = out.file()?;
-    write_plain(source, file, output, size, progress)?;
+    write_plain(source, file, output, size, opts.fsync, progress)?;
     util::write_all_at(file, output, &footer(size), size)?;
     util::commit(vec![out], opts.fsync)
 }

@@ -648,7 +648,7 @@ pub(crate) fn write_flat(
         ));
     }
     let data = TempOut::create(&flat)?;
-    write_plain(source, data.file()?, &flat, size, progress)?;
+    write_plain(source, data.file()?, &flat, size, opts.fsync, progress)?;
     let desc = TempOut::create(output)?;
     util::write_all_at(
         desc.file()?,

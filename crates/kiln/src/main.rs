@@ -66,6 +66,10 @@ enum Command {
         /// Output format; taken from OUTPUT's extension when absent.
         #[arg(long, short = 'f')]
         format: Option<Format>,
+        /// Skip the final fsync (as `qemu-img convert` does): faster, but a crash soon after may
+        /// leave an empty file under OUTPUT's name.
+        #[arg(long)]
+        no_fsync: bool,
     },
     /// Boot an image (any format kiln reads; an ISO boots as a CD). Ctrl-A X quits.
     Run(RunArgs),
@@ -255,6 +259,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             input,
             output,
             format,
+            no_fsync,
         } => {
             let format = match format {
                 Some(f) => f,
@@ -266,7 +271,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 })?,
             };
             let bar = progress_bar();
-            kiln_image::convert(&input, &output, format, &mut |done, total| {
+            let options = kiln_image::WriteOptions { fsync: !no_fsync };
+            kiln_image::convert_with(&input, &output, format, &options, &mut |done, total| {
                 if let Some(b) = &bar {
                     b.set_length(total);
                     b.set_position(done);
