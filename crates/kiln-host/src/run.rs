@@ -286,6 +286,7 @@ impl Host {
         req: &RunRequest,
         inputs: &Inputs,
     ) -> Result<VmRecord, HostError> {
+        let t0 = Instant::now();
         let lock = FileLock::acquire(&dir.join(LOCK))?;
         let overlay = dir.join("root.qcow2");
         let home_disk = dir.join("home.ext4");
@@ -377,7 +378,9 @@ impl Host {
         let json = dir.join(VM_JSON);
         rec.save(&json)?;
 
+        tracing::debug!("{name}: vm.json written after {:?}", t0.elapsed());
         let root_size = crate::create_overlay(&inputs.rootfs, &overlay)?;
+        tracing::debug!("{name}: overlay made after {:?}", t0.elapsed());
         let seed_tmp = dir.join(".seed");
         let seeded = |disk: &Path, size: u64, seed: &Seed, label: &str| match seed {
             Seed::Dir(in_image) => {
@@ -393,6 +396,7 @@ impl Host {
             fs::remove_dir_all(&seed_tmp)
                 .map_err(|e| HostError::io(format!("{}: cannot remove", seed_tmp.display()), e))?;
         }
+        tracing::debug!("{name}: /home and /var disks made after {:?}", t0.elapsed());
         rec.config.disks = vec![
             disk("/dev/vda", "/", &overlay, "qcow2", root_size),
             disk("/dev/vdb", "/home", &home_disk, "raw", req.home_size),
@@ -402,6 +406,7 @@ impl Host {
         // The supervisor inherits open file descriptions: release the lock before forking.
         drop(lock);
         self.spawn_supervised(&spec, &json)?;
+        tracing::debug!("{name}: running after {:?}", t0.elapsed());
         VmRecord::load(&json)
     }
 

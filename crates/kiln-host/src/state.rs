@@ -138,7 +138,7 @@ impl VmRecord {
         })
     }
 
-    /// Writes `path` atomically: a temp file in the same directory, fsync, rename.
+    /// Writes `path` atomically: a temp file in the same directory, then rename.
     pub fn save(&self, path: &Path) -> Result<(), HostError> {
         let json = serde_json::to_vec_pretty(self).map_err(|e| HostError::State {
             path: path.to_path_buf(),
@@ -155,7 +155,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.write_all(b"\n")?;
-        f.sync_all()?;
+        // No fsync: rename makes the update atomic for readers, and ext4 flushes a file
+        // renamed over another before the rename commits; an fsync here costs milliseconds
+        // on every state change.
         fs::rename(&tmp, path)
     })();
     result.map_err(|e| {
