@@ -89,6 +89,8 @@ pub enum SerialMode {
     Terminal { bios_console: bool },
     /// Appended to a file (the VM runs headless).
     File(PathBuf),
+    /// Served on a Unix socket that one client at a time connects to (the VM runs headless).
+    UnixSocket(PathBuf),
 }
 
 /// Everything needed to start one QEMU VM.
@@ -161,6 +163,13 @@ impl QemuConfig {
                 opt("-display", "none".into());
                 opt("-monitor", "none".into());
                 opt("-serial", prefixed("file:", path));
+            }
+            SerialMode::UnixSocket(path) => {
+                opt("-display", "none".into());
+                opt("-monitor", "none".into());
+                let mut spec = prefixed("unix:", path);
+                spec.push(",server=on,wait=off");
+                opt("-serial", spec);
             }
         }
         let mut qmp = prefixed("unix:", &self.qmp_socket);

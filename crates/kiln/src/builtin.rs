@@ -3,8 +3,12 @@
 //!
 //! [`supervise`]: crate::run::supervise
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -69,6 +73,8 @@ pub struct BuiltinOptions {
     pub ram_mib: u32,
     /// Serial only: int 10h text goes to the VGA buffer, not the terminal.
     pub serial_only: bool,
+    /// Serve the console on this Unix socket instead of stdin/stdout.
+    pub console_socket: Option<std::path::PathBuf>,
 }
 
 /// A VM of the builtin engine running on its own thread.
@@ -78,6 +84,16 @@ pub struct BuiltinVm {
     quit: Receiver<()>,
     end: Option<Outcome>,
     _terminal: Option<RawTerminal>,
+    /// The console socket, removed when the VM is gone.
+    console_socket: Option<PathBuf>,
+}
+
+impl Drop for BuiltinVm {
+    fn drop(&mut self) {
+        if let Some(path) = &self.console_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl BuiltinVm {
@@ -119,13 +135,28 @@ impl BuiltinVm {
                 VideoOutput::Console
             },
         };
-        let mut vm = Vm::new(config, disk, Box::new(Console))
+        let (quit_tx, quit) = mpsc::channel();
+        let (console, socket): (Box<dyn Write + Send>, _) = match &opts.console_socket {
+            None => (Box::new(Console), None),
+            Some(path) => {
+                let socket = SocketConsole::bind(path)?;
+                (Box::new(socket.clone()), Some(socket))
+            }
+        };
+        let mut vm = Vm::new(config, disk, console)
             .with_context(|| format!("{}: cannot start the VM", opts.image.display()))?;
         let handle = vm.handle();
-        let terminal = RawTerminal::enter();
-        let (quit_tx, quit) = mpsc::channel();
-        let input = handle.clone();
-        thread::spawn(move || forward_input(&input, &quit_tx));
+        let terminal = match socket {
+            Some(socket) => {
+                socket.serve(handle.clone());
+                None
+            }
+            None => {
+                let input = handle.clone();
+                thread::spawn(move || forward_input(&input, &quit_tx));
+                RawTerminal::enter()
+            }
+        };
         let (tx, ended) = mpsc::channel();
         thread::Builder::new()
             .name("vcpu0".into())
@@ -139,6 +170,7 @@ impl BuiltinVm {
             quit,
             end: None,
             _terminal: terminal,
+            console_socket: opts.console_socket.clone(),
         })
     }
 
@@ -224,6 +256,89 @@ impl Write for Console {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
+    }
+}
+
+/// The console served on a Unix socket: one client at a time gets the output (starting with a
+/// replay of the last [`BACKLOG`] bytes, so a client that connects late still sees the banner)
+/// and its input goes to the guest.
+#[derive(Clone)]
+struct SocketConsole {
+    listener: Arc<UnixListener>,
+    state: Arc<Mutex<SocketState>>,
+}
+
+#[derive(Default)]
+struct SocketState {
+    backlog: VecDeque<u8>,
+    client: Option<UnixStream>,
+}
+
+/// How much recent output a newly connected console client is shown.
+const BACKLOG: usize = 64 << 10;
+
+impl SocketConsole {
+    fn bind(path: &Path) -> anyhow::Result<SocketConsole> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("{}: cannot listen", path.display()))?;
+        Ok(SocketConsole {
+            listener: Arc::new(listener),
+            state: Arc::default(),
+        })
+    }
+
+    /// Accepts clients one after another, each replacing the previous one.
+    fn serve(self, vm: VmHandle) {
+        thread::spawn(move || {
+            for conn in self.listener.incoming().map_while(Result::ok) {
+                let Ok(reader) = conn.try_clone() else {
+                    continue;
+                };
+                {
+                    let Ok(mut state) = self.state.lock() else {
+                        return;
+                    };
+                    let (a, b) = state.backlog.as_slices();
+                    let mut w = &conn;
+                    if w.write_all(a).and_then(|_| w.write_all(b)).is_err() {
+                        continue;
+                    }
+                    state.client = Some(conn);
+                }
+                let vm = vm.clone();
+                thread::spawn(move || {
+                    let mut reader = reader;
+                    let mut buf = [0u8; 512];
+                    while let Ok(n @ 1..) = reader.read(&mut buf) {
+                        vm.send_input(&buf[..n]);
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Write for SocketConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("console lock poisoned"))?;
+        state.backlog.extend(buf);
+        let excess = state.backlog.len().saturating_sub(BACKLOG);
+        state.backlog.drain(..excess);
+        if let Some(client) = &state.client {
+            let mut w = client;
+            if w.write_all(buf).is_err() {
+                // The client went away; output keeps filling the backlog for the next one.
+                state.client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

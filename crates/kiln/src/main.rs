@@ -125,6 +125,10 @@ struct RunArgs {
     /// The VM's name for `kiln stop`, `kiln ps` (generated when absent).
     #[arg(long)]
     name: Option<String>,
+    /// Serve the serial console on this Unix socket instead of the terminal (one client at a
+    /// time; e.g. `socat - UNIX-CONNECT:PATH`).
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -402,6 +406,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }),
                 ram_mib: args.ram.unwrap_or(16),
                 serial_only: args.serial_only,
+                console_socket: args.console_socket,
             };
             let mut vm = kiln::builtin::BuiltinVm::start(&opts)?;
             let outcome = kiln::run::supervise(&mut vm, &events, stop_timeout);
@@ -429,6 +434,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     AccelArg::Tcg => kiln_qemu::Accel::Tcg,
                 }),
                 name: Some(name.clone()),
+                console_socket: args.console_socket,
             };
             kiln::run::run_qemu(&opts, &events)?
         }

@@ -28,6 +28,8 @@ pub struct RunOptions {
     /// Forced accelerator; detected when `None`.
     pub accel: Option<Accel>,
     pub name: Option<String>,
+    /// Serve the serial console on this Unix socket instead of the terminal.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// How a supervised VM ended.
@@ -194,8 +196,11 @@ pub fn run_qemu(opts: &RunOptions, events: &Receiver<Event>) -> anyhow::Result<O
     if let Some(accel) = opts.accel {
         config.accel = accel;
     }
-    config.serial = SerialMode::Terminal {
-        bios_console: !opts.serial_only,
+    config.serial = match &opts.console_socket {
+        Some(path) => SerialMode::UnixSocket(path.clone()),
+        None => SerialMode::Terminal {
+            bios_console: !opts.serial_only,
+        },
     };
     tracing::info!(
         "booting {} on qemu {} ({})",

@@ -311,3 +311,83 @@ fn qemu_dies_with_a_killed_kiln() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `--console-socket`: the serial console on a Unix socket, on both engines.
+fn console_on_a_socket(engine: &str) {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("boot.img");
+    std::fs::copy(built().join("boot.img"), &image).unwrap();
+    let sock = tmp.path().join("console.sock");
+    let name = format!("sock-{engine}");
+    let mut s = Session::start(&[
+        "run",
+        "--engine",
+        engine,
+        "--name",
+        &name,
+        "--serial-only",
+        "--console-socket",
+        sock.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + BOOT;
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("{}: {e}\nstderr: {}", sock.display(), s.stderr()),
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // QEMU's socket has no backlog: the banner may have gone by, so the REPL proves the link.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + REPLY;
+    while !String::from_utf8_lossy(&seen).contains("olleh\r\n") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer on {}: {:?}",
+            sock.display(),
+            String::from_utf8_lossy(&seen)
+        );
+        conn.write_all(b"hello\r").unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = conn.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    if engine == "builtin" {
+        // The builtin engine replays recent output to a new client: the banner is there.
+        assert!(
+            String::from_utf8_lossy(&seen).contains("ClientAPI"),
+            "{:?}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    assert!(
+        s.serial().is_empty(),
+        "console output leaked to stdout: {:?}",
+        s.serial()
+    );
+    let out = kiln(&["stop", &name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    s.wait(Duration::from_secs(10)).expect("stopped");
+}
+
+#[test]
+fn console_on_a_socket_qemu() {
+    require_tool("qemu-system-x86_64");
+    console_on_a_socket("qemu");
+}
+
+#[test]
+fn console_on_a_socket_builtin() {
+    if common::kvm_or_skip("console_on_a_socket_builtin") {
+        console_on_a_socket("builtin");
+    }
+}
