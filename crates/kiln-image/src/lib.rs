@@ -292,8 +292,8 @@ fn detect_content(path: &Path) -> Result<Format, ImageError> {
 /// Open an image of any supported format for reading (format detected from content).
 pub fn open(path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
     Ok(match detect(path)? {
-        Format::Raw => Box::new(raw::RawReader::open(path, Format::Raw)?),
-        Format::Iso => Box::new(raw::RawReader::open(path, Format::Iso)?),
+        Format::Raw => Box::new(raw::RawDevice::open(path, Format::Raw, false)?),
+        Format::Iso => Box::new(raw::RawDevice::open(path, Format::Iso, false)?),
         Format::Qcow2 => Box::new(qcow2::Qcow2Reader::open(path)?),
         Format::Vmdk => Box::new(vmdk::VmdkReader::open(path)?),
         Format::Vhd => Box::new(vhd::VhdReader::open(path)?),
@@ -305,8 +305,8 @@ pub fn open(path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
 /// monolithicFlat, VHD fixed, QCOW2. Other layouts are refused with [`ImageError::Unsupported`].
 pub fn open_rw(path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
     Ok(match detect(path)? {
-        Format::Raw => Box::new(raw::RawDevice::open_rw(path, Format::Raw)?),
-        Format::Iso => Box::new(raw::RawDevice::open_rw(path, Format::Iso)?),
+        Format::Raw => Box::new(raw::RawDevice::open(path, Format::Raw, true)?),
+        Format::Iso => Box::new(raw::RawDevice::open(path, Format::Iso, true)?),
         Format::Qcow2 => Box::new(qcow2::Qcow2Reader::open_rw(path)?),
         Format::Vmdk => Box::new(vmdk::open_flat_rw(path)?),
         Format::Vhd => Box::new(vhd::open_fixed_rw(path)?),
@@ -327,7 +327,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
     let format = detect(path)?;
     let (virtual_size, files, problems) = match format {
         Format::Raw | Format::Iso => {
-            let r = raw::RawReader::open(path, format)?;
+            let r = raw::RawDevice::open(path, format, false)?;
             (r.virtual_size(), vec![path.to_path_buf()], Vec::new())
         }
         Format::Qcow2 => qcow2::check(path)?,

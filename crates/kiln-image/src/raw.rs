@@ -37,53 +37,20 @@ impl FileRange {
     }
 }
 
-/// Reader for raw images and ISO files.
-pub(crate) struct RawReader {
-    range: FileRange,
-}
-
-impl RawReader {
-    pub(crate) fn open(path: &Path, format: Format) -> Result<Self, ImageError> {
-        let file = util::open_ro(path)?;
-        let size = util::file_len(&file, path)?;
-        if format == Format::Iso {
-            check_iso_size(&file, path, size)?;
-        }
-        Ok(RawReader {
-            range: FileRange {
-                file,
-                path: path.to_path_buf(),
-                base: 0,
-                size,
-                format,
-            },
-        })
-    }
-}
-
-impl ImageReader for RawReader {
-    fn format(&self) -> Format {
-        self.range.format
-    }
-    fn virtual_size(&self) -> u64 {
-        self.range.size
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-        self.range.read_at(buf, offset)
-    }
-    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
-        Ok(self.range.block_status(offset, max_len))
-    }
-}
-
-/// A writable plain-file range: raw images, VMDK flat extents, fixed VHD data.
+/// A raw image or ISO (read-only or writable), or any plain file range: VMDK flat extents and
+/// fixed VHD data reuse it.
 pub(crate) struct RawDevice {
     pub(crate) range: FileRange,
 }
 
 impl RawDevice {
-    pub(crate) fn open_rw(path: &Path, format: Format) -> Result<Self, ImageError> {
-        let file = util::open_rw(path)?;
+    /// Opens `path` read-only (for [`crate::open`]) or read-write (for [`crate::open_rw`]).
+    pub(crate) fn open(path: &Path, format: Format, writable: bool) -> Result<Self, ImageError> {
+        let file = if writable {
+            util::open_rw(path)?
+        } else {
+            util::open_ro(path)?
+        };
         let size = util::file_len(&file, path)?;
         if format == Format::Iso {
             check_iso_size(&file, path, size)?;
