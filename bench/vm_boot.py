@@ -145,14 +145,18 @@ def main():
         shutil.rmtree(home, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in rows.items() if v}
-    print(f"| | kiln vm run | qemu by hand | kiln's overhead |")
+    low = {k: min(v) for k, v in rows.items() if v}
+    print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"| {a.runs} runs, median (min) | kiln vm run | qemu by hand | kiln's overhead |")
     print(f"|---|---|---|---|")
-    print(f"| time to a running VM (QMP up), median of {a.runs} | {med['kiln_run']*1000:.0f} ms | "
-          f"{med['hand_up']*1000:.0f} ms | {(med['kiln_run']-med['hand_up'])*1000:+.0f} ms |")
-    print(f"| time to the serial login prompt | {med['kiln_login']:.2f} s | {med['hand_login']:.2f} s | "
+    print(f"| time to a running VM (QMP greeting) | {med['kiln_run']*1000:.0f} ms ({low['kiln_run']*1000:.0f}) | "
+          f"{med['hand_up']*1000:.0f} ms ({low['hand_up']*1000:.0f}) | "
+          f"{(med['kiln_run']-med['hand_up'])*1000:+.0f} ms ({(low['kiln_run']-low['hand_up'])*1000:+.0f}) |")
+    print(f"| time to the serial login prompt | {med['kiln_login']:.2f} s ({low['kiln_login']:.2f}) | "
+          f"{med['hand_login']:.2f} s ({low['hand_login']:.2f}) | "
           f"{(med['kiln_login']-med['hand_login'])*1000:+.0f} ms |")
     print(f"| resident memory of QEMU | {med['qemu_rss']/1024:.1f} MiB | {med['hand_qemu_rss']/1024:.1f} MiB | |")
-    print(f"| resident memory of kiln's supervisor (RSS / PSS) | {med['sup_rss']/1024:.1f} / "
+    print(f"| kiln's resident process (the supervisor), RSS / PSS | {med['sup_rss']/1024:.1f} / "
           f"{med['sup_pss']/1024:.1f} MiB | - | {med['sup_rss']/1024:+.1f} MiB |")
 
 

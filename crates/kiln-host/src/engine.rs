@@ -238,7 +238,9 @@ impl Engine for QemuMicrovm {
                     e.to_string()
                 },
             })?;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let t0 = Instant::now();
+        tracing::debug!("{}: QEMU spawned (pid {})", spec.name, child.id());
+        let deadline = t0 + Duration::from_secs(15);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let said = fs::read_to_string(&spec.engine_log).unwrap_or_default();
@@ -254,6 +256,7 @@ impl Engine for QemuMicrovm {
             }
             if spec.supervisor_socket.exists() {
                 if let Ok(qmp) = Qmp::connect(&spec.supervisor_socket) {
+                    tracing::debug!("{}: QMP up {:?} after spawn", spec.name, t0.elapsed());
                     return Ok(Box::new(QemuStarted { child, qmp }));
                 }
             }

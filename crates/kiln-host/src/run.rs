@@ -635,6 +635,7 @@ fn supervise(engine: &dyn Engine, spec: &LaunchSpec, json: &Path, wfd: i32) -> i
         }
     };
     let pid = started.pid();
+    tracing::debug!("{}: supervisor: engine started", spec.name);
     let recorded = (|| -> Result<(), HostError> {
         let _lock = FileLock::acquire(&lock_path)?;
         let mut rec = VmRecord::load(json)?;
