@@ -298,7 +298,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             )?;
             println!("{name}: {}", reply.description);
             if reply.outcome != "powered-off" {
-                return Ok(ExitCode::FAILURE);
+                // As `kiln vm stop`: 2 means the VM is gone, but not by the guest's own power-off.
+                return Ok(ExitCode::from(2));
             }
         }
         Command::Kill { name } => {
