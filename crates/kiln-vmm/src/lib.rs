@@ -1,6 +1,7 @@
 //! kiln-vmm: kiln's builtin VMM on KVM.
 //!
-//! Boots firmware guests (boot sectors, El Torito no-emulation images, floppies) in
+//! Boots firmware guests (boot sectors, floppies, El Torito CDs with no-emulation,
+//! floppy-emulation or hard-disk-emulation boot images) in
 //! milliseconds, without QEMU or SeaBIOS. A tiny BIOS is generated in Rust at VM start:
 //! the interrupt vectors point at 4-byte stubs (`out 0xEF, al; iret`) and the VMM performs
 //! the BIOS service (int 10h/13h/15h/16h/1Ah/11h/12h/19h) on the vCPU registers while the
@@ -45,7 +46,10 @@ pub enum BootDevice {
     HardDisk,
     /// Floppy, BIOS drive 0x00, 512-byte sectors, geometry guessed from the image size.
     Floppy,
-    /// CD-ROM, BIOS drive 0xE0, 2048-byte sectors; boots an El Torito no-emulation image.
+    /// CD-ROM, BIOS drive 0xE0, 2048-byte sectors; boots the El Torito initial entry.
+    /// A no-emulation image starts with DL = 0xE0; a floppy-emulation (1.2M/1.44M/2.88M)
+    /// or hard-disk-emulation image becomes read-only drive 0x00 or 0x80 (DL = that drive)
+    /// until the guest ends the emulation with int 13h AX=4B00h.
     Cdrom,
 }
 

@@ -147,8 +147,7 @@ impl Vm {
 
     fn boot(&mut self) -> Result<(), VmmError> {
         let (cs, ip) = self.firmware.load_boot(&self.mem)?;
-        self.vcpu
-            .set_boot_state(cs, ip, self.config.boot.drive_number())
+        self.vcpu.set_boot_state(cs, ip, self.firmware.boot_drive())
     }
 
     /// A handle to press the power button, send input or kill the VM from other threads.

@@ -1,6 +1,6 @@
-//! int 13h disk services and boot loading (MBR/VBR, floppy, El Torito no-emulation).
+//! int 13h disk services and boot loading (MBR/VBR, floppy, El Torito CD).
 
-use super::{Ctx, Firmware, BDA_BASE, BIOS_SEGMENT};
+use super::{eltorito, Ctx, Firmware, BDA_BASE, BIOS_SEGMENT};
 use crate::firmware::bios::DPT_OFFSET;
 use crate::vstate::memory::GuestMem;
 use crate::{BootDevice, VmmError};
@@ -71,15 +71,13 @@ impl Geometry {
     }
 }
 
-/// El Torito boot entry, kept for int 13h AX=4B01h.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CdBoot {
-    lba: u32,
-    load_segment: u16,
-    sector_count: u16,
-}
-
-fn read_disk(fw: &mut Firmware, off: u64, len: usize, what: &str) -> Result<Vec<u8>, VmmError> {
+/// Reads `len` bytes at `off` of the boot disk; `what` names the read in errors.
+pub(super) fn read_disk(
+    fw: &mut Firmware,
+    off: u64,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>, VmmError> {
     let mut buf = vec![0u8; len];
     fw.disk
         .read_at(&mut buf, off)
@@ -110,7 +108,7 @@ pub(super) fn load_boot(fw: &mut Firmware, mem: &GuestMem) -> Result<(u16, u16),
             (sector, 0u16, 0x7c00u16)
         }
         BootDevice::Cdrom => {
-            let cd = el_torito(fw)?;
+            let cd = eltorito::boot_entry(fw)?;
             let bytes = usize::from(cd.sector_count) * 512;
             let mut image = read_disk(
                 fw,
@@ -129,6 +127,17 @@ pub(super) fn load_boot(fw: &mut Firmware, mem: &GuestMem) -> Result<(u16, u16),
                 )));
             }
             fw.cd_boot = Some(cd);
+            // A reboot (int 19h, reset) restarts any emulation the guest terminated.
+            fw.emulation = eltorito::emulation(fw, &cd, &image[..512]);
+            if let Some(emu) = &fw.emulation {
+                eltorito::announce(emu, mem)?;
+                tracing::debug!(
+                    "El Torito media type {} emulated as drive {:#04x}: {:?}",
+                    cd.media,
+                    emu.drive,
+                    emu.geometry
+                );
+            }
             (image, cd.load_segment, 0)
         }
     };
@@ -138,80 +147,59 @@ pub(super) fn load_boot(fw: &mut Firmware, mem: &GuestMem) -> Result<(u16, u16),
     Ok((cs, ip))
 }
 
-/// Parses the El Torito boot record (ISO sector 17) and boot catalog.
-fn el_torito(fw: &mut Firmware) -> Result<CdBoot, VmmError> {
-    if fw.disk.size() < 18 * 2048 {
-        return Err(VmmError::NotBootable(
-            "CD image is too small to hold an El Torito boot record (sector 17)".into(),
-        ));
-    }
-    let brvd = read_disk(fw, 17 * 2048, 2048, "reading ISO sector 17 (boot record)")?;
-    if brvd[0] != 0 || &brvd[1..6] != b"CD001" || !brvd[7..].starts_with(b"EL TORITO SPECIFICATION")
-    {
-        return Err(VmmError::NotBootable(
-            "ISO sector 17 is not an El Torito boot record volume descriptor".into(),
-        ));
-    }
-    let catalog = u32::from_le_bytes([brvd[0x47], brvd[0x48], brvd[0x49], brvd[0x4a]]);
-    if (u64::from(catalog) + 1) * 2048 > fw.disk.size() {
-        return Err(VmmError::NotBootable(format!(
-            "El Torito boot catalog sector {catalog} is beyond the end of the image"
-        )));
-    }
-    let cat = read_disk(
-        fw,
-        u64::from(catalog) * 2048,
-        64,
-        "reading El Torito boot catalog",
-    )?;
-    let sum = cat[..32].chunks(2).fold(0u16, |a, w| {
-        a.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
-    });
-    if cat[0] != 1 || cat[30..32] != [0x55, 0xaa] || sum != 0 {
-        return Err(VmmError::NotBootable(format!(
-            "El Torito boot catalog at sector {catalog} has a bad validation entry"
-        )));
-    }
-    let entry = &cat[32..64];
-    if entry[0] != 0x88 {
-        return Err(VmmError::NotBootable(
-            "El Torito initial entry is not marked bootable (0x88)".into(),
-        ));
-    }
-    if entry[1] & 0x0f != 0 {
-        return Err(VmmError::NotBootable(format!(
-            "El Torito media type {} (disk emulation) is not supported; only no-emulation",
-            entry[1] & 0x0f
-        )));
-    }
-    let seg = u16::from_le_bytes([entry[2], entry[3]]);
-    Ok(CdBoot {
-        load_segment: if seg == 0 { 0x07c0 } else { seg },
-        sector_count: u16::from_le_bytes([entry[6], entry[7]]).max(1),
-        lba: u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]),
-    })
-}
-
 /// int 13h status codes.
-const ST_OK: u8 = 0x00;
-const ST_BAD_CMD: u8 = 0x01;
+pub(super) const ST_OK: u8 = 0x00;
+pub(super) const ST_BAD_CMD: u8 = 0x01;
 const ST_WRITE_PROTECTED: u8 = 0x03;
 const ST_NOT_FOUND: u8 = 0x04;
 const ST_DMA_BOUNDARY: u8 = 0x09;
 
+/// One int 13h drive as the guest addresses it: the boot disk itself, or an El Torito
+/// emulated drive (a window of 512-byte sectors inside the CD image).
+#[derive(Debug, Clone, Copy)]
+struct Drive {
+    kind: BootDevice,
+    /// Byte offset of sector 0 in the backing disk.
+    base: u64,
+    geometry: Geometry,
+    read_only: bool,
+}
+
 impl Firmware {
-    /// Transfers `count` sectors at `lba` to/from guest linear address `addr`.
-    /// Returns the number transferred and the status.
+    /// The drive BIOS number `dl` names, if it exists.
+    fn drive(&self, dl: u8) -> Option<Drive> {
+        if let Some(e) = self.emulation.filter(|e| e.drive == dl) {
+            return Some(Drive {
+                kind: e.kind,
+                base: e.base,
+                geometry: e.geometry,
+                read_only: true,
+            });
+        }
+        (dl == self.boot.drive_number()).then_some(Drive {
+            kind: self.boot,
+            base: 0,
+            geometry: self.geometry,
+            read_only: self.boot == BootDevice::Cdrom,
+        })
+    }
+
+    /// Transfers `count` sectors at `lba` of drive `d` to/from guest linear address
+    /// `addr`. Returns the number transferred and the status.
     fn transfer(
         &mut self,
         ctx: &Ctx<'_>,
+        d: &Drive,
         lba: u64,
         count: u64,
         addr: u64,
         write: bool,
     ) -> (u64, u8) {
-        let ss = u64::from(self.geometry.sector_size);
-        let total = self.disk.size() / ss;
+        if write && d.read_only {
+            return (0, ST_WRITE_PROTECTED);
+        }
+        let ss = u64::from(d.geometry.sector_size);
+        let total = d.geometry.total;
         let mut done = 0;
         let mut buf = vec![0u8; ss as usize];
         while done < count {
@@ -220,16 +208,17 @@ impl Firmware {
                 return (done, ST_NOT_FOUND);
             }
             let a = GuestAddress(addr + done * ss);
+            let off = d.base + l * ss;
             if write {
                 if ctx.mem.read_slice(&mut buf, a).is_err() {
                     return (done, ST_DMA_BOUNDARY);
                 }
-                if let Err(e) = self.disk.write_at(&buf, l * ss) {
+                if let Err(e) = self.disk.write_at(&buf, off) {
                     tracing::warn!("int 13h write of sector {l} failed: {e}");
                     return (done, ST_WRITE_PROTECTED);
                 }
             } else {
-                if let Err(e) = self.disk.read_at(&mut buf, l * ss) {
+                if let Err(e) = self.disk.read_at(&mut buf, off) {
                     tracing::warn!("int 13h read of sector {l} failed: {e}");
                     return (done, ST_NOT_FOUND);
                 }
@@ -243,31 +232,45 @@ impl Firmware {
     }
 }
 
-fn finish(fw: &mut Firmware, ctx: &mut Ctx<'_>, status: u8) {
+fn finish(fw: &mut Firmware, ctx: &mut Ctx<'_>, kind: BootDevice, status: u8) {
     fw.disk_status = status;
     ctx.r.set_ah(status);
     ctx.set_cf(status != ST_OK);
-    if fw.boot == BootDevice::HardDisk {
+    if kind == BootDevice::HardDisk {
         ctx.write_bytes(BDA_BASE + 0x74, &[status]);
-    } else if fw.boot == BootDevice::Floppy {
+    } else if kind == BootDevice::Floppy {
         ctx.write_bytes(BDA_BASE + 0x41, &[status]);
+    }
+}
+
+/// Floppy drive type for int 13h AH=08h BL, from the media geometry.
+fn floppy_type(g: &Geometry) -> u16 {
+    match (g.cylinders, g.sectors) {
+        (80, 9) => 3,
+        (_, 8 | 9) => 1,
+        (_, 15) => 2,
+        (_, 36) => 5,
+        _ => 4,
     }
 }
 
 pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
     let r = ctx.r;
     let ah = r.ah();
-    if r.dl() != fw.boot.drive_number() {
-        // Only the boot drive exists. AH=08h on a missing hard disk still reports
-        // the count of hard disks (0) in DL.
+    if ah == 0x4b && fw.boot == BootDevice::Cdrom {
+        let st = eltorito::int13_4b(fw, ctx);
+        return finish(fw, ctx, BootDevice::Cdrom, st);
+    }
+    let Some(d) = fw.drive(r.dl()) else {
+        // Only the boot drive (and an El Torito emulated drive) exists.
         ctx.r.set_ah(ST_BAD_CMD);
         ctx.set_cf(true);
         return;
-    }
-    let g = fw.geometry;
-    let cd = fw.boot == BootDevice::Cdrom;
+    };
+    let (g, kind) = (d.geometry, d.kind);
+    let cd = kind == BootDevice::Cdrom;
     match ah {
-        0x00 => finish(fw, ctx, ST_OK),
+        0x00 => finish(fw, ctx, kind, ST_OK),
         0x01 => {
             let last = fw.disk_status;
             ctx.r.set_ah(last);
@@ -280,7 +283,7 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
             let head = u64::from(r.dh());
             if count == 0 || sec == 0 || sec > u64::from(g.sectors) || head >= u64::from(g.heads) {
                 ctx.r.set_al(0);
-                return finish(fw, ctx, ST_BAD_CMD);
+                return finish(fw, ctx, kind, ST_BAD_CMD);
             }
             let lba = (cyl * u64::from(g.heads) + head) * u64::from(g.sectors) + sec - 1;
             let (done, st) = if ah == 0x04 {
@@ -292,10 +295,10 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
                 }
             } else {
                 let addr = ctx.es_lin(u64::from(r.bx()));
-                fw.transfer(ctx, lba, count, addr, ah == 0x03)
+                fw.transfer(ctx, &d, lba, count, addr, ah == 0x03)
             };
             ctx.r.set_al(done as u8);
-            finish(fw, ctx, st);
+            finish(fw, ctx, kind, st);
         }
         0x08 if !cd => {
             let maxc = g.cylinders.saturating_sub(1);
@@ -304,18 +307,18 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
                 .set_cl((g.sectors as u8 & 0x3f) | ((maxc >> 2) as u8 & 0xc0));
             ctx.r.set_dh((g.heads - 1) as u8);
             ctx.r.set_dl(1);
-            if fw.boot == BootDevice::Floppy {
-                ctx.r.set_bx(0x0004);
+            if kind == BootDevice::Floppy {
+                ctx.r.set_bx(floppy_type(&g));
                 ctx.s.es.selector = BIOS_SEGMENT;
                 ctx.s.es.base = u64::from(BIOS_SEGMENT) << 4;
                 ctx.sregs_dirty = true;
                 ctx.r.0.rdi = u64::from(DPT_OFFSET);
             }
             ctx.r.set_al(0);
-            finish(fw, ctx, ST_OK);
+            finish(fw, ctx, kind, ST_OK);
         }
         0x15 if !cd => {
-            if fw.boot == BootDevice::Floppy {
+            if kind == BootDevice::Floppy {
                 ctx.r.set_ah(0x01);
             } else {
                 ctx.r.set_ah(0x03);
@@ -326,13 +329,13 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
             fw.disk_status = ST_OK;
             ctx.set_cf(false);
         }
-        0x41 if r.bx() == 0x55aa && fw.boot != BootDevice::Floppy => {
+        0x41 if r.bx() == 0x55aa && kind != BootDevice::Floppy => {
             ctx.r.set_bx(0xaa55);
             ctx.r.set_ah(0x30);
             ctx.r.set_cx(0x0005);
             ctx.set_cf(false);
         }
-        0x42..=0x44 if fw.boot != BootDevice::Floppy => {
+        0x42..=0x44 if kind != BootDevice::Floppy => {
             let dap = ctx.ds_lin(u64::from(r.si()));
             let size = ctx.read_u8(dap);
             let count = u64::from(ctx.read_u16(dap + 2));
@@ -345,20 +348,19 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
                 (u64::from(seg) << 4) + u64::from(off)
             };
             if size < 0x10 {
-                return finish(fw, ctx, ST_BAD_CMD);
+                return finish(fw, ctx, kind, ST_BAD_CMD);
             }
             let (done, st) = match ah {
                 0x44 => (count, ST_OK),
-                0x43 if cd => (0, ST_WRITE_PROTECTED),
-                _ => fw.transfer(ctx, lba, count, addr, ah == 0x43),
+                _ => fw.transfer(ctx, &d, lba, count, addr, ah == 0x43),
             };
             ctx.write_u16(dap + 2, done as u16);
-            finish(fw, ctx, st);
+            finish(fw, ctx, kind, st);
         }
-        0x48 if fw.boot != BootDevice::Floppy => {
+        0x48 if kind != BootDevice::Floppy => {
             let buf = ctx.ds_lin(u64::from(r.si()));
             if ctx.read_u16(buf) < 0x1a {
-                return finish(fw, ctx, ST_BAD_CMD);
+                return finish(fw, ctx, kind, ST_BAD_CMD);
             }
             let mut p = Vec::with_capacity(0x1a);
             p.extend_from_slice(&0x1au16.to_le_bytes());
@@ -374,28 +376,15 @@ pub(super) fn int13(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
             p.extend_from_slice(&g.total.to_le_bytes());
             p.extend_from_slice(&(g.sector_size as u16).to_le_bytes());
             ctx.write_bytes(buf, &p);
-            finish(fw, ctx, ST_OK);
-        }
-        0x4b if cd && r.al() <= 1 => {
-            let cdb = fw.cd_boot;
-            if let Some(b) = cdb {
-                let mut p = [0u8; 0x13];
-                p[0] = 0x13;
-                p[2] = 0xe0;
-                p[4..8].copy_from_slice(&b.lba.to_le_bytes());
-                p[0x0c..0x0e].copy_from_slice(&b.load_segment.to_le_bytes());
-                p[0x0e..0x10].copy_from_slice(&b.sector_count.to_le_bytes());
-                ctx.write_bytes(ctx.ds_lin(u64::from(r.si())), &p);
-                finish(fw, ctx, ST_OK);
-            } else {
-                finish(fw, ctx, ST_BAD_CMD);
-            }
+            finish(fw, ctx, kind, ST_OK);
         }
         // Floppy change line / set media type / park heads etc.: nothing to do.
-        0x09 | 0x0c | 0x0d | 0x10 | 0x11 | 0x16 | 0x17 | 0x18 if !cd => finish(fw, ctx, ST_OK),
+        0x09 | 0x0c | 0x0d | 0x10 | 0x11 | 0x16 | 0x17 | 0x18 if !cd => {
+            finish(fw, ctx, kind, ST_OK)
+        }
         _ => {
             fw.unsupported(0x13, r.ax());
-            finish(fw, ctx, ST_BAD_CMD);
+            finish(fw, ctx, kind, ST_BAD_CMD);
         }
     }
 }

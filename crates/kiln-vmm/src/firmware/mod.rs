@@ -14,6 +14,7 @@
 
 mod bios;
 mod disk;
+mod eltorito;
 mod misc;
 mod regs;
 mod video;
@@ -121,7 +122,9 @@ pub struct Firmware {
     /// Last int 13h status (AH).
     pub(crate) disk_status: u8,
     /// El Torito boot entry, for int 13h AH=4Bh.
-    pub(crate) cd_boot: Option<disk::CdBoot>,
+    pub(crate) cd_boot: Option<eltorito::CdBoot>,
+    /// El Torito floppy/hard-disk emulation in effect (until int 13h AX=4B00h ends it).
+    pub(crate) emulation: Option<eltorito::Emulation>,
     logged: HashSet<(u8, u16)>,
 }
 
@@ -155,6 +158,7 @@ impl Firmware {
             shared,
             disk_status: 0,
             cd_boot: None,
+            emulation: None,
             logged: HashSet::new(),
         }
     }
@@ -169,6 +173,12 @@ impl Firmware {
     /// Loads the boot code from the disk and returns where to start it (CS, IP).
     pub fn load_boot(&mut self, mem: &GuestMem) -> Result<(u16, u16), VmmError> {
         disk::load_boot(self, mem)
+    }
+
+    /// BIOS drive number handed to the boot code in DL: the emulated drive when booting
+    /// an El Torito floppy/hard-disk emulation image, else the boot device's.
+    pub fn boot_drive(&self) -> u8 {
+        self.emulation.map_or(self.boot.drive_number(), |e| e.drive)
     }
 
     /// Logs an unsupported BIOS function once.
@@ -254,7 +264,7 @@ impl Firmware {
             0x18 => return Err(VmmError::BootFailed),
             0x19 => {
                 let (cs, ip) = self.load_boot(mem_of(ctx))?;
-                vcpu.set_boot_state(cs, ip, self.boot.drive_number())?;
+                vcpu.set_boot_state(cs, ip, self.boot_drive())?;
                 ctx.restarted = true;
             }
             0x1a => misc::int1a(ctx),
