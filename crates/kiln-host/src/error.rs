@@ -39,6 +39,8 @@ pub enum HostError {
     Start { name: String, detail: String },
     #[error(transparent)]
     Qemu(#[from] kiln_qemu::QemuError),
+    #[error(transparent)]
+    Image(#[from] kiln_image::ImageError),
 }
 
 impl HostError {

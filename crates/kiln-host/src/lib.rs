@@ -17,7 +17,6 @@ mod image;
 mod lock;
 mod name;
 mod proc;
-mod qcow2;
 mod run;
 mod size;
 mod state;
@@ -27,9 +26,9 @@ pub use console::{attach_console, ConsoleEnd, DETACH_KEY};
 pub use engine::{Ended, Engine, LaunchDisk, LaunchSpec, QemuMicrovm, ShutdownWatch, Started};
 pub use error::HostError;
 pub use image::{ImageManifest, IMAGE_MANIFEST};
+pub use kiln_image::create_overlay;
 pub use name::{generate_name, validate_name};
 pub use proc::rss_kib;
-pub use qcow2::create_overlay;
 pub use run::{
     Host, RunRequest, StopReport, DEFAULT_RAM_MIB, DEFAULT_VCPUS, MAX_RAM_MIB, MAX_VCPUS,
 };

@@ -338,6 +338,55 @@ pub(crate) fn write(
     util::commit(vec![out], opts.fsync)
 }
 
+/// Creates `overlay`: an empty QCOW2 v3 image of the base's size whose backing file is `base`
+/// (raw, recorded by absolute path). QEMU opens a backing file read-only, so the base is never
+/// modified; the guest's writes land in the overlay. Returns the virtual size.
+///
+/// Written to a temporary name and renamed; not fsynced (an overlay is recreated, never
+/// recovered, when its VM is).
+pub fn create_overlay(base: &Path, overlay: &Path) -> Result<u64, ImageError> {
+    let base = base
+        .canonicalize()
+        .map_err(|e| ImageError::io(base, "cannot resolve the base image", e))?;
+    let size = util::file_len(&util::open_ro(&base)?, &base)?;
+    if size % 512 != 0 || size > MAX_SIZE {
+        return Err(ImageError::unsupported(
+            &base,
+            format!("a {size}-byte base image cannot back a QCOW2 overlay (a multiple of 512 bytes up to {MAX_SIZE})"),
+        ));
+    }
+    let name = base.to_str().filter(|n| n.len() <= 1023).ok_or_else(|| {
+        ImageError::unsupported(
+            &base,
+            "the base image's path must be UTF-8 and at most 1023 bytes (QCOW2's limit)",
+        )
+    })?;
+    if overlay.exists() {
+        // An overlay holds a VM's writes: never replace one.
+        return Err(ImageError::io(
+            overlay,
+            "cannot create the overlay",
+            std::io::ErrorKind::AlreadyExists.into(),
+        ));
+    }
+    let out = TempOut::create(overlay)?;
+    let f = out
+        .file()?
+        .try_clone()
+        .map_err(|e| ImageError::io(overlay, "cannot duplicate file handle", e))?;
+    let storage =
+        ImagoFile::from_open_file(f, StorageOpenOptions::new().write(true).filename(&out.tmp))
+            .map_err(|e| io_err(overlay, "cannot open output", e))?;
+    Qcow2::<ImagoFile>::create_builder(storage)
+        .size(size)
+        .cluster_size(65536)
+        .backing(name.to_string(), "raw".to_string())
+        .create()
+        .map_err(|e| io_err(overlay, "cannot create QCOW2 overlay", e))?;
+    util::commit(vec![out], false)?;
+    Ok(size)
+}
+
 /// Walk all metadata and compare reference counts, like `qemu-img check`.
 pub(crate) fn check(path: &Path) -> Result<(u64, Vec<PathBuf>, Vec<String>), ImageError> {
     let file = util::open_ro(path)?;
