@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{boot_sector, disk_image, kvm_or_skip, Capture};
+use common::{boot_sector, disk_image, kvm_or_skip, print_si, run_to_end, s5, Capture};
 use iced_x86::code_asm::*;
 use kiln_vmm::{BootDevice, ExitReason, MemDisk, VideoOutput, Vm, VmConfig, VmmError};
 
@@ -174,51 +174,6 @@ fn banner_echo_and_power_button() {
     assert!(c.bios >= 11 && c.io >= c.bios && c.total >= c.io);
 }
 
-/// Prints the NUL-terminated string at SI with int 10h (clobbers AX, BX, SI).
-fn print_si(a: &mut CodeAssembler, name: &str) -> Result<CodeLabel, iced_x86::IcedError> {
-    let _ = name;
-    let mut l = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut l)?;
-    a.lodsb()?;
-    a.test(al, al)?;
-    a.jz(done)?;
-    a.mov(ah, 0x0e)?;
-    a.mov(bx, 7)?;
-    a.int(0x10)?;
-    a.jmp(l)?;
-    a.set_label(&mut done)?;
-    a.ret()?;
-    Ok(l)
-}
-
-fn s5(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
-    a.mov(dx, 0x604)?;
-    a.mov(ax, 0x2000)?;
-    a.out(dx, ax)?;
-    a.cli()?;
-    a.hlt()
-}
-
-fn run_to_end(
-    sector: &[u8],
-    config: VmConfig,
-    disk: Vec<u8>,
-) -> (Result<ExitReason, VmmError>, String) {
-    let out = Capture::default();
-    let _ = sector;
-    let mut vm =
-        Vm::new(config, Box::new(MemDisk::new(disk)), Box::new(out.clone())).expect("create VM");
-    let handle = vm.handle();
-    // Safety net so a broken guest fails the test instead of hanging it.
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        handle.kill();
-    });
-    let r = vm.run();
-    (r, out.text())
-}
-
 #[test]
 fn int13_reads_sectors_chs_and_lba() {
     if !kvm_or_skip("int13_reads_sectors_chs_and_lba") {
@@ -231,7 +186,7 @@ fn int13_reads_sectors_chs_and_lba() {
             let mut start = a.create_label();
             a.jmp(start)?;
             // Subroutine first so its label exists.
-            let p = print_si(a, "print")?;
+            let p = print_si(a)?;
             a.set_label(&mut start)?;
             let _ = &mut print;
             a.xor(ax, ax)?;
@@ -301,7 +256,7 @@ fn int13_reads_sectors_chs_and_lba() {
     ] {
         disk[lba * 512..lba * 512 + text.len()].copy_from_slice(text);
     }
-    let (r, text) = run_to_end(&sector, VmConfig::default(), disk);
+    let (r, text) = run_to_end(VmConfig::default(), Box::new(MemDisk::new(disk)));
     assert_eq!(r.unwrap(), ExitReason::PoweredOff, "console: {text:?}");
     assert_eq!(text, "alpha beta gamma\r\nlba-five\r\nEND\r\n");
 }
@@ -378,7 +333,10 @@ fn triple_fault_is_a_clear_error() {
         &[],
     );
     let t0 = Instant::now();
-    let (r, _) = run_to_end(&sector, VmConfig::default(), disk_image(&sector, 1 << 20));
+    let (r, _) = run_to_end(
+        VmConfig::default(),
+        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
+    );
     let err = r.expect_err("triple fault must be an error");
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(
@@ -407,7 +365,10 @@ fn cpu_exception_in_real_mode_is_reported() {
         0x100,
         &[],
     );
-    let (r, _) = run_to_end(&sector, VmConfig::default(), disk_image(&sector, 1 << 20));
+    let (r, _) = run_to_end(
+        VmConfig::default(),
+        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
+    );
     match r {
         Err(VmmError::GuestException {
             vector: 0,
@@ -577,7 +538,10 @@ fn floppy_boot_dl_and_geometry() {
         boot: BootDevice::Floppy,
         ..VmConfig::default()
     };
-    let (r, text) = run_to_end(&sector, config, disk_image(&sector, 1_474_560));
+    let (r, text) = run_to_end(
+        config,
+        Box::new(MemDisk::new(disk_image(&sector, 1_474_560))),
+    );
     assert_eq!(r.unwrap(), ExitReason::PoweredOff);
     assert_eq!(text, "FG");
 }

@@ -5,9 +5,8 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{boot_sector, kvm_or_skip, Capture};
+use common::{boot_sector, kvm_or_skip, print_si, run_to_end, s5};
 use iced_x86::code_asm::*;
 use kiln_vmm::{BootDevice, ExitReason, MemDisk, Vm, VmConfig, VmmError};
 
@@ -16,31 +15,6 @@ const DRIVE: u32 = 0x7e00;
 const PACKET: u32 = 0x7e10;
 /// Offset of the guest's strings in its boot sector (kept clear of the MBR partition table).
 const DATA: usize = 0x170;
-
-/// Prints the NUL-terminated string at SI with int 10h (clobbers AX, BX, SI).
-fn print_si(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
-    let mut l = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut l)?;
-    a.lodsb()?;
-    a.test(al, al)?;
-    a.jz(done)?;
-    a.mov(ah, 0x0e)?;
-    a.mov(bx, 7)?;
-    a.int(0x10)?;
-    a.jmp(l)?;
-    a.set_label(&mut done)?;
-    a.ret()?;
-    Ok(l)
-}
-
-fn power_off(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(dx, 0x604)?;
-    a.mov(ax, 0x2000)?;
-    a.out(dx, ax)?;
-    a.cli()?;
-    a.hlt()
-}
 
 /// CHS read of one sector of the boot drive to ES:BX = 0:`buf` (CF from int 13h).
 fn read_chs(a: &mut CodeAssembler, (c, h, s): (u32, u32, u32), buf: u32) -> Result<(), IcedError> {
@@ -145,7 +119,7 @@ fn emulated_guest(marker: &str, e: &Expect) -> Vec<u8> {
             a.jnc(fail)?;
             a.mov(si, str_addr(ok_at))?;
             a.call(print)?;
-            power_off(a)?;
+            s5(a)?;
             a.set_label(&mut fail)?;
             a.mov(si, str_addr(fail_at))?;
             a.call(print)?;
@@ -191,21 +165,11 @@ fn iso_with(name: &str, image: &[u8], args: &[&str]) -> Vec<u8> {
 }
 
 fn boot_cd(iso: Vec<u8>) -> (Result<ExitReason, VmmError>, String) {
-    let out = Capture::default();
     let config = VmConfig {
         boot: BootDevice::Cdrom,
         ..VmConfig::default()
     };
-    let mut vm =
-        Vm::new(config, Box::new(MemDisk::new(iso)), Box::new(out.clone())).expect("create VM");
-    let handle = vm.handle();
-    // Safety net so a broken guest fails the test instead of hanging it.
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        handle.kill();
-    });
-    let r = vm.run();
-    (r, out.text())
+    run_to_end(config, Box::new(MemDisk::new(iso)))
 }
 
 fn put(image: &mut [u8], lba: usize, text: &str) {
@@ -322,7 +286,7 @@ fn no_emulation_reports_cd_drive_and_reads_lba() {
             a.jc(fail)?;
             a.mov(si, 0x8000)?;
             a.call(print)?;
-            power_off(a)?;
+            s5(a)?;
             a.set_label(&mut fail)?;
             a.mov(ax, 0x0e00 | u32::from(b'X'))?;
             a.int(0x10)?;

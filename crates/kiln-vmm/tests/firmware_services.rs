@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{boot_sector, disk_image, kvm_or_skip, Capture};
+use common::{boot_sector, disk_image, kvm_or_skip, run_to_end, s5, Capture};
 use iced_x86::code_asm::*;
 use kiln_vmm::{ExitReason, FileDisk, MemDisk, Vm, VmConfig};
 
@@ -15,33 +15,12 @@ fn putc(a: &mut CodeAssembler, c: u8) -> Result<(), iced_x86::IcedError> {
     a.int(0x10)
 }
 
-fn s5(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
-    a.mov(dx, 0x604)?;
-    a.mov(ax, 0x2000)?;
-    a.out(dx, ax)?;
-    a.cli()?;
-    a.hlt()
-}
-
 /// Points ES:BX at the linear address in EAX (below 1 MiB).
 fn lin_to_es_bx(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     a.mov(ebx, eax)?;
     a.shr(eax, 4)?;
     a.mov(es, ax)?;
     a.and(bx, 15)
-}
-
-fn run(sector: &[u8], disk: Box<dyn kiln_vmm::Disk>) -> (ExitReason, String) {
-    let out = Capture::default();
-    let mut vm = Vm::new(VmConfig::default(), disk, Box::new(out.clone())).expect("create VM");
-    let h = vm.handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        h.kill();
-    });
-    let _ = sector;
-    let r = vm.run().expect("run");
-    (r, out.text())
 }
 
 #[test]
@@ -149,10 +128,11 @@ fn acpi_tables_e820_and_bios_data() {
         0x1f0,
         &[],
     );
-    let (r, text) = run(
-        &sector,
+    let (r, text) = run_to_end(
+        VmConfig::default(),
         Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
     );
+    let r = r.expect("run");
     assert_eq!((r, text.as_str()), (ExitReason::PoweredOff, "RFS4MT"));
 }
 
@@ -199,7 +179,8 @@ fn int13_write_reaches_the_disk_file() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), disk_image(&sector, 64 * 1024)).unwrap();
     let disk = FileDisk::open(file.path(), false).unwrap();
-    let (r, text) = run(&sector, Box::new(disk));
+    let (r, text) = run_to_end(VmConfig::default(), Box::new(disk));
+    let r = r.expect("run");
     assert_eq!((r, text.as_str()), (ExitReason::PoweredOff, "W"));
     let data = std::fs::read(file.path()).unwrap();
     assert_eq!(&data[2 * 512..3 * 512], &sector[..]);

@@ -124,3 +124,51 @@ impl Write for BannerProbe {
         Ok(())
     }
 }
+
+/// Prints the NUL-terminated string at SI with int 10h (clobbers AX, BX, SI); returns the
+/// subroutine's label for `call`.
+pub fn print_si(
+    a: &mut iced_x86::code_asm::CodeAssembler,
+) -> Result<iced_x86::code_asm::CodeLabel, iced_x86::IcedError> {
+    use iced_x86::code_asm::*;
+    let mut l = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut l)?;
+    a.lodsb()?;
+    a.test(al, al)?;
+    a.jz(done)?;
+    a.mov(ah, 0x0e)?;
+    a.mov(bx, 7)?;
+    a.int(0x10)?;
+    a.jmp(l)?;
+    a.set_label(&mut done)?;
+    a.ret()?;
+    Ok(l)
+}
+
+/// Powers the VM off through PM1a_CNT (SLP_EN | S5), then halts.
+pub fn s5(a: &mut iced_x86::code_asm::CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use iced_x86::code_asm::*;
+    a.mov(dx, 0x604)?;
+    a.mov(ax, 0x2000)?;
+    a.out(dx, ax)?;
+    a.cli()?;
+    a.hlt()
+}
+
+/// Runs a VM to its end and returns the result with the console text. A watchdog kills it after
+/// 20 s so a broken guest fails the test instead of hanging it.
+pub fn run_to_end(
+    config: kiln_vmm::VmConfig,
+    disk: Box<dyn kiln_vmm::Disk>,
+) -> (Result<kiln_vmm::ExitReason, kiln_vmm::VmmError>, String) {
+    let out = Capture::default();
+    let mut vm = kiln_vmm::Vm::new(config, disk, Box::new(out.clone())).expect("create VM");
+    let handle = vm.handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        handle.kill();
+    });
+    let r = vm.run();
+    (r, out.text())
+}
