@@ -11,6 +11,22 @@ const DISKS: [(&str, &str); 4] = [
     ("boot.vdi", "vdi"),
 ];
 
+/// `qemu-img compare` of `image` (in qemu-img's `format`) against the raw boot.img.
+fn same_as_boot_img(boot_img: &std::path::Path, image: &str, format: &str) -> (bool, String) {
+    tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            format,
+            boot_img.to_str().unwrap(),
+            image,
+        ],
+    )
+}
+
 #[test]
 fn build_writes_every_format() {
     let dir = built();
@@ -71,18 +87,7 @@ fn qemu_img_checks_and_compares_every_disk_format() {
             let (ok, out) = tool("qemu-img", &["check", "-f", qemu_fmt, p]);
             assert!(ok, "qemu-img check {file}: {out}");
         }
-        let (ok, out) = tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                qemu_fmt,
-                img.to_str().unwrap(),
-                p,
-            ],
-        );
+        let (ok, out) = same_as_boot_img(&img, p, qemu_fmt);
         assert!(
             ok && out.contains("identical"),
             "qemu-img compare boot.img {file}: {out}"
@@ -188,18 +193,7 @@ fn every_format_converts_to_every_other_and_back() {
                     "vhd" => "vpc",
                     other => other,
                 };
-                let (ok, out) = tool(
-                    "qemu-img",
-                    &[
-                        "compare",
-                        "-f",
-                        "raw",
-                        "-F",
-                        qemu_fmt,
-                        img.to_str().unwrap(),
-                        p.to_str().unwrap(),
-                    ],
-                );
+                let (ok, out) = same_as_boot_img(&img, p.to_str().unwrap(), qemu_fmt);
                 assert!(
                     ok && out.contains("identical"),
                     "{from} -> {to}: {} differs: {out}",
