@@ -105,8 +105,13 @@ struct RunArgs {
     #[arg(long, value_enum)]
     engine: Option<Engine>,
     /// Serial console only: do not mirror the BIOS screen onto the terminal.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bios_console")]
     serial_only: bool,
+    /// BIOS console: int 10h output on the terminal and terminal keys to int 16h, so boot
+    /// sectors that use only BIOS video and keyboard can be driven over a serial line. This is
+    /// the default on both engines (SeaBIOS's serial console on QEMU); the flag says so explicitly.
+    #[arg(long)]
+    bios_console: bool,
     /// QEMU machine type: pc or q35 (qemu engine only; default pc).
     #[arg(long)]
     machine: Option<kiln_qemu::Machine>,

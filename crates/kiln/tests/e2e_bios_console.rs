@@ -1,5 +1,5 @@
-//! The builtin engine through `kiln run`: a floppy whose program loads sector 2 with int 13h and
-//! prints it through int 10h, then echoes int 16h keys; both reach the terminal.
+//! `kiln run --bios-console` on both engines: a floppy whose program loads sector 2 with int 13h
+//! and prints it through int 10h, then echoes int 16h keys; both reach the terminal.
 
 mod common;
 
@@ -49,11 +49,8 @@ fn floppy_program() -> Vec<u8> {
     a.assemble(0x7C00).unwrap()
 }
 
-#[test]
-fn floppy_int13_int10_int16_through_the_terminal() {
-    if !kvm_or_skip("floppy_int13_int10_int16_through_the_terminal") {
-        return;
-    }
+/// Boots the floppy on `engine` with `--bios-console` and drives it through the terminal.
+fn floppy_through_the_bios_console(engine: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let mut image = vec![0u8; 1_474_560];
     let prog = floppy_program();
@@ -65,23 +62,38 @@ fn floppy_int13_int10_int16_through_the_terminal() {
     let path = tmp.path().join("floppy.img");
     std::fs::write(&path, &image).unwrap();
 
-    // Default console mode: int 10h output on the terminal, terminal input to int 16h.
+    // int 10h output on the terminal, terminal input to int 16h.
+    let name = format!("floppy-{engine}");
     let mut s = Session::start(&[
         "run",
         "--engine",
-        "builtin",
+        engine,
+        "--bios-console",
         "--name",
-        "floppy",
+        &name,
         path.to_str().unwrap(),
     ]);
-    s.expect("SECTOR-TWO-OK\r\n", Duration::from_secs(20));
+    s.expect("SECTOR-TWO-OK\r\n", Duration::from_secs(30));
     s.send("abc");
     s.expect("bcd", Duration::from_secs(20));
-    let out = common::kiln(&["kill", "floppy"]);
+    let out = common::kiln(&["kill", &name]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     s.wait(Duration::from_secs(10)).expect("killed");
+}
+
+#[test]
+fn floppy_int13_int10_int16_through_the_bios_console_builtin() {
+    if kvm_or_skip("floppy_int13_int10_int16_through_the_bios_console_builtin") {
+        floppy_through_the_bios_console("builtin");
+    }
+}
+
+#[test]
+fn floppy_int13_int10_int16_through_the_bios_console_qemu() {
+    common::require_tool("qemu-system-x86_64");
+    floppy_through_the_bios_console("qemu");
 }
