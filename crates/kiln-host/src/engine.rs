@@ -143,6 +143,11 @@ impl Started for QemuStarted {
 
     fn wait(mut self: Box<Self>) -> Ended {
         use std::os::unix::process::ExitStatusExt;
+        // Events (SHUTDOWN) flow only after negotiation. If QEMU is already gone this fails, and
+        // the exit status alone tells how it ended.
+        if let Err(e) = self.qmp.negotiate() {
+            tracing::debug!("QMP negotiation: {e}");
+        }
         let status = self.child.wait().ok();
         // The QMP reader may still be parsing the SHUTDOWN event QEMU sent just before exiting.
         let settle = Instant::now() + Duration::from_millis(300);
@@ -255,7 +260,9 @@ impl Engine for QemuMicrovm {
                 });
             }
             if spec.supervisor_socket.exists() {
-                if let Ok(qmp) = Qmp::connect(&spec.supervisor_socket) {
+                // The greeting says QEMU runs; capabilities are negotiated in `wait`, after the
+                // caller has been told, since QEMU answers commands only tens of ms later.
+                if let Ok(qmp) = Qmp::open(&spec.supervisor_socket) {
                     tracing::debug!("{}: QMP up {:?} after spawn", spec.name, t0.elapsed());
                     return Ok(Box::new(QemuStarted { child, qmp }));
                 }

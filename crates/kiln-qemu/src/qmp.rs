@@ -40,6 +40,21 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let qmp = Qmp::open(path)?;
+        qmp.negotiate()?;
+        Ok(qmp)
+    }
+
+    /// Leaves capabilities-negotiation mode: commands work and events flow from here on.
+    pub fn negotiate(&self) -> Result<(), QmpError> {
+        self.execute("qmp_capabilities", None).map(|_| ())
+    }
+
+    /// Connects and reads the greeting only. QEMU sends the greeting as soon as it listens, but
+    /// answers commands only once its main loop has time for them (tens of milliseconds later
+    /// while TCG starts the guest), so a caller that only needs "QEMU is up" stops here and
+    /// calls [`Qmp::negotiate`] later.
+    pub fn open(path: &Path) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)?;
         let writer = stream.try_clone()?;
         let (tx, rx) = mpsc::channel();
@@ -73,7 +88,6 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Greeting(greeting.to_string()));
         }
-        qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
     }
 
