@@ -53,6 +53,13 @@ function loadScript(url, global) {
   });
 }
 
+/** xterm.js's ES module build; sets `globalThis.Terminal` as its UMD build would. */
+async function loadTerminal(url) {
+  if (globalThis.Terminal) return;
+  const { Terminal } = await import(url.href);
+  globalThis.Terminal = Terminal;
+}
+
 async function fetchOk(url) {
   const r = await fetch(url);
   if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
@@ -114,7 +121,7 @@ class KilnVM {
     }) : Promise.resolve(null);
     await Promise.all([
       loadScript(new URL(cfg.libv86 || "libv86.js", configUrl), "V86"),
-      wantTerm ? loadScript(new URL(cfg.xterm || "xterm.js", configUrl), "Terminal") : null,
+      wantTerm ? loadTerminal(new URL(cfg.xterm || "xterm.mjs", configUrl)) : null,
     ]);
 
     const screen = document.createElement("div");

@@ -88,7 +88,8 @@ impl Assets {
         vec![
             npm("libv86.js", "v86/build/libv86.js"),
             npm("v86.wasm", "v86/build/v86.wasm"),
-            npm("xterm.js", "@xterm/xterm/lib/xterm.js"),
+            // The ESM build is a quarter smaller than the UMD one (88 vs 121 KiB gzip'd).
+            npm("xterm.mjs", "@xterm/xterm/lib/xterm.mjs"),
             npm("xterm.css", "@xterm/xterm/css/xterm.css"),
             bios("bios/seabios.bin", "bios.bin"),
             bios("bios/vgabios.bin", "vgabios-stdvga.bin"),

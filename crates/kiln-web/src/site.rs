@@ -189,7 +189,7 @@ pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
         "memory_size": u64::from(opts.memory_mib) << 20,
         "vga_memory_size": 2u64 << 20,
         "libv86": "libv86.js",
-        "xterm": "xterm.js",
+        "xterm": "xterm.mjs",
         "wasm": "v86.wasm",
         "bios": "bios/seabios.bin",
         "vga_bios": "bios/vgabios.bin",
