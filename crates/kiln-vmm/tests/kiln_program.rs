@@ -99,3 +99,46 @@ fn kiln_program_el_torito_cd() {
     };
     repl_session(config, Box::new(FileDisk::open(&iso, true).unwrap()));
 }
+
+/// A guest polling COM1 for a key costs few exits while idle, and still answers at once.
+#[test]
+fn idle_polling_guest_sleeps_but_answers_at_once() {
+    if !kvm_or_skip("idle_polling_guest_sleeps_but_answers_at_once") {
+        return;
+    }
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..512].copy_from_slice(&kiln_sector());
+    let config = VmConfig {
+        video: VideoOutput::VgaOnly,
+        ..VmConfig::default()
+    };
+    let out = common::Capture::default();
+    let mut vm =
+        Vm::new(config, Box::new(MemDisk::new(disk)), Box::new(out.clone())).expect("create VM");
+    let handle = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    out.wait_for("ClientAPI\r\n", Duration::from_secs(10));
+    let before = handle.counters().total;
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = handle.counters().total - before;
+    // Unthrottled, the program's two-port loop makes ~100k exits in 500 ms here; throttled,
+    // about two per millisecond.
+    assert!(idle < 5_000, "{idle} exits in 500 ms of idling");
+    let asked = Instant::now();
+    handle.send_input(b"hello\r");
+    out.wait_for("olleh\r\n", Duration::from_secs(10));
+    assert!(
+        asked.elapsed() < Duration::from_millis(100),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    let pressed = Instant::now();
+    handle.press_power_button();
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::PoweredOff);
+    assert!(
+        pressed.elapsed() < Duration::from_millis(100),
+        "powered off after {:?}",
+        pressed.elapsed()
+    );
+    eprintln!("MEASURE: {idle} exits in 500 ms idle");
+}
