@@ -14,6 +14,17 @@ fn kiln_sector() -> [u8; 512] {
     kiln_boot::boot_sector(&p).expect("boot sector")
 }
 
+/// kiln's program on a 1 MiB raw disk, with serial-only output.
+fn kiln_raw_disk() -> (VmConfig, Box<dyn Disk>) {
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..512].copy_from_slice(&kiln_sector());
+    let config = VmConfig {
+        video: VideoOutput::VgaOnly,
+        ..VmConfig::default()
+    };
+    (config, Box::new(MemDisk::new(disk)))
+}
+
 /// Boots `disk`, checks banner, echo and power-off; returns (Vm::new -> banner, exits).
 fn repl_session(config: VmConfig, disk: Box<dyn Disk>) -> (Duration, kiln_vmm::ExitCounters) {
     let probe = BannerProbe::new("ClientAPI\r\n");
@@ -52,13 +63,8 @@ fn kiln_program_raw_disk() {
     if !kvm_or_skip("kiln_program_raw_disk") {
         return;
     }
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..512].copy_from_slice(&kiln_sector());
-    let config = VmConfig {
-        video: VideoOutput::VgaOnly,
-        ..VmConfig::default()
-    };
-    let (_, exits) = repl_session(config, Box::new(MemDisk::new(disk)));
+    let (config, disk) = kiln_raw_disk();
+    let (_, exits) = repl_session(config, disk);
     assert!(
         exits.total < 2000,
         "too many exits before the banner: {exits:?}"
@@ -106,15 +112,9 @@ fn idle_polling_guest_sleeps_but_answers_at_once() {
     if !kvm_or_skip("idle_polling_guest_sleeps_but_answers_at_once") {
         return;
     }
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..512].copy_from_slice(&kiln_sector());
-    let config = VmConfig {
-        video: VideoOutput::VgaOnly,
-        ..VmConfig::default()
-    };
+    let (config, disk) = kiln_raw_disk();
     let out = common::Capture::default();
-    let mut vm =
-        Vm::new(config, Box::new(MemDisk::new(disk)), Box::new(out.clone())).expect("create VM");
+    let mut vm = Vm::new(config, disk, Box::new(out.clone())).expect("create VM");
     let handle = vm.handle();
     let runner = std::thread::spawn(move || vm.run());
     out.wait_for("ClientAPI\r\n", Duration::from_secs(10));
