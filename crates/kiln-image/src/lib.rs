@@ -228,6 +228,24 @@ pub trait ImageDevice: ImageReader {
     fn flush(&mut self) -> Result<(), ImageError>;
 }
 
+/// Raw image sizes that PC BIOSes (SeaBIOS, v86, kiln's VMM) boot as floppy disks: 160 KiB to
+/// 2.88 MiB.
+pub const FLOPPY_SIZES: [u64; 8] = [
+    160 << 10,
+    180 << 10,
+    320 << 10,
+    360 << 10,
+    720 << 10,
+    1200 << 10,
+    1440 << 10,
+    2880 << 10,
+];
+
+/// Whether a raw image of `len` bytes is a floppy disk rather than a hard disk.
+pub fn is_floppy_size(len: u64) -> bool {
+    FLOPPY_SIZES.contains(&len)
+}
+
 /// Detect the format from the file content: magic numbers (QCOW2 `QFI\xfb`, VMDK `KDMV`, VDI
 /// signature, VHD `conectix` at start or in the footer at the end), a VMDK descriptor text,
 /// ISO `CD001` at 0x8001; anything else is raw.

@@ -14,7 +14,7 @@ pub use accel::{host_has_hw_virt, kvm_usable, Accel};
 pub use config::{Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode};
 pub use microvm::{default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, UserNet};
 pub use qmp::{Qmp, QmpError};
-pub use vm::{QemuVm, StopOutcome, VmEnd};
+pub use vm::{QemuVm, VmEnd};
 
 use std::path::PathBuf;
 

@@ -49,17 +49,6 @@ impl VmEnd {
     }
 }
 
-/// The result of [`QemuVm::stop`].
-#[derive(Clone, Debug)]
-pub enum StopOutcome {
-    /// The guest answered the power button and powered off.
-    PoweredOff(VmEnd),
-    /// QEMU ended for another reason while we waited.
-    Ended(VmEnd),
-    /// The guest ignored the button for the whole timeout and was killed.
-    Killed { timeout: Duration, end: VmEnd },
-}
-
 /// A running QEMU VM.
 pub struct QemuVm {
     pid: i32,
@@ -268,22 +257,6 @@ impl QemuVm {
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
         }
         self.wait()
-    }
-
-    /// Presses the power button, waits up to `timeout` for the guest to power off, else kills it.
-    pub fn stop(&mut self, timeout: Duration) -> Result<StopOutcome, QemuError> {
-        if let Some(end) = self.wait_timeout(Some(Duration::ZERO)) {
-            return Ok(StopOutcome::Ended(end));
-        }
-        self.power_button()?;
-        Ok(match self.wait_timeout(Some(timeout)) {
-            Some(end) if end.guest_powered_off() => StopOutcome::PoweredOff(end),
-            Some(end) => StopOutcome::Ended(end),
-            None => StopOutcome::Killed {
-                timeout,
-                end: self.kill(),
-            },
-        })
     }
 }
 

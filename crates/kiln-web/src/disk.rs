@@ -9,18 +9,6 @@ use crate::{Result, WebError};
 /// Largest disk a page loads: v86 keeps the whole image in browser memory.
 const MAX_DISK: u64 = 512 << 20;
 
-/// Raw sizes that v86 (and PC BIOSes) treat as floppy disks.
-const FLOPPY_SIZES: [u64; 8] = [
-    160 << 10,
-    180 << 10,
-    320 << 10,
-    360 << 10,
-    720 << 10,
-    1200 << 10,
-    1440 << 10,
-    2880 << 10,
-];
-
 /// How the page attaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,7 +86,7 @@ pub fn load_disk(path: &Path) -> Result<Disk> {
                 why: "no boot signature 0x55AA at the end of sector 0".into(),
             });
         }
-        if FLOPPY_SIZES.contains(&size) {
+        if kiln_image::is_floppy_size(size) {
             DiskKind::Fda
         } else {
             DiskKind::Hda

@@ -16,7 +16,7 @@ use anyhow::Context;
 use kiln_image::{Format, ImageDevice, ImageReader};
 use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
 
-use crate::run::{Outcome, Supervised, FLOPPY_SIZES};
+use crate::run::{Outcome, Supervised};
 
 /// Ctrl-A, the console escape (as in QEMU): Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.
 const ESCAPE: u8 = 0x01;
@@ -123,7 +123,7 @@ impl BuiltinVm {
         };
         let boot = opts.boot.unwrap_or(match format {
             Format::Iso => BootDevice::Cdrom,
-            Format::Raw if FLOPPY_SIZES.contains(&disk.size()) => BootDevice::Floppy,
+            Format::Raw if kiln_image::is_floppy_size(disk.size()) => BootDevice::Floppy,
             _ => BootDevice::HardDisk,
         });
         let config = VmConfig {

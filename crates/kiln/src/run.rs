@@ -10,9 +10,6 @@ use kiln_qemu::{Accel, Drive, DriveFormat, Machine, Media, QemuConfig, QemuVm, S
 
 use crate::control::{Incoming, Reply, Request};
 
-/// Raw image sizes that boot as a floppy (360K .. 2.88M).
-pub const FLOPPY_SIZES: [u64; 5] = [368_640, 737_280, 1_228_800, 1_474_560, 2_949_120];
-
 /// What `kiln run` boots and how.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -165,7 +162,7 @@ pub fn drive_for(image: &Path, media: Option<Media>) -> anyhow::Result<Drive> {
     let reader = kiln_image::open(image)?;
     let size = reader.virtual_size();
     let (format, detected_media) = match reader.format() {
-        Format::Raw if FLOPPY_SIZES.contains(&size) => (DriveFormat::Raw, Media::Floppy),
+        Format::Raw if kiln_image::is_floppy_size(size) => (DriveFormat::Raw, Media::Floppy),
         Format::Raw => (DriveFormat::Raw, Media::Disk),
         Format::Iso => (DriveFormat::Raw, Media::Cdrom),
         Format::Qcow2 => (DriveFormat::Qcow2, Media::Disk),
