@@ -49,10 +49,43 @@ impl VmEnd {
     }
 }
 
+/// A callback to run once a process has exited, whichever of the two comes first.
+#[derive(Default)]
+pub(crate) struct ExitHook {
+    exited: bool,
+    notify: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl ExitHook {
+    /// Registers `notify`, or runs it now if the exit already happened.
+    pub(crate) fn set(hook: &Mutex<ExitHook>, notify: Box<dyn FnOnce() + Send>) {
+        let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
+        if h.exited {
+            drop(h);
+            notify();
+        } else {
+            h.notify = Some(notify);
+        }
+    }
+
+    /// Records the exit and runs a registered callback.
+    pub(crate) fn fire(hook: &Mutex<ExitHook>) {
+        let notify = {
+            let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
+            h.exited = true;
+            h.notify.take()
+        };
+        if let Some(f) = notify {
+            f();
+        }
+    }
+}
+
 /// A running QEMU VM.
 pub struct QemuVm {
     pid: i32,
     exited: Receiver<ExitStatus>,
+    exit_hook: Arc<Mutex<ExitHook>>,
     end: Option<VmEnd>,
     qmp: Qmp,
     qmp_socket: PathBuf,
@@ -110,10 +143,13 @@ impl QemuVm {
             });
         }
         let (tx, exited) = mpsc::channel();
+        let exit_hook = Arc::new(Mutex::new(ExitHook::default()));
+        let hook = Arc::clone(&exit_hook);
         thread::spawn(move || {
             if let Ok(status) = child.wait() {
                 let _ = tx.send(status);
             }
+            ExitHook::fire(&hook);
         });
 
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -167,12 +203,19 @@ impl QemuVm {
         Ok(QemuVm {
             pid,
             exited,
+            exit_hook,
             end: None,
             qmp,
             qmp_socket: config.qmp_socket.clone(),
             killed: false,
             terminal,
         })
+    }
+
+    /// Calls `notify` (on another thread) once QEMU has exited; at once if it already has. A
+    /// supervisor uses it to wait for "exited or asked to stop" without polling.
+    pub fn on_exit(&self, notify: Box<dyn FnOnce() + Send>) {
+        ExitHook::set(&self.exit_hook, notify);
     }
 
     /// QEMU's process id.

@@ -98,7 +98,11 @@ impl Drop for BuiltinVm {
 
 impl BuiltinVm {
     /// Opens the image, builds the VM and starts it, with the console on stdin/stdout.
-    pub fn start(opts: &BuiltinOptions) -> anyhow::Result<BuiltinVm> {
+    /// `on_end` runs (on the vCPU thread) once the VM has ended, however it ended.
+    pub fn start(
+        opts: &BuiltinOptions,
+        on_end: Box<dyn FnOnce() + Send>,
+    ) -> anyhow::Result<BuiltinVm> {
         let format = kiln_image::detect(&opts.image)?;
         let disk: Box<dyn kiln_vmm::Disk> = if format == Format::Iso {
             Box::new(ReadOnlyDisk {
@@ -162,6 +166,7 @@ impl BuiltinVm {
             .name("vcpu0".into())
             .spawn(move || {
                 let _ = tx.send(vm.run());
+                on_end();
             })
             .context("cannot start the vCPU thread")?;
         Ok(BuiltinVm {
@@ -361,6 +366,8 @@ fn forward_input(vm: &VmHandle, quit: &mpsc::Sender<()>) {
                         vm.send_input(&out);
                     }
                     let _ = quit.send(());
+                    // Ending the VM wakes the supervisor, which then finds the quit.
+                    vm.kill();
                     return;
                 }
                 (true, b) => {

@@ -380,6 +380,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         MediaArg::Floppy => kiln_qemu::Media::Floppy,
     });
     let (tx, events) = mpsc::channel();
+    let ended = tx.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
@@ -414,7 +415,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 serial_only: args.serial_only,
                 console_socket: args.console_socket,
             };
-            let mut vm = kiln::builtin::BuiltinVm::start(&opts)?;
+            let notify = ended.clone();
+            let mut vm = kiln::builtin::BuiltinVm::start(
+                &opts,
+                Box::new(move || {
+                    let _ = notify.send(Event::Ended);
+                }),
+            )?;
             let outcome = kiln::run::supervise(&mut vm, &events, stop_timeout);
             let c = vm.counters();
             tracing::info!(
@@ -442,7 +449,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 name: Some(name.clone()),
                 console_socket: args.console_socket,
             };
-            kiln::run::run_qemu(&opts, &events)?
+            kiln::run::run_qemu(&opts, &events, ended.clone())?
         }
     };
     eprintln!("kiln: {}", outcome.description);

@@ -1,7 +1,7 @@
 //! `kiln run`: boot an image and supervise it until it ends.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -94,6 +94,8 @@ pub enum Event {
     Signal(i32),
     /// A `kiln stop` / `kiln kill` from the control socket.
     Control(Incoming),
+    /// The VM has ended (posted by its engine, so the supervisor need not poll).
+    Ended,
 }
 
 /// Runs `vm` until it ends, answering signals and control requests: a stop presses the power
@@ -106,11 +108,35 @@ pub fn supervise(
     let mut deadline: Option<(Instant, Duration)> = None;
     let mut waiting: Vec<Incoming> = Vec::new();
     let outcome = 'run: loop {
-        if let Some(end) = vm.wait_timeout(Duration::from_millis(10)) {
+        // Block until something happens: an event, the VM's end (its engine posts
+        // `Event::Ended`), or the stop deadline. The 1 s cap is a safety net, not a poll.
+        let wait = deadline
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        let first = match events.recv_timeout(wait) {
+            Ok(event) => Some(event),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Nobody can send any more; only the VM's own end is left to wait for.
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(end) = vm.wait_timeout(Duration::from_secs(1)) {
+                    break end;
+                }
+                None
+            }
+        };
+        if let Some(end) = vm.wait_timeout(Duration::ZERO) {
+            if let Some(Event::Control(incoming)) = first {
+                waiting.push(incoming);
+            }
             break end;
         }
-        while let Ok(event) = events.try_recv() {
+        for event in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| events.try_recv().ok()))
+        {
             let (stop, timeout) = match event {
+                Event::Ended => continue,
                 Event::Signal(_) if deadline.is_some() => {
                     let mut end = vm.kill();
                     end.description = "killed (second signal)".into();
@@ -180,7 +206,11 @@ pub fn drive_for(image: &Path, media: Option<Media>) -> anyhow::Result<Drive> {
 
 /// Boots `opts.image` on QEMU with the serial console on this process's stdin/stdout, and
 /// supervises it until it ends (see [`supervise`]).
-pub fn run_qemu(opts: &RunOptions, events: &Receiver<Event>) -> anyhow::Result<Outcome> {
+pub fn run_qemu(
+    opts: &RunOptions,
+    events: &Receiver<Event>,
+    notify: Sender<Event>,
+) -> anyhow::Result<Outcome> {
     let drive = drive_for(&opts.image, opts.media)?;
     let runtime = tempfile::Builder::new()
         .prefix("kiln-run-")
@@ -206,5 +236,8 @@ pub fn run_qemu(opts: &RunOptions, events: &Receiver<Event>) -> anyhow::Result<O
         config.accel.name()
     );
     let mut vm = QemuVm::spawn(&config)?;
+    vm.on_exit(Box::new(move || {
+        let _ = notify.send(Event::Ended);
+    }));
     Ok(supervise(&mut vm, events, opts.stop_timeout))
 }
