@@ -4,7 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{boot_sector, disk_image, kvm_or_skip, print_si, run_to_end, s5, Capture};
+use common::{
+    boot_sector, disk_address_packet, disk_image, kvm_or_skip, print_si, run_to_end, s5, Capture,
+};
 use iced_x86::code_asm::*;
 use kiln_vmm::{BootDevice, ExitReason, MemDisk, VideoOutput, Vm, VmConfig, VmmError};
 
@@ -215,13 +217,7 @@ fn int13_reads_sectors_chs_and_lba() {
             a.cmp(bx, 0xaa55)?;
             a.jne(fail)?;
             // LBA read of sector 5 via a DAP at 0x7e10.
-            a.mov(word_ptr(0x7e10), 0x0010)?;
-            a.mov(word_ptr(0x7e12), 1)?;
-            a.mov(word_ptr(0x7e14), 0x9000)?;
-            a.mov(word_ptr(0x7e16), 0)?;
-            a.mov(dword_ptr(0x7e18), 5)?;
-            a.mov(dword_ptr(0x7e1c), 0)?;
-            a.mov(si, 0x7e10)?;
+            disk_address_packet(a, 0x9000, 5)?;
             a.mov(ah, 0x42)?;
             a.mov(dl, byte_ptr(0x7e00))?;
             a.int(0x13)?;

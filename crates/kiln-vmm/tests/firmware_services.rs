@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{boot_sector, disk_image, kvm_or_skip, run_to_end, s5, Capture};
+use common::{boot_sector, disk_address_packet, disk_image, kvm_or_skip, run_to_end, s5, Capture};
 use iced_x86::code_asm::*;
 use kiln_vmm::{ExitReason, FileDisk, MemDisk, Vm, VmConfig};
 
@@ -155,13 +155,7 @@ fn int13_write_reaches_the_disk_file() {
             a.mov(bx, 0x7c00)?;
             a.int(0x13)?;
             a.jc(fail)?;
-            a.mov(word_ptr(0x7e10), 0x0010)?;
-            a.mov(word_ptr(0x7e12), 1)?;
-            a.mov(word_ptr(0x7e14), 0x7c00)?;
-            a.mov(word_ptr(0x7e16), 0)?;
-            a.mov(dword_ptr(0x7e18), 7)?;
-            a.mov(dword_ptr(0x7e1c), 0)?;
-            a.mov(si, 0x7e10)?;
+            disk_address_packet(a, 0x7c00, 7)?;
             a.mov(ax, 0x4300)?;
             a.mov(dl, byte_ptr(0x7e00))?;
             a.int(0x13)?;

@@ -172,3 +172,20 @@ pub fn run_to_end(
     let r = vm.run();
     (r, out.text())
 }
+
+/// Builds an int 13h extensions disk address packet at 0:7E10 for one sector at `lba` into
+/// 0:`buf`, and points DS:SI at it.
+pub fn disk_address_packet(
+    a: &mut iced_x86::code_asm::CodeAssembler,
+    buf: u32,
+    lba: u32,
+) -> Result<(), iced_x86::IcedError> {
+    use iced_x86::code_asm::*;
+    a.mov(word_ptr(0x7e10), 0x0010)?; // size 16, reserved 0
+    a.mov(word_ptr(0x7e12), 1)?; // one sector
+    a.mov(word_ptr(0x7e14), buf)?; // offset
+    a.mov(word_ptr(0x7e16), 0)?; // segment
+    a.mov(dword_ptr(0x7e18), lba)?;
+    a.mov(dword_ptr(0x7e1c), 0)?;
+    a.mov(si, 0x7e10)
+}
