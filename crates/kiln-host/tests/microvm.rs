@@ -7,6 +7,19 @@ use std::time::{Duration, Instant};
 
 use kiln_host::{Host, HostError, QemuMicrovm, RunRequest, StopReport, VmState};
 
+/// Kills every VM of a host when the test ends, passing or failing.
+struct KillOnDrop<'a>(&'a Host);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        for rec in self.0.list().unwrap_or_default() {
+            if rec.is_alive() {
+                let _ = self.0.kill(&rec.meta.name);
+            }
+        }
+    }
+}
+
 #[test]
 fn two_vms_from_one_image() {
     let Some(image) = common::debian_image() else {
@@ -16,6 +29,8 @@ fn two_vms_from_one_image() {
     let base_before = common::sha256(&manifest.rootfs);
     let home = tempfile::tempdir().unwrap();
     let host = Host::new(home.path().to_path_buf(), Box::new(QemuMicrovm::default()));
+    // VMs outlive their creator by design: a failing assertion must not leave them running.
+    let _cleanup = KillOnDrop(&host);
 
     let mut names = Vec::new();
     for name in ["proof-a", "proof-b"] {
