@@ -5,7 +5,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    boot_sector, disk_address_packet, disk_image, kvm_or_skip, print_si, run_to_end, s5, Capture,
+    boot_sector, disk_address_packet, disk_image, hard_disk_vm, kvm_or_skip, print_si, run_to_end,
+    s5, Capture,
 };
 use iced_x86::code_asm::*;
 use kiln_vmm::{BootDevice, ExitReason, MemDisk, VideoOutput, Vm, VmConfig, VmmError};
@@ -288,13 +289,7 @@ fn int16_keys_from_console_input() {
         0x100,
         &[],
     );
-    let out = Capture::default();
-    let mut vm = Vm::new(
-        VmConfig::default(),
-        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
-        Box::new(out.clone()),
-    )
-    .unwrap();
+    let (mut vm, out) = hard_disk_vm(&sector);
     let h = vm.handle();
     let t = std::thread::spawn(move || vm.run());
     std::thread::sleep(Duration::from_millis(50));
@@ -414,13 +409,7 @@ fn unknown_ports_read_all_ones_and_cli_hlt_halts() {
         0x100,
         &[],
     );
-    let out = Capture::default();
-    let mut vm = Vm::new(
-        VmConfig::default(),
-        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
-        Box::new(out.clone()),
-    )
-    .unwrap();
+    let (mut vm, out) = hard_disk_vm(&sector);
     assert_eq!(vm.run().unwrap(), ExitReason::Halted);
     assert_eq!(out.text(), "OK");
     assert!(vm.counters().mmio >= 2);
@@ -440,12 +429,7 @@ fn kill_stops_a_spinning_guest() {
         0x100,
         &[],
     );
-    let mut vm = Vm::new(
-        VmConfig::default(),
-        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
+    let (mut vm, _) = hard_disk_vm(&sector);
     let h = vm.handle();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
@@ -470,12 +454,7 @@ fn i8042_reset_returns_reset() {
         0x100,
         &[],
     );
-    let mut vm = Vm::new(
-        VmConfig::default(),
-        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
+    let (mut vm, _) = hard_disk_vm(&sector);
     assert_eq!(vm.run().unwrap(), ExitReason::Reset);
     // Running again reboots from the disk and resets again.
     assert_eq!(vm.run().unwrap(), ExitReason::Reset);

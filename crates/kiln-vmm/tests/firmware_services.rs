@@ -6,9 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{boot_sector, disk_address_packet, disk_image, kvm_or_skip, run_to_end, s5, Capture};
+use common::{
+    boot_sector, disk_address_packet, disk_image, hard_disk_vm, kvm_or_skip, run_to_end, s5,
+};
 use iced_x86::code_asm::*;
-use kiln_vmm::{ExitReason, FileDisk, MemDisk, Vm, VmConfig};
+use kiln_vmm::{ExitReason, FileDisk, MemDisk, VmConfig};
 
 fn putc(a: &mut CodeAssembler, c: u8) -> Result<(), iced_x86::IcedError> {
     a.mov(ax, 0x0e00 | u32::from(c))?;
@@ -205,13 +207,7 @@ fn sti_hlt_sleeps_until_input() {
         0x1f0,
         &[],
     );
-    let out = Capture::default();
-    let mut vm = Vm::new(
-        VmConfig::default(),
-        Box::new(MemDisk::new(disk_image(&sector, 1 << 20))),
-        Box::new(out.clone()),
-    )
-    .unwrap();
+    let (mut vm, out) = hard_disk_vm(&sector);
     let h = vm.handle();
     let h2 = h.clone();
     std::thread::spawn(move || {

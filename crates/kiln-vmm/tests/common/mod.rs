@@ -189,3 +189,15 @@ pub fn disk_address_packet(
     a.mov(dword_ptr(0x7e1c), 0)?;
     a.mov(si, 0x7e10)
 }
+
+/// A VM booting `sector` from a 1 MiB hard disk, with its console captured.
+pub fn hard_disk_vm(sector: &[u8]) -> (kiln_vmm::Vm, Capture) {
+    let out = Capture::default();
+    let vm = kiln_vmm::Vm::new(
+        kiln_vmm::VmConfig::default(),
+        Box::new(kiln_vmm::MemDisk::new(disk_image(sector, 1 << 20))),
+        Box::new(out.clone()),
+    )
+    .expect("create VM");
+    (vm, out)
+}
