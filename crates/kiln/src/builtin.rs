@@ -21,46 +21,47 @@ use crate::run::{Outcome, Supervised};
 /// Ctrl-A, the console escape (as in QEMU): Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.
 const ESCAPE: u8 = 0x01;
 
-/// A kiln-image disk as the VMM's int 13h sees it.
-struct ImageDisk {
-    image: Box<dyn ImageDevice>,
+/// A kiln-image disk as the VMM's int 13h sees it: writable where kiln-image can update the
+/// format in place, read-only otherwise (an ISO, a VDI).
+enum ImageDisk {
+    Writable(Box<dyn ImageDevice>),
+    ReadOnly(Box<dyn ImageReader>),
 }
 
 fn io_error(e: kiln_image::ImageError) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+impl ImageDisk {
+    fn reader(&self) -> &dyn ImageReader {
+        match self {
+            ImageDisk::Writable(d) => d.as_ref(),
+            ImageDisk::ReadOnly(r) => r.as_ref(),
+        }
+    }
+}
+
 impl kiln_vmm::Disk for ImageDisk {
     fn size(&self) -> u64 {
-        self.image.virtual_size()
+        self.reader().virtual_size()
     }
     fn read_at(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.image.read_at(buf, off).map_err(io_error)
+        match self {
+            ImageDisk::Writable(d) => d.read_at(buf, off),
+            ImageDisk::ReadOnly(r) => r.read_at(buf, off),
+        }
+        .map_err(io_error)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        self.image.write_at(buf, off).map_err(io_error)?;
+        let ImageDisk::Writable(image) = self else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
+        };
+        image.write_at(buf, off).map_err(io_error)?;
         // The guest has no flush; make each BIOS write durable so a killed VM loses nothing.
-        self.image.flush().map_err(io_error)
-    }
-}
-
-/// A read-only disk (an ISO, or a format kiln can read but not write in place).
-struct ReadOnlyDisk {
-    image: Box<dyn ImageReader>,
-}
-
-impl kiln_vmm::Disk for ReadOnlyDisk {
-    fn size(&self) -> u64 {
-        self.image.virtual_size()
-    }
-    fn read_at(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.image.read_at(buf, off).map_err(io_error)
-    }
-    fn write_at(&mut self, _: &[u8], _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "the disk is read-only",
-        ))
+        image.flush().map_err(io_error)
     }
 }
 
@@ -104,13 +105,11 @@ impl BuiltinVm {
         on_end: Box<dyn FnOnce() + Send>,
     ) -> anyhow::Result<BuiltinVm> {
         let format = kiln_image::detect(&opts.image)?;
-        let disk: Box<dyn kiln_vmm::Disk> = if format == Format::Iso {
-            Box::new(ReadOnlyDisk {
-                image: kiln_image::open(&opts.image)?,
-            })
+        let disk = if format == Format::Iso {
+            ImageDisk::ReadOnly(kiln_image::open(&opts.image)?)
         } else {
             match kiln_image::open_rw(&opts.image) {
-                Ok(image) => Box::new(ImageDisk { image }),
+                Ok(image) => ImageDisk::Writable(image),
                 // Formats kiln cannot update in place still boot; the guest's writes fail.
                 Err(kiln_image::ImageError::Unsupported { .. }) => {
                     tracing::warn!(
@@ -118,16 +117,16 @@ impl BuiltinVm {
                         opts.image.display(),
                         format.name()
                     );
-                    Box::new(ReadOnlyDisk {
-                        image: kiln_image::open(&opts.image)?,
-                    })
+                    ImageDisk::ReadOnly(kiln_image::open(&opts.image)?)
                 }
                 Err(e) => return Err(e.into()),
             }
         };
         let boot = opts.boot.unwrap_or(match format {
             Format::Iso => BootDevice::Cdrom,
-            Format::Raw if kiln_image::is_floppy_size(disk.size()) => BootDevice::Floppy,
+            Format::Raw if kiln_image::is_floppy_size(disk.reader().virtual_size()) => {
+                BootDevice::Floppy
+            }
             _ => BootDevice::HardDisk,
         });
         let config = VmConfig {
@@ -147,7 +146,7 @@ impl BuiltinVm {
                 (Box::new(socket.clone()), Some(socket))
             }
         };
-        let mut vm = Vm::new(config, disk, console)
+        let mut vm = Vm::new(config, Box::new(disk), console)
             .with_context(|| format!("{}: cannot start the VM", opts.image.display()))?;
         let handle = vm.handle();
         let terminal = match socket {

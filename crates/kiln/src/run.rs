@@ -135,26 +135,25 @@ pub fn supervise(
             .into_iter()
             .chain(std::iter::from_fn(|| events.try_recv().ok()))
         {
-            let (stop, timeout) = match event {
+            // Everything but a kill presses the button (once) with this timeout.
+            let timeout = match event {
                 Event::Ended => continue,
                 Event::Signal(_) if deadline.is_some() => {
                     let mut end = vm.kill();
                     end.description = "killed (second signal)".into();
                     break 'run end;
                 }
-                Event::Signal(_) => (true, stop_timeout),
+                Event::Signal(_) => stop_timeout,
                 Event::Control(incoming) => {
                     let what = incoming.request.clone();
                     waiting.push(incoming);
                     match what {
                         Request::Kill => break 'run vm.kill(),
-                        Request::Stop { timeout_s } => {
-                            (true, Duration::from_secs_f64(timeout_s.max(0.0)))
-                        }
+                        Request::Stop { timeout_s } => Duration::from_secs_f64(timeout_s.max(0.0)),
                     }
                 }
             };
-            if stop && deadline.is_none() {
+            if deadline.is_none() {
                 tracing::info!("pressing the ACPI power button");
                 if let Err(e) = vm.power_button() {
                     tracing::warn!("power button: {e:#}");
