@@ -356,23 +356,23 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => kiln::control::free_name(),
     };
+    // One KVM probe (it creates a throw-away VM): asked for the builtin engine, or for no
+    // engine, where KVM decides.
     let engine = match args.engine {
-        Some(e) => e,
-        None => match kiln_vmm::kvm_available() {
-            Ok(()) => Engine::Builtin,
-            Err(why) => {
+        Some(Engine::Qemu) => Engine::Qemu,
+        explicit => match (kiln_vmm::kvm_available(), explicit) {
+            (Ok(()), _) => Engine::Builtin,
+            (Err(why), Some(Engine::Builtin)) => {
+                anyhow::bail!("the builtin engine needs KVM: {why} (or use --engine qemu)")
+            }
+            (Err(why), _) => {
                 tracing::info!("{why}; using the qemu engine");
                 Engine::Qemu
             }
         },
     };
-    if engine == Engine::Builtin {
-        if args.machine.is_some() || args.accel.is_some() {
-            anyhow::bail!("--machine and --accel apply to --engine qemu only");
-        }
-        if let Err(why) = kiln_vmm::kvm_available() {
-            anyhow::bail!("the builtin engine needs KVM: {why} (or use --engine qemu)");
-        }
+    if engine == Engine::Builtin && (args.machine.is_some() || args.accel.is_some()) {
+        anyhow::bail!("--machine and --accel apply to --engine qemu only");
     }
     let media = args.media.map(|m| match m {
         MediaArg::Disk => kiln_qemu::Media::Disk,
