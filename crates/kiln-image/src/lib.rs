@@ -27,7 +27,7 @@ pub use iso::{write_boot_iso, BOOT_CATALOG_PATH, BOOT_IMAGE_PATH};
 pub use qcow2::create_overlay;
 
 /// A disk image format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Plain disk content, byte for byte.
@@ -244,6 +244,39 @@ pub const FLOPPY_SIZES: [u64; 8] = [
 /// Whether a raw image of `len` bytes is a floppy disk rather than a hard disk.
 pub fn is_floppy_size(len: u64) -> bool {
     FLOPPY_SIZES.contains(&len)
+}
+
+/// How a firmware guest sees a boot image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMedia {
+    /// A hard disk (BIOS drive 0x80).
+    Disk,
+    /// A CD-ROM (El Torito).
+    Cdrom,
+    /// A floppy disk (BIOS drive 0x00).
+    Floppy,
+}
+
+impl BootMedia {
+    /// `disk`, `cdrom` or `floppy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BootMedia::Disk => "disk",
+            BootMedia::Cdrom => "cdrom",
+            BootMedia::Floppy => "floppy",
+        }
+    }
+}
+
+/// The one rule every engine (and kiln-web) uses to boot an image: an ISO is a CD, a raw image
+/// of a floppy size is a floppy, anything else is a hard disk.
+pub fn boot_media(format: Format, virtual_size: u64) -> BootMedia {
+    match format {
+        Format::Iso => BootMedia::Cdrom,
+        Format::Raw if is_floppy_size(virtual_size) => BootMedia::Floppy,
+        _ => BootMedia::Disk,
+    }
 }
 
 /// Detect the format from the file content: magic numbers (QCOW2 `QFI\xfb`, VMDK `KDMV`, VDI
