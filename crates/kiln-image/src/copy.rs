@@ -22,11 +22,12 @@ const BUFFERS: usize = 3;
 enum Piece {
     /// `len` bytes of data at `offset` in the buffer.
     Data(u64, Vec<u8>, usize),
-    /// Everything before this offset is done (an unallocated extent was skipped).
+    /// Everything before this offset is done (a zero or unallocated extent was skipped).
     Skipped(u64),
 }
 
-/// Stream `size` bytes of `source` into `sink`, skipping unallocated extents and zero runs.
+/// Stream `size` bytes of `source` into `sink`, skipping zero and unallocated extents and zero
+/// runs inside data.
 /// `out` is the output file whose writeback is started as we go (see [`start_writeback`]).
 ///
 /// Reading runs on a scoped helper thread, writing on the caller's, so the two overlap;
@@ -70,10 +71,11 @@ fn read_pieces(
     let mut off = 0u64;
     while off < size {
         let want = size - off;
-        let (data, len) = source.block_status(off, want)?;
-        // A reader must make progress; treat a zero-length answer as one data chunk.
+        let (status, len) = source.block_status(off, want)?;
+        // A reader must make progress; treat a zero-length answer as one byte.
         let len = len.clamp(1, want);
-        if !data {
+        // Zero and unallocated extents are both skipped: they stay holes / unallocated.
+        if !status.is_data() {
             off += len;
             if full.send(Piece::Skipped(off)).is_err() {
                 return Ok(()); // writer gave up; its error is reported

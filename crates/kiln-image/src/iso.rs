@@ -1,12 +1,75 @@
-//! Bootable ISO 9660 + El Torito CD via `hadris-iso`.
+//! ISO 9660: read (and written in place) as raw, detected by `CD001`, checked against the
+//! volume size; bootable El Torito CDs are written by [`write_boot_iso`] via `hadris-iso`.
 
+use std::fs::File;
 use std::path::Path;
 
 use hadris_fs::{Content, Node, Tree};
 use hadris_iso::{BootEntry, ElTorito, IsoId, IsoOptions};
 
+use crate::driver::{Check, Driver, Sniff};
+use crate::raw::RawDevice;
 use crate::util::{self, TempOut};
-use crate::ImageError;
+use crate::{Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+
+/// ISO 9660: a raw disk whose file must hold the whole volume.
+pub(crate) struct IsoDriver;
+
+impl Driver for IsoDriver {
+    fn format(&self) -> Format {
+        Format::Iso
+    }
+    /// The first volume descriptor's `CD001` at 0x8001.
+    fn probe_hint(&self, file: &Sniff<'_>) -> Result<bool, ImageError> {
+        file.has_at(0x8001, b"CD001")
+    }
+    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
+        Ok(Box::new(open(path, false)?))
+    }
+    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
+        Ok(Box::new(open(path, true)?))
+    }
+    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+        let r = open(path, false)?;
+        Ok(Check::single(path, r.virtual_size(), Vec::new()))
+    }
+    fn write(
+        &self,
+        _source: &mut dyn ImageReader,
+        output: &Path,
+        _opts: &WriteOptions,
+        _progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), ImageError> {
+        Err(ImageError::unsupported(
+            output,
+            "writing ISO from a disk image is not supported; use write_boot_iso",
+        ))
+    }
+}
+
+/// The whole file as a disk, after checking that it is not shorter than the volume.
+fn open(path: &Path, writable: bool) -> Result<RawDevice, ImageError> {
+    let dev = RawDevice::open(path, Format::Iso, writable)?;
+    check_volume_size(&dev.range.file, path, dev.range.size)?;
+    Ok(dev)
+}
+
+/// An ISO's primary volume descriptor states the volume's size; a shorter file was truncated.
+fn check_volume_size(file: &File, path: &Path, size: u64) -> Result<(), ImageError> {
+    let mut pvd = [0u8; 0x82];
+    util::read_exact_at(file, path, &mut pvd, 0x8000, Format::Iso)?;
+    let blocks = u32::from_le_bytes([pvd[0x50], pvd[0x51], pvd[0x52], pvd[0x53]]) as u64;
+    let block_size = u16::from_le_bytes([pvd[0x80], pvd[0x81]]) as u64;
+    let volume = blocks * block_size;
+    if volume > size {
+        return Err(ImageError::corrupt(
+            path,
+            Format::Iso,
+            format!("the volume is {volume} bytes but the file is only {size} (truncated?)"),
+        ));
+    }
+    Ok(())
+}
 
 /// Path of the boot file inside the ISO tree.
 pub const BOOT_IMAGE_PATH: &str = "BOOT/BOOT.IMG";

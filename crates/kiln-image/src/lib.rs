@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod copy;
+mod driver;
 mod iso;
 mod qcow2;
 mod raw;
@@ -215,9 +216,36 @@ pub trait ImageReader: Send {
     fn virtual_size(&self) -> u64;
     /// Fill `buf` from the virtual disk at `offset`; reads past the end are an error.
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError>;
-    /// `(is_data, len)`: the extent starting at `offset` that is all data or all
-    /// zero/unallocated (`1 ≤ len ≤ max_len`). "Data" may still contain zeros.
-    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError>;
+    /// `(status, len)`: the extent starting at `offset` whose `len` bytes all have one
+    /// [`BlockStatus`] (`1 ≤ len ≤ max_len`, except at or past the end of the disk, where it is
+    /// `Unallocated` with `len ≥ 1`).
+    fn block_status(&mut self, offset: u64, max_len: u64)
+        -> Result<(BlockStatus, u64), ImageError>;
+}
+
+/// How a range of a virtual disk is stored, as reported by [`ImageReader::block_status`].
+///
+/// Only `Data` needs reading: the other two read as zeros, and converting skips them (they
+/// become holes or unallocated blocks in the output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockStatus {
+    /// Stored in the image. May still contain zeros.
+    Data,
+    /// Known to read as zeros, without data stored: QCOW2 zero clusters, VMDK zero grains and
+    /// `ZERO` extents, VDI zeroed blocks, and holes (`SEEK_HOLE`) in plain files (raw, ISO,
+    /// VMDK flat extents, fixed VHD), which have no backing file to fall through to.
+    Zero,
+    /// Not allocated in this image: QCOW2 unallocated clusters, VMDK unallocated grains,
+    /// unallocated VHD and VDI blocks, and anything past the end of the disk. Reads as zeros
+    /// (this crate refuses images with a backing file).
+    Unallocated,
+}
+
+impl BlockStatus {
+    /// Whether the range has data stored (and so must be read and copied).
+    pub fn is_data(self) -> bool {
+        self == BlockStatus::Data
+    }
 }
 
 /// A virtual disk that can also be written in place (for the builtin VMM's int 13h writes).
@@ -288,7 +316,7 @@ pub fn boot_media(format: Format, virtual_size: u64) -> BootMedia {
 /// truncated fixed VHD or a VDI with a damaged header looks like, and booting or converting it
 /// as raw would silently hand out garbage.
 pub fn detect(path: &Path) -> Result<Format, ImageError> {
-    let format = detect_content(path)?;
+    let format = driver::detect_content(path)?;
     match Format::from_extension(path) {
         Some(named) if format == Format::Raw && named != Format::Raw => Err(ImageError::corrupt(
             path,
@@ -303,72 +331,15 @@ pub fn detect(path: &Path) -> Result<Format, ImageError> {
     }
 }
 
-fn detect_content(path: &Path) -> Result<Format, ImageError> {
-    let file = util::open_ro(path)?;
-    let len = util::file_len(&file, path)?;
-    let mut head = [0u8; 512];
-    let n = util::read_up_to(&file, path, &mut head, 0)?;
-    let head = &head[..n];
-    if head.starts_with(b"QFI\xfb") {
-        return Ok(Format::Qcow2);
-    }
-    if head.starts_with(b"KDMV") {
-        return Ok(Format::Vmdk);
-    }
-    if head.len() >= 0x44 && head[0x40..0x44] == vdi::SIGNATURE.to_le_bytes() {
-        return Ok(Format::Vdi);
-    }
-    if head.starts_with(b"conectix") {
-        return Ok(Format::Vhd);
-    }
-    if vmdk::looks_like_descriptor(head) {
-        return Ok(Format::Vmdk);
-    }
-    if len >= 512 {
-        let mut foot = [0u8; 8];
-        util::read_exact_at(&file, path, &mut foot, len - 512, Format::Raw)?;
-        if &foot == b"conectix" {
-            return Ok(Format::Vhd);
-        }
-    }
-    if len >= 0x8006 {
-        let mut cd = [0u8; 5];
-        util::read_exact_at(&file, path, &mut cd, 0x8001, Format::Raw)?;
-        if &cd == b"CD001" {
-            return Ok(Format::Iso);
-        }
-    }
-    Ok(Format::Raw)
-}
-
 /// Open an image of any supported format for reading (format detected from content).
 pub fn open(path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-    Ok(match detect(path)? {
-        Format::Raw => Box::new(raw::RawDevice::open(path, Format::Raw, false)?),
-        Format::Iso => Box::new(raw::RawDevice::open(path, Format::Iso, false)?),
-        Format::Qcow2 => Box::new(qcow2::Qcow2Reader::open(path)?),
-        Format::Vmdk => Box::new(vmdk::VmdkReader::open(path)?),
-        Format::Vhd => Box::new(vhd::VhdReader::open(path)?),
-        Format::Vdi => Box::new(vdi::VdiReader::open(path)?),
-    })
+    driver::driver(detect(path)?).open(path)
 }
 
 /// Open an image for reading and writing in place. Supported: raw (and ISO as raw), VMDK
 /// monolithicFlat, VHD fixed, QCOW2. Other layouts are refused with [`ImageError::Unsupported`].
 pub fn open_rw(path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-    Ok(match detect(path)? {
-        Format::Raw => Box::new(raw::RawDevice::open(path, Format::Raw, true)?),
-        Format::Iso => Box::new(raw::RawDevice::open(path, Format::Iso, true)?),
-        Format::Qcow2 => Box::new(qcow2::Qcow2Reader::open_rw(path)?),
-        Format::Vmdk => Box::new(vmdk::open_flat_rw(path)?),
-        Format::Vhd => Box::new(vhd::open_fixed_rw(path)?),
-        Format::Vdi => {
-            return Err(ImageError::unsupported(
-                path,
-                "writing VDI images in place is not supported (convert to raw or qcow2)",
-            ))
-        }
-    })
+    driver::driver(detect(path)?).open_rw(path)
 }
 
 /// Open the image, validate its structure thoroughly (like `qemu-img check`) and report.
@@ -377,18 +348,14 @@ pub fn open_rw(path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
 /// allow reading (leaked clusters, overlapping blocks, …) are listed in `problems`.
 pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
     let format = detect(path)?;
-    let (virtual_size, files, problems) = match format {
-        Format::Raw | Format::Iso => {
-            let r = raw::RawDevice::open(path, format, false)?;
-            (r.virtual_size(), vec![path.to_path_buf()], Vec::new())
-        }
-        Format::Qcow2 => qcow2::check(path)?,
-        Format::Vmdk => vmdk::check(path)?,
-        Format::Vhd => vhd::check(path)?,
-        Format::Vdi => vdi::check(path)?,
-    };
+    let driver = driver::driver(format);
+    let driver::Check {
+        virtual_size,
+        files,
+        problems,
+    } = driver.check(path)?;
     // Every format must also open through the normal reader.
-    open(path)?;
+    driver.open(path)?;
     let mut allocated_size = 0;
     for f in &files {
         allocated_size += util::allocated_bytes(f)?;
@@ -441,17 +408,7 @@ pub fn write_image_with(
     opts: &WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
-    match format {
-        Format::Raw => raw::write(source, output, opts, progress),
-        Format::Qcow2 => qcow2::write(source, output, opts, progress),
-        Format::Vmdk => vmdk::write_flat(source, output, opts, progress),
-        Format::Vhd => vhd::write_fixed(source, output, opts, progress),
-        Format::Vdi => vdi::write(source, output, opts, progress),
-        Format::Iso => Err(ImageError::unsupported(
-            output,
-            "writing ISO from a disk image is not supported; use write_boot_iso",
-        )),
-    }
+    driver::driver(format).write(source, output, opts, progress)
 }
 
 /// [`open`] `input` and [`write_image`] it to `output` as `format`.

@@ -1,12 +1,41 @@
-//! Raw images (and ISO read as raw), plus the plain "byte range of a file" extent that VMDK
-//! flat extents and fixed VHDs reuse.
+//! Raw images: the driver, plus the plain "byte range of a file" extent that ISO, VMDK flat
+//! extents and fixed VHDs reuse.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::copy::{check_range, copy, Sink};
+use crate::driver::{Check, Driver};
 use crate::util::{self, TempOut};
-use crate::{Format, ImageDevice, ImageError, ImageReader};
+use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+
+/// Raw: plain disk content. Never probed (it is what detection falls back to).
+pub(crate) struct RawDriver;
+
+impl Driver for RawDriver {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
+        Ok(Box::new(RawDevice::open(path, Format::Raw, false)?))
+    }
+    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
+        Ok(Box::new(RawDevice::open(path, Format::Raw, true)?))
+    }
+    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+        let r = RawDevice::open(path, Format::Raw, false)?;
+        Ok(Check::single(path, r.virtual_size(), Vec::new()))
+    }
+    fn write(
+        &self,
+        source: &mut dyn ImageReader,
+        output: &Path,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), ImageError> {
+        write(source, output, opts, progress)
+    }
+}
 
 /// A range `[base, base+size)` of a plain file exposed as a disk.
 pub(crate) struct FileRange {
@@ -14,8 +43,8 @@ pub(crate) struct FileRange {
     pub(crate) path: PathBuf,
     pub(crate) base: u64,
     pub(crate) size: u64,
-    /// Bytes of the file that actually exist after `base` (shorter files read as zero past EOF
-    /// only where the format allows; otherwise validated by the caller).
+    /// The format errors name and [`ImageReader::format`] reports; the file must hold the
+    /// whole range (callers validate that where the format does not guarantee it).
     pub(crate) format: Format,
 }
 
@@ -30,7 +59,11 @@ impl FileRange {
         util::write_all_at(&self.file, &self.path, buf, self.base + offset)
     }
 
-    pub(crate) fn block_status(&self, offset: u64, max_len: u64) -> (bool, u64) {
+    /// Holes are [`BlockStatus::Zero`], see [`util::file_block_status`].
+    pub(crate) fn block_status(&self, offset: u64, max_len: u64) -> (BlockStatus, u64) {
+        if offset >= self.size {
+            return (BlockStatus::Unallocated, max_len.max(1));
+        }
         let end = self.size.min(offset.saturating_add(max_len));
         let (d, l) = util::file_block_status(&self.file, self.base + offset, self.base + end);
         (d, l.max(1))
@@ -44,7 +77,8 @@ pub(crate) struct RawDevice {
 }
 
 impl RawDevice {
-    /// Opens `path` read-only (for [`crate::open`]) or read-write (for [`crate::open_rw`]).
+    /// Opens `path` read-only (for [`crate::open`]) or read-write (for [`crate::open_rw`]);
+    /// the whole file is the disk, reported as `format`.
     pub(crate) fn open(path: &Path, format: Format, writable: bool) -> Result<Self, ImageError> {
         let file = if writable {
             util::open_rw(path)?
@@ -52,9 +86,6 @@ impl RawDevice {
             util::open_ro(path)?
         };
         let size = util::file_len(&file, path)?;
-        if format == Format::Iso {
-            check_iso_size(&file, path, size)?;
-        }
         Ok(RawDevice {
             range: FileRange {
                 file,
@@ -77,7 +108,11 @@ impl ImageReader for RawDevice {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         self.range.read_at(buf, offset)
     }
-    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
+    fn block_status(
+        &mut self,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<(BlockStatus, u64), ImageError> {
         Ok(self.range.block_status(offset, max_len))
     }
 }
@@ -135,31 +170,15 @@ pub(crate) fn write_plain(
     )
 }
 
-pub(crate) fn write(
+/// Write `source` as a sparse raw image.
+fn write(
     source: &mut dyn ImageReader,
     output: &Path,
-    opts: &crate::WriteOptions,
+    opts: &WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let out = TempOut::create(output)?;
     let size = source.virtual_size();
     write_plain(source, out.file()?, output, size, opts.fsync, progress)?;
     util::commit(vec![out], opts.fsync)
-}
-
-/// An ISO's primary volume descriptor states the volume's size; a shorter file was truncated.
-fn check_iso_size(file: &std::fs::File, path: &Path, size: u64) -> Result<(), ImageError> {
-    let mut pvd = [0u8; 0x82];
-    util::read_exact_at(file, path, &mut pvd, 0x8000, Format::Iso)?;
-    let blocks = u32::from_le_bytes([pvd[0x50], pvd[0x51], pvd[0x52], pvd[0x53]]) as u64;
-    let block_size = u16::from_le_bytes([pvd[0x80], pvd[0x81]]) as u64;
-    let volume = blocks * block_size;
-    if volume > size {
-        return Err(ImageError::corrupt(
-            path,
-            Format::Iso,
-            format!("the volume is {volume} bytes but the file is only {size} (truncated?)"),
-        ));
-    }
-    Ok(())
 }

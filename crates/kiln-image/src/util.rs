@@ -7,7 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{Format, ImageError};
+use crate::{BlockStatus, Format, ImageError};
 
 /// Copy chunk size: big enough for throughput, small enough to never matter for memory.
 pub(crate) const CHUNK: usize = 2 << 20;
@@ -106,15 +106,16 @@ pub(crate) fn set_len(file: &File, path: &Path, len: u64) -> Result<(), ImageErr
         .map_err(|e| ImageError::io(path, "cannot set file size", e))
 }
 
-/// Data/hole status of a plain file region `[off, end)`: `(is_data, len)` via
-/// SEEK_DATA/SEEK_HOLE. Falls back to "all data" where the filesystem cannot tell.
-pub(crate) fn file_block_status(file: &File, off: u64, end: u64) -> (bool, u64) {
+/// Data/hole status of a plain file region `[off, end)` via SEEK_DATA/SEEK_HOLE: holes are
+/// [`BlockStatus::Zero`] (a plain file has no backing file). Falls back to "all data" where
+/// the filesystem cannot tell.
+pub(crate) fn file_block_status(file: &File, off: u64, end: u64) -> (BlockStatus, u64) {
     if off >= end {
-        return (true, 0);
+        return (BlockStatus::Data, 0);
     }
     let fd = file.as_raw_fd();
     let Ok(o) = libc::off_t::try_from(off) else {
-        return (true, end - off);
+        return (BlockStatus::Data, end - off);
     };
     // SAFETY: lseek on a valid fd owned by `file`; we only use pread/pwrite elsewhere, so
     // moving the file position is harmless.
@@ -123,21 +124,21 @@ pub(crate) fn file_block_status(file: &File, off: u64, end: u64) -> (bool, u64) 
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::ENXIO) {
             // No data after `off`: hole up to EOF (and beyond, which reads as zero for us).
-            return (false, end - off);
+            return (BlockStatus::Zero, end - off);
         }
-        return (true, end - off);
+        return (BlockStatus::Data, end - off);
     }
     let data = data as u64;
     if data > off {
-        return (false, data.min(end) - off);
+        return (BlockStatus::Zero, data.min(end) - off);
     }
-    // SAFETY: as above.
+    // SAFETY: as above: lseek on a valid fd owned by `file`, which only sees pread/pwrite.
     let hole = unsafe { libc::lseek(fd, o, libc::SEEK_HOLE) };
     if hole < 0 {
-        return (true, end - off);
+        return (BlockStatus::Data, end - off);
     }
     let hole = (hole as u64).max(off + 1);
-    (true, hole.min(end) - off)
+    (BlockStatus::Data, hole.min(end) - off)
 }
 
 /// Start asynchronous writeback of everything dirty in `file`, so the final fsync overlaps

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::copy::{check_range, copy, Sink};
+use crate::driver::{Check, Driver};
 use crate::util::{self, le32, le64, TempOut};
-use crate::{Format, ImageError, ImageReader};
+use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
 
-pub(crate) const SIGNATURE: u32 = 0xBEDA_107F;
+const SIGNATURE: u32 = 0xBEDA_107F;
 const VERSION: u32 = 0x0001_0001;
 const TEXT: &[u8] = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
 const HEADER_SIZE_V1_1: u32 = 0x190;
@@ -24,7 +25,41 @@ const BMAP_OFFSET: u64 = 0x200;
 /// map stays ≤ 64 MiB whatever the header claims.
 const MAX_BLOCKS: u64 = 1 << 24;
 
-pub(crate) struct Header {
+/// VDI: dynamic (read, written) and fixed (read); never written in place.
+pub(crate) struct VdiDriver;
+
+impl Driver for VdiDriver {
+    fn format(&self) -> Format {
+        Format::Vdi
+    }
+    /// The signature `0xBEDA107F` at 0x40, after the header's text line.
+    fn probe_magic(&self, head: &[u8]) -> bool {
+        head.len() >= 0x44 && head[0x40..0x44] == SIGNATURE.to_le_bytes()
+    }
+    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
+        Ok(Box::new(VdiReader::open(path)?))
+    }
+    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
+        Err(ImageError::unsupported(
+            path,
+            "writing VDI images in place is not supported (convert to raw or qcow2)",
+        ))
+    }
+    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+        check(path)
+    }
+    fn write(
+        &self,
+        source: &mut dyn ImageReader,
+        output: &Path,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), ImageError> {
+        write(source, output, opts, progress)
+    }
+}
+
+struct Header {
     image_type: u32,
     offset_bmap: u64,
     offset_data: u64,
@@ -90,10 +125,11 @@ impl Sink for VdiSink<'_> {
     }
 }
 
-pub(crate) fn write(
+/// Write `source` as a dynamic VDI with 1 MiB blocks.
+fn write(
     source: &mut dyn ImageReader,
     output: &Path,
-    opts: &crate::WriteOptions,
+    opts: &WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size(), 512)
@@ -137,11 +173,7 @@ pub(crate) fn write(
     util::commit(vec![out], opts.fsync)
 }
 
-pub(crate) fn parse_header(
-    path: &Path,
-    file: &std::fs::File,
-    len: u64,
-) -> Result<Header, ImageError> {
+fn parse_header(path: &Path, file: &std::fs::File, len: u64) -> Result<Header, ImageError> {
     let bad = |m: String| ImageError::corrupt(path, Format::Vdi, m);
     let mut h = [0u8; 512];
     if len < 512 {
@@ -261,6 +293,16 @@ impl VdiReader {
         })
     }
 
+    /// How block `idx` is stored: an entry past the map is unallocated.
+    fn block_state(&self, idx: usize) -> BlockStatus {
+        match self.map.get(idx) {
+            Some(&ZEROED) => BlockStatus::Zero,
+            Some(&e) if e < ZEROED => BlockStatus::Data,
+            _ => BlockStatus::Unallocated,
+        }
+    }
+
+    /// File offset of block `idx`'s data, if allocated.
     fn block_offset(&self, idx: usize) -> Option<u64> {
         match self.map.get(idx) {
             Some(&e) if e < ZEROED => Some(
@@ -307,14 +349,23 @@ impl ImageReader for VdiReader {
         }
         Ok(())
     }
-    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
+    /// Zeroed blocks are [`BlockStatus::Zero`], unallocated ones
+    /// [`BlockStatus::Unallocated`].
+    fn block_status(
+        &mut self,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<(BlockStatus, u64), ImageError> {
+        if offset >= self.hdr.disk_size {
+            return Ok((BlockStatus::Unallocated, max_len.max(1)));
+        }
         let bs = self.hdr.block_size;
         let end = self.hdr.disk_size.min(offset.saturating_add(max_len));
-        let first = self.block_offset((offset / bs) as usize).is_some();
+        let first = self.block_state((offset / bs) as usize);
         let mut pos = offset;
         while pos < end {
             let idx = (pos / bs) as usize;
-            if self.block_offset(idx).is_some() != first {
+            if self.block_state(idx) != first {
                 break;
             }
             pos = (idx as u64 + 1) * bs;
@@ -324,7 +375,7 @@ impl ImageReader for VdiReader {
 }
 
 /// Structural check: block map entries unique and inside the file, counts consistent.
-pub(crate) fn check(path: &Path) -> Result<(u64, Vec<PathBuf>, Vec<String>), ImageError> {
+fn check(path: &Path) -> Result<Check, ImageError> {
     let r = VdiReader::open(path)?;
     let mut problems = Vec::new();
     let mut seen = vec![false; r.hdr.blocks_allocated as usize];
@@ -358,5 +409,5 @@ pub(crate) fn check(path: &Path) -> Result<(u64, Vec<PathBuf>, Vec<String>), Ima
             r.file_len, r.hdr.blocks_allocated
         ));
     }
-    Ok((r.hdr.disk_size, vec![path.to_path_buf()], problems))
+    Ok(Check::single(path, r.hdr.disk_size, problems))
 }

@@ -8,9 +8,10 @@
 use std::path::Path;
 
 use crate::copy::check_range;
+use crate::driver::{Check, Driver, Sniff};
 use crate::raw::{write_plain, FileRange, RawDevice};
 use crate::util::{self, be32, be64, TempOut};
-use crate::{Format, ImageError, ImageReader};
+use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
 
 const FOOTER: usize = 512;
 const COOKIE: &[u8; 8] = b"conectix";
@@ -21,6 +22,41 @@ const TYPE_DIFF: u32 = 4;
 const MIB: u64 = 1 << 20;
 /// Seconds between the Unix epoch and 2000-01-01 00:00:00 UTC (VHD timestamps).
 const VHD_EPOCH: u64 = 946_684_800;
+
+/// VHD: fixed (read, written in place, written) and dynamic (read).
+pub(crate) struct VhdDriver;
+
+impl Driver for VhdDriver {
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+    /// `conectix` at 0: a dynamic disk's footer copy.
+    fn probe_magic(&self, head: &[u8]) -> bool {
+        head.starts_with(COOKIE)
+    }
+    /// `conectix` in the footer, the file's last 512 bytes.
+    fn probe_hint(&self, file: &Sniff<'_>) -> Result<bool, ImageError> {
+        Ok(file.len >= FOOTER as u64 && file.has_at(file.len - FOOTER as u64, COOKIE)?)
+    }
+    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
+        Ok(Box::new(VhdReader::open(path)?))
+    }
+    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
+        Ok(Box::new(open_fixed_rw(path)?))
+    }
+    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+        check(path)
+    }
+    fn write(
+        &self,
+        source: &mut dyn ImageReader,
+        output: &Path,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), ImageError> {
+        write_fixed(source, output, opts, progress)
+    }
+}
 
 /// Ones' complement of the byte sum, skipping the checksum field itself.
 fn checksum(buf: &[u8], field: usize) -> u32 {
@@ -90,10 +126,11 @@ pub(crate) fn footer(size: u64) -> [u8; FOOTER] {
     f
 }
 
-pub(crate) fn write_fixed(
+/// Write `source` as a fixed VHD, its size rounded up to 1 MiB.
+fn write_fixed(
     source: &mut dyn ImageReader,
     output: &Path,
-    opts: &crate::WriteOptions,
+    opts: &WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = util::round_up(source.virtual_size().max(1), MIB)
@@ -296,10 +333,19 @@ impl ImageReader for VhdReader {
             }
         }
     }
-    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<(bool, u64), ImageError> {
+    /// Fixed: holes in the file are [`BlockStatus::Zero`]. Dynamic: blocks missing from the
+    /// BAT are [`BlockStatus::Unallocated`], allocated blocks data.
+    fn block_status(
+        &mut self,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<(BlockStatus, u64), ImageError> {
         match self {
             VhdReader::Fixed(r) => Ok(r.block_status(offset, max_len)),
             VhdReader::Dynamic(d) => {
+                if offset >= d.range.size {
+                    return Ok((BlockStatus::Unallocated, max_len.max(1)));
+                }
                 let end = d.range.size.min(offset.saturating_add(max_len));
                 let first = d.block_offset((offset / d.block_size) as usize).is_some();
                 let mut pos = offset;
@@ -310,14 +356,19 @@ impl ImageReader for VhdReader {
                     }
                     pos = (idx as u64 + 1) * d.block_size;
                 }
-                Ok((first, (pos.min(end) - offset).max(1)))
+                let status = if first {
+                    BlockStatus::Data
+                } else {
+                    BlockStatus::Unallocated
+                };
+                Ok((status, (pos.min(end) - offset).max(1)))
             }
         }
     }
 }
 
 /// Open a fixed VHD for in-place writing (dynamic VHDs are refused).
-pub(crate) fn open_fixed_rw(path: &Path) -> Result<RawDevice, ImageError> {
+fn open_fixed_rw(path: &Path) -> Result<RawDevice, ImageError> {
     let size = match VhdReader::open(path)? {
         VhdReader::Fixed(r) => r.size,
         VhdReader::Dynamic(_) => {
@@ -340,9 +391,7 @@ pub(crate) fn open_fixed_rw(path: &Path) -> Result<RawDevice, ImageError> {
 }
 
 /// Structural check of a VHD: footer, geometry, size alignment, BAT sanity.
-pub(crate) fn check(
-    path: &Path,
-) -> Result<(u64, Vec<std::path::PathBuf>, Vec<String>), ImageError> {
+fn check(path: &Path) -> Result<Check, ImageError> {
     let reader = VhdReader::open(path)?;
     let mut problems = Vec::new();
     let file = util::open_ro(path)?;
@@ -384,7 +433,7 @@ pub(crate) fn check(
             }
         }
     }
-    Ok((size, vec![path.to_path_buf()], problems))
+    Ok(Check::single(path, size, problems))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kiln_image::{convert, inspect, open, Format, ImageError};
+use kiln_image::{convert, inspect, open, BlockStatus, Format, ImageError};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -421,8 +421,8 @@ fn failed_write_leaves_nothing_behind() {
                 Ok(())
             }
         }
-        fn block_status(&mut self, _o: u64, max: u64) -> Result<(bool, u64), ImageError> {
-            Ok((true, max))
+        fn block_status(&mut self, _o: u64, max: u64) -> Result<(BlockStatus, u64), ImageError> {
+            Ok((BlockStatus::Data, max))
         }
     }
     let dir = tempfile::tempdir().unwrap();

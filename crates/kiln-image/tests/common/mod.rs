@@ -134,18 +134,18 @@ pub fn assert_same_content(image: &Path, raw: &Path) {
         got[want.len()..].iter().all(|&b| b == 0),
         "{image:?}: tail not zero"
     );
-    // block_status must agree with the data: "zero" extents really read as zero.
+    // block_status must agree with the data: zero and unallocated extents really read as zero.
     let mut off = 0u64;
     let size = r.virtual_size();
     while off < size {
-        let (data, len) = r.block_status(off, size - off).unwrap();
+        let (status, len) = r.block_status(off, size - off).unwrap();
         assert!(len >= 1 && len <= size - off);
-        if !data {
+        if !status.is_data() {
             assert!(
                 got[off as usize..(off + len) as usize]
                     .iter()
                     .all(|&b| b == 0),
-                "{image:?}: extent at {off}+{len} reported unallocated but has data"
+                "{image:?}: extent at {off}+{len} reported {status:?} but has data"
             );
         }
         off += len;

@@ -1,0 +1,164 @@
+//! QCOW2 structural check: walk the L1/L2 tables and refcount blocks and compare reference
+//! counts, like `qemu-img check`.
+
+use std::path::Path;
+
+use super::header::read_header;
+use super::{COMPRESSED, OFFSET_MASK};
+use crate::driver::Check;
+use crate::util::{self, be32, be64};
+use crate::{Format, ImageError};
+
+/// Walk all metadata and compare reference counts, like `qemu-img check`.
+pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
+    let file = util::open_ro(path)?;
+    let hdr = read_header(path, &file)?;
+    let len = util::file_len(&file, path)?;
+    let cs = 1u64 << hdr.cluster_bits;
+    let nclusters = len.div_ceil(cs) as usize;
+    let mut problems: Vec<String> = Vec::new();
+    let mut refs = vec![0u32; nclusters];
+    let push = |problems: &mut Vec<String>, m: String| {
+        if problems.len() < 50 {
+            problems.push(m);
+        }
+    };
+    let mut add = |problems: &mut Vec<String>, off: u64, bytes: u64, what: &str| {
+        if off % cs != 0 && what != "compressed data" {
+            push(
+                problems,
+                format!("{what} at offset {off} is not cluster aligned"),
+            );
+        }
+        let first = off / cs;
+        let last = (off + bytes.max(1) - 1) / cs;
+        for c in first..=last {
+            match refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    push(
+                        problems,
+                        format!(
+                            "{what} at offset {off} lies beyond the end of the file ({len} bytes)"
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    add(&mut problems, 0, cs, "header");
+    add(&mut problems, hdr.l1_offset, hdr.l1_size * 8, "L1 table");
+    add(
+        &mut problems,
+        hdr.rt_offset,
+        hdr.rt_clusters * cs,
+        "refcount table",
+    );
+
+    let mut l1 = vec![0u8; (hdr.l1_size * 8) as usize];
+    util::read_exact_at(&file, path, &mut l1, hdr.l1_offset, Format::Qcow2)?;
+    let mut l2 = vec![0u8; cs as usize];
+    let csize_shift = 62 - (hdr.cluster_bits - 8);
+    for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+        let l2_off = e & OFFSET_MASK;
+        if l2_off == 0 {
+            continue;
+        }
+        if l2_off % cs != 0 || l2_off + cs > len {
+            push(&mut problems, format!("L1 entry {i}: L2 table offset {l2_off} is misaligned or beyond the end of the file"));
+            continue;
+        }
+        add(&mut problems, l2_off, cs, "L2 table");
+        util::read_exact_at(&file, path, &mut l2, l2_off, Format::Qcow2)?;
+        for (j, e) in l2.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+            if e & COMPRESSED != 0 {
+                let coff = e & ((1u64 << csize_shift) - 1);
+                let sectors = ((e >> csize_shift) & ((1u64 << (62 - csize_shift)) - 1)) + 1;
+                add(&mut problems, coff & !511, sectors * 512, "compressed data");
+                continue;
+            }
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                let guest = ((i as u64 * (cs / 8)) + j as u64) * cs;
+                if guest >= hdr.size {
+                    push(
+                        &mut problems,
+                        format!("L2 entry maps guest offset {guest} beyond the virtual size"),
+                    );
+                }
+                add(&mut problems, off, cs, "data cluster");
+            }
+        }
+    }
+
+    // Refcount blocks and stored refcounts.
+    let bits = 1u64 << hdr.refcount_order;
+    let per_block = cs * 8 / bits;
+    let mut rt = vec![0u8; (hdr.rt_clusters * cs) as usize];
+    util::read_exact_at(&file, path, &mut rt, hdr.rt_offset, Format::Qcow2)?;
+    let mut stored = vec![0u64; nclusters];
+    let mut block = vec![0u8; cs as usize];
+    for (i, e) in rt.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+        let off = e & !511;
+        if off == 0 {
+            continue;
+        }
+        if off % cs != 0 || off + cs > len {
+            push(&mut problems, format!("refcount table entry {i}: block offset {off} is misaligned or beyond the end of the file"));
+            continue;
+        }
+        add(&mut problems, off, cs, "refcount block");
+        util::read_exact_at(&file, path, &mut block, off, Format::Qcow2)?;
+        for k in 0..per_block {
+            let cluster = i as u64 * per_block + k;
+            let v = read_refcount(&block, k, bits);
+            match stored.get_mut(cluster as usize) {
+                Some(s) => *s = v,
+                None if v != 0 => push(
+                    &mut problems,
+                    format!("refcount for cluster {cluster} beyond the end of the file is {v}"),
+                ),
+                None => {}
+            }
+        }
+    }
+    if hdr.nb_snapshots == 0 {
+        let mut leaked = 0u64;
+        for (c, (&want, &have)) in refs.iter().zip(stored.iter()).enumerate() {
+            let want = want as u64;
+            if have < want {
+                push(
+                    &mut problems,
+                    format!(
+                        "cluster {c} (offset {}) is in use but its refcount is {have}",
+                        c as u64 * cs
+                    ),
+                );
+            } else if have > want {
+                leaked += 1;
+            }
+        }
+        if leaked > 0 {
+            push(
+                &mut problems,
+                format!("{leaked} leaked clusters (refcount set but unused)"),
+            );
+        }
+    }
+    Ok(Check::single(path, hdr.size, problems))
+}
+
+fn read_refcount(block: &[u8], idx: u64, bits: u64) -> u64 {
+    match bits {
+        64 => be64(block, idx as usize * 8),
+        32 => be32(block, idx as usize * 4) as u64,
+        16 => util::be16(block, idx as usize * 2) as u64,
+        8 => block[idx as usize] as u64,
+        _ => {
+            let bit = idx * bits;
+            let byte = block[(bit / 8) as usize];
+            ((byte >> (bit % 8)) as u64) & ((1 << bits) - 1)
+        }
+    }
+}
