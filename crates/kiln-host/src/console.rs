@@ -1,31 +1,207 @@
-//! The serial console of a running VM (a Unix socket QEMU serves) and its log.
+//! Consoles: one escape sequence for all of them, the serial console a supervisor serves on a
+//! Unix socket, and the client that attaches a terminal to it.
+//!
+//! Keys: **Ctrl-A X** quits (ends the VM), **Ctrl-A D** detaches (leaves the VM running; only
+//! where there is something to detach from), **Ctrl-A Ctrl-A** sends one Ctrl-A. QEMU's own
+//! terminal console (`mon:stdio`) uses the same Ctrl-A X.
 
+use std::collections::VecDeque;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Host, HostError, VmState};
+use crate::HostError;
 
-/// Ctrl-] leaves an interactive console, as in telnet.
-pub const DETACH_KEY: u8 = 0x1d;
+/// Ctrl-A, the console escape (as in QEMU and screen).
+pub const ESCAPE: u8 = 0x01;
+
+/// The line shown when a console opens on a terminal.
+pub fn escape_help(detach: bool) -> &'static str {
+    if detach {
+        "Ctrl-A X quits (ends the VM), Ctrl-A D detaches"
+    } else {
+        "Ctrl-A X quits"
+    }
+}
+
+/// What a key press sequence asks for besides data for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EscapeAction {
+    Quit,
+    Detach,
+}
+
+/// The escape-sequence decoder: feeds bytes typed by the user, yields what goes to the guest.
+#[derive(Clone, Debug, Default)]
+pub struct Escape {
+    pending: bool,
+    /// Whether Ctrl-A D detaches (else it is passed on like any other key).
+    pub detach: bool,
+}
+
+impl Escape {
+    /// A decoder; `detach` makes Ctrl-A D detach.
+    pub fn new(detach: bool) -> Escape {
+        Escape {
+            pending: false,
+            detach,
+        }
+    }
+
+    /// Splits `input` into the bytes for the guest (appended to `out`) and the first action,
+    /// if any; bytes after an action are dropped.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<EscapeAction> {
+        for &b in input {
+            if !self.pending {
+                if b == ESCAPE {
+                    self.pending = true;
+                } else {
+                    out.push(b);
+                }
+                continue;
+            }
+            self.pending = false;
+            match b {
+                b'x' | b'X' => return Some(EscapeAction::Quit),
+                b'd' | b'D' if self.detach => return Some(EscapeAction::Detach),
+                // Ctrl-A Ctrl-A sends one Ctrl-A; any other key after Ctrl-A goes as itself.
+                other => out.push(other),
+            }
+        }
+        None
+    }
+}
+
+/// How much recent output a newly connected console client is shown.
+pub const BACKLOG: usize = 64 << 10;
+
+/// A serial console served on a Unix socket by the supervisor: one client at a time gets the
+/// output (starting with a replay of the last [`BACKLOG`] bytes, so a late client still sees
+/// the banner) and its input goes to the guest; everything is also appended to a log.
+#[derive(Clone)]
+pub struct SocketConsole {
+    listener: Arc<UnixListener>,
+    path: PathBuf,
+    state: Arc<Mutex<SocketState>>,
+}
+
+#[derive(Default)]
+struct SocketState {
+    backlog: VecDeque<u8>,
+    client: Option<UnixStream>,
+    log: Option<fs::File>,
+}
+
+impl SocketConsole {
+    /// Listens on `path` (replacing a stale socket), appending output to `log`.
+    pub fn bind(path: &Path, log: Option<&Path>) -> Result<SocketConsole, HostError> {
+        let _ = fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| HostError::io(format!("{}: cannot listen", path.display()), e))?;
+        let log = log
+            .map(|l| {
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(l)
+                    .map_err(|e| HostError::io(format!("{}: cannot open", l.display()), e))
+            })
+            .transpose()?;
+        Ok(SocketConsole {
+            listener: Arc::new(listener),
+            path: path.to_path_buf(),
+            state: Arc::new(Mutex::new(SocketState {
+                log,
+                ..SocketState::default()
+            })),
+        })
+    }
+
+    /// Accepts clients one after another, each replacing the previous one; what a client
+    /// sends goes to `input`.
+    pub fn serve(&self, input: impl Fn(&[u8]) + Clone + Send + 'static) {
+        let this = self.clone();
+        thread::spawn(move || {
+            for conn in this.listener.incoming().map_while(Result::ok) {
+                let Ok(reader) = conn.try_clone() else {
+                    continue;
+                };
+                {
+                    let Ok(mut state) = this.state.lock() else {
+                        return;
+                    };
+                    let (a, b) = state.backlog.as_slices();
+                    let mut w = &conn;
+                    if w.write_all(a).and_then(|_| w.write_all(b)).is_err() {
+                        continue;
+                    }
+                    state.client = Some(conn);
+                }
+                let input = input.clone();
+                thread::spawn(move || {
+                    let mut reader = reader;
+                    let mut buf = [0u8; 512];
+                    while let Ok(n @ 1..) = reader.read(&mut buf) {
+                        input(&buf[..n]);
+                    }
+                });
+            }
+        });
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Write for SocketConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("console lock poisoned"))?;
+        state.backlog.extend(buf);
+        let excess = state.backlog.len().saturating_sub(BACKLOG);
+        state.backlog.drain(..excess);
+        if let Some(log) = &mut state.log {
+            let _ = log.write_all(buf);
+        }
+        if let Some(client) = &state.client {
+            let mut w = client;
+            if w.write_all(buf).is_err() {
+                // The client went away; output keeps filling the backlog for the next one.
+                state.client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// How a console session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsoleEnd {
-    /// The user pressed Ctrl-] (interactive).
+    /// The user pressed Ctrl-A D (interactive).
     Detached,
+    /// The user pressed Ctrl-A X: the caller ends the VM.
+    Quit,
     /// Input ended and the output went quiet (pipes).
     InputDone,
     /// The VM closed the console: it ended.
     VmEnded,
 }
 
-/// Connects to `socket` and relays stdin to the guest's serial port and its output to stdout.
-/// `interactive` puts a terminal stdin in raw mode and makes Ctrl-] detach; otherwise stdin is
-/// sent as is and, once it ends, output is relayed until `linger` passes without any.
+/// Connects to the console `socket` and relays stdin to the guest's serial port and its output
+/// to stdout. `interactive` puts a terminal stdin in raw mode and decodes the escape keys;
+/// otherwise stdin is sent as is and, once it ends, output is relayed until `linger` passes
+/// without any.
 pub fn attach_console(
     socket: &Path,
     interactive: bool,
@@ -38,7 +214,7 @@ pub fn attach_console(
         )
     })?;
     let _raw = if interactive {
-        RawMode::enable(0)
+        kiln_sys::term::SavedTerminal::raw(0)
     } else {
         None
     };
@@ -50,135 +226,125 @@ fn relay(
     interactive: bool,
     linger: Duration,
 ) -> Result<ConsoleEnd, HostError> {
-    let mut stdout = std::io::stdout();
-    let mut buf = [0u8; 4096];
-    let mut stdin_open = true;
-    let mut quiet_since = Instant::now();
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: 0,
-                events: if stdin_open { libc::POLLIN } else { 0 },
-                revents: 0,
-            },
-        ];
-        let n_fds = if stdin_open { 2 } else { 1 };
-        // SAFETY: poll on a valid array of pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n_fds, 100) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(HostError::io("console: poll failed", e));
-        }
-        if fds[0].revents != 0 {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return Ok(ConsoleEnd::VmEnded),
-                Ok(n) => {
-                    let _ = stdout.write_all(&buf[..n]);
-                    let _ = stdout.flush();
-                    quiet_since = Instant::now();
-                }
-            }
-        }
-        if stdin_open && fds[1].revents != 0 {
-            // SAFETY: read(2) into our buffer from fd 0.
-            let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                stdin_open = false;
-                quiet_since = Instant::now();
-            } else {
-                let data = &buf[..n as usize];
-                if interactive {
-                    if let Some(i) = data.iter().position(|&b| b == DETACH_KEY) {
-                        let _ = stream.write_all(&data[..i]);
-                        return Ok(ConsoleEnd::Detached);
-                    }
-                }
-                stream
-                    .write_all(data)
-                    .map_err(|e| HostError::io("console: cannot write to the guest", e))?;
-            }
-        }
-        if !stdin_open && quiet_since.elapsed() >= linger {
-            return Ok(ConsoleEnd::InputDone);
-        }
+    use std::sync::mpsc;
+    // Two threads feed one channel: the guest's output and the user's input.
+    enum Chunk {
+        Guest(Vec<u8>),
+        GuestClosed,
+        User(Vec<u8>),
+        UserClosed,
     }
-}
-
-/// A terminal in raw mode, restored on drop.
-struct RawMode {
-    fd: i32,
-    saved: libc::termios,
-}
-
-impl RawMode {
-    fn enable(fd: i32) -> Option<RawMode> {
-        // SAFETY: tcgetattr/tcsetattr on fd with a zeroed struct it fills.
-        unsafe {
-            if libc::isatty(fd) != 1 {
-                return None;
-            }
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(fd, &mut t) != 0 {
-                return None;
-            }
-            let saved = t;
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(fd, libc::TCSANOW, &t);
-            Some(RawMode { fd, saved })
-        }
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        // SAFETY: restores attributes read from the same fd.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
-    }
-}
-
-impl Host {
-    /// Writes the VM's serial log to `out`; with `follow`, keeps writing what the guest prints
-    /// until the VM stops.
-    pub fn write_log(
-        &self,
-        name: &str,
-        follow: bool,
-        out: &mut dyn Write,
-    ) -> Result<(), HostError> {
-        let rec = self.get(name)?;
-        let path = &rec.meta.log;
-        let mut pos = 0u64;
+    let (tx, rx) = mpsc::sync_channel::<Chunk>(64);
+    let mut from_guest = stream
+        .try_clone()
+        .map_err(|e| HostError::io("console: cannot clone the socket", e))?;
+    let guest_tx = tx.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
         loop {
-            let running = follow && self.get(name)?.effective_state() != VmState::Stopped;
-            match fs::File::open(path) {
-                Ok(mut f) => {
-                    f.seek(SeekFrom::Start(pos)).map_err(|e| {
-                        HostError::io(format!("{}: cannot read", path.display()), e)
-                    })?;
-                    let mut chunk = Vec::new();
-                    f.read_to_end(&mut chunk).map_err(|e| {
-                        HostError::io(format!("{}: cannot read", path.display()), e)
-                    })?;
-                    pos += chunk.len() as u64;
-                    if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
-                        return Ok(()); // the reader went away (a closed pipe)
+            match from_guest.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = guest_tx.send(Chunk::GuestClosed);
+                    return;
+                }
+                Ok(n) => {
+                    if guest_tx.send(Chunk::Guest(buf[..n].to_vec())).is_err() {
+                        return;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(HostError::io(format!("{}: cannot read", path.display()), e)),
             }
-            if !running {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
+    });
+    thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Chunk::UserClosed);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.send(Chunk::User(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = std::io::stdout();
+    let mut escape = Escape::new(true);
+    let mut input_done: Option<Instant> = None;
+    loop {
+        let wait = match input_done {
+            Some(at) => linger.saturating_sub(at.elapsed()),
+            None => Duration::from_secs(3600),
+        };
+        let chunk = match rx.recv_timeout(wait) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) if input_done.is_some() => {
+                return Ok(ConsoleEnd::InputDone)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(ConsoleEnd::VmEnded),
+        };
+        match chunk {
+            Chunk::Guest(data) => {
+                if stdout
+                    .write_all(&data)
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    // Our reader went away (a closed pipe): nothing more to show.
+                    return Ok(ConsoleEnd::InputDone);
+                }
+                if input_done.is_some() {
+                    input_done = Some(Instant::now());
+                }
+            }
+            Chunk::GuestClosed => return Ok(ConsoleEnd::VmEnded),
+            Chunk::UserClosed => input_done = Some(Instant::now()),
+            Chunk::User(data) => {
+                let mut out = Vec::with_capacity(data.len());
+                let action = if interactive {
+                    escape.feed(&data, &mut out)
+                } else {
+                    out = data;
+                    None
+                };
+                if !out.is_empty() {
+                    stream
+                        .write_all(&out)
+                        .map_err(|e| HostError::io("console: cannot write to the guest", e))?;
+                }
+                match action {
+                    Some(EscapeAction::Detach) => return Ok(ConsoleEnd::Detached),
+                    Some(EscapeAction::Quit) => return Ok(ConsoleEnd::Quit),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keys() {
+        let mut e = Escape::new(true);
+        let mut out = Vec::new();
+        assert_eq!(e.feed(b"ab\x01\x01c", &mut out), None);
+        assert_eq!(out, b"ab\x01c");
+        out.clear();
+        // An escape split across two reads still counts.
+        assert_eq!(e.feed(b"z\x01", &mut out), None);
+        assert_eq!(e.feed(b"d", &mut out), Some(EscapeAction::Detach));
+        assert_eq!(out, b"z");
+        let mut e = Escape::new(false);
+        out.clear();
+        assert_eq!(e.feed(b"\x01d\x01X", &mut out), Some(EscapeAction::Quit));
+        assert_eq!(out, b"d", "without detaching, Ctrl-A D sends d");
     }
 }

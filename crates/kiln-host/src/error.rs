@@ -1,13 +1,17 @@
 use std::path::PathBuf;
 
-/// Errors of kiln-host. Each names the input or file and what is wrong, in one line.
+/// Errors of kiln-host. Each names the input or file and what is wrong, in one line. Values
+/// are named by their field in [`crate::VmRequest`] (`vcpus`, `ram_mib`, ...), never by a
+/// command-line flag: the CLI maps fields to its flags.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("invalid VM name '{name}': {why}")]
     InvalidName { name: String, why: &'static str },
-    #[error("{what} {value}: {why}")]
+    #[error("{field} {value}: {why}")]
     InvalidValue {
-        what: &'static str,
+        /// The request field: `vcpus`, `ram_mib`, `home_size`, `var_size`, `image`, `rootfs`,
+        /// `kernel`, `disk`, `engine`, `machine`, ...
+        field: &'static str,
         value: String,
         why: String,
     },
@@ -17,30 +21,37 @@ pub enum HostError {
         path: PathBuf,
         why: String,
     },
-    #[error("a VM named '{0}' already exists (kiln vm rm {0} to remove it)")]
-    NameInUse(String),
-    #[error("no VM named '{0}'")]
+    #[error("{}", if *running { format!("a VM named '{name}' is already running (see `kiln ps`)") } else { format!("a VM named '{name}' already exists (kiln vm rm {name} to remove it)") })]
+    NameInUse { name: String, running: bool },
+    #[error("no VM named '{0}' (see `kiln ps`)")]
     NoSuchVm(String),
     #[error("VM '{0}' is running; stop it first or pass --force")]
     Running(String),
-    #[error("VM '{0}' is not running")]
+    #[error("no running VM named '{0}' (see `kiln ps`)")]
     NotRunning(String),
     #[error("{path}: {why}")]
     State { path: PathBuf, why: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
-        #[source]
         source: std::io::Error,
     },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error("VM '{name}' failed to start: {detail}")]
     Start { name: String, detail: String },
+    #[error("VM '{name}': {detail}")]
+    Control { name: String, detail: String },
+    #[error("the builtin engine cannot run here: {0}")]
+    NoKvm(String),
     #[error(transparent)]
     Qemu(#[from] kiln_qemu::QemuError),
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
+    #[error(transparent)]
+    Rootfs(#[from] kiln_rootfs::RootfsError),
+    #[error(transparent)]
+    Vmm(#[from] kiln_vmm::VmmError),
 }
 
 impl HostError {
@@ -48,6 +59,18 @@ impl HostError {
         HostError::Io {
             what: what.into(),
             source,
+        }
+    }
+
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        why: impl Into<String>,
+    ) -> HostError {
+        HostError::InvalidValue {
+            field,
+            value: value.to_string(),
+            why: why.into(),
         }
     }
 }

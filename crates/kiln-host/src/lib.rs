@@ -1,40 +1,42 @@
-//! kiln's Linux microVM lifecycle on one host.
+//! kiln's one VM model: one launch spec, one engine interface, one registry, one supervisor.
 //!
-//! A [`Host`] is a state directory (`$KILN_HOME`, default `~/.local/share/kiln`) holding
-//! `vms/NAME/` for each VM: `vm.json` (written atomically), the copy-on-write root overlay
-//! (a QCOW2 file whose backing file is the read-only base rootfs), the VM's own ext4 disks for
-//! `/home` and `/var`, `serial.log`, and the console and QMP sockets.
-//!
-//! [`Host::run`] validates a [`RunRequest`], claims the name (exactly one of two racing runs
-//! wins), prepares storage and starts the VM through an [`Engine`] under a small supervisor
-//! process that records how the VM ended. [`Host::stop`] presses the ACPI power button and
-//! kills after a timeout; [`Host::kill`], [`Host::remove`] and [`Host::list`] do the rest.
+//! - [`VmSpec`] (`spec`) is everything an engine needs to start a VM: name, resources, boot
+//!   (a firmware disk with its media, or a Linux kernel + initrd + cmdline + disks), console,
+//!   network. Requests ([`DiskRequest`], [`RunRequest`]) are validated into one.
+//! - [`Engine`] (`engine/`) starts a spec and returns a [`Running`] handle: power button,
+//!   wait, kill. Three engines: the builtin VMM, QEMU pc/q35, QEMU microvm.
+//! - [`End`] says how a VM ended and maps it to the exit code every command uses.
+//! - [`Host`] is the registry: `$KILN_HOME/vms/NAME/vm.json` for every VM, foreground or
+//!   background, and the operations on it (run, list, stop, kill, rm, logs).
+//! - The supervisor (`supervisor`) runs every VM: in the `kiln run` process for a foreground
+//!   VM, in a re-executed `kiln __supervise` ([`supervise_main`]) for a background one.
 
 mod console;
+mod end;
 mod engine;
 mod error;
-mod image;
-mod lock;
+mod host;
+mod linux;
 mod name;
-mod proc;
-mod run;
-mod size;
+mod spec;
 mod state;
-mod storage;
+mod supervisor;
 
-pub use console::{attach_console, ConsoleEnd, DETACH_KEY};
-pub use engine::{Ended, Engine, LaunchDisk, LaunchSpec, QemuMicrovm, ShutdownWatch, Started};
-pub use error::HostError;
-pub use image::{ImageManifest, IMAGE_MANIFEST};
-pub use kiln_image::create_overlay;
-pub use name::{generate_name, validate_name};
-pub use proc::rss_kib;
-pub use run::{
-    Host, RunRequest, StopReport, DEFAULT_RAM_MIB, DEFAULT_VCPUS, MAX_RAM_MIB, MAX_VCPUS,
+pub use console::{
+    attach_console, escape_help, ConsoleEnd, Escape, EscapeAction, SocketConsole, ESCAPE,
 };
-pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE};
-pub use state::{now_rfc3339, VmConfig, VmDisk, VmMeta, VmRecord, VmState};
-pub use storage::{extract_dir, make_ext4_disk};
+pub use end::End;
+pub use engine::{engine, Engine, Running};
+pub use error::HostError;
+pub use host::{supervise_main, DiskRequest, Host, SUPERVISE_COMMAND};
+pub use linux::{RunRequest, DEFAULT_RAM_MIB, DEFAULT_VCPUS};
+pub use name::{generate_name, validate_name};
+pub use spec::{
+    default_firmware_engine, Boot, ConsoleSpec, EngineKind, NetSpec, VmDisk, VmSpec,
+    FIRMWARE_RAM_MIB, MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB,
+};
+pub use state::{VmKind, VmMeta, VmRecord, VmState, VM_JSON};
+pub use supervisor::DEFAULT_STOP_TIMEOUT;
 
 /// Result alias for this crate.
 pub type Result<T, E = HostError> = std::result::Result<T, E>;

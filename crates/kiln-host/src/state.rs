@@ -1,21 +1,33 @@
-//! `vm.json`: what kiln knows about one VM, written atomically (temp file + rename).
+//! `vm.json`: what kiln knows about one VM, written atomically (temp file + rename), and the
+//! locks that say whether anyone still looks after it.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kiln_sys::lock::is_locked;
 use serde::{Deserialize, Serialize};
 
-use crate::{proc, HostError};
+use crate::{End, HostError, VmSpec};
 
-/// A VM's lifecycle state as recorded; [`VmRecord::effective_state`] also checks the pid.
+/// The record's file name in a VM's directory.
+pub const VM_JSON: &str = "vm.json";
+/// Serialises read-modify-write updates of `vm.json`.
+pub(crate) const LOCK: &str = "lock";
+/// Held by the process creating the VM (storage, start) for as long as that takes.
+pub(crate) const CREATE_LOCK: &str = "create.lock";
+/// Held by the VM's supervisor for as long as it runs: the VM is alive exactly while it is.
+pub(crate) const SUPERVISOR_LOCK: &str = "supervisor.lock";
+
+/// A VM's lifecycle state as recorded; [`VmRecord::effective_state`] also checks the locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
-    /// Storage is being prepared or QEMU is starting.
+    /// Storage is being prepared or the engine is starting.
     Creating,
     Running,
     Stopped,
+    /// Its creator died before the VM ran (`kiln vm rm` removes it).
+    Failed,
 }
 
 impl VmState {
@@ -24,108 +36,123 @@ impl VmState {
             VmState::Creating => "creating",
             VmState::Running => "running",
             VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
         }
     }
 }
 
-/// Runtime facts about a VM: identity, process, sockets, files, state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What kind of guest a VM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKind {
+    /// A BIOS guest booted from a disk image.
+    Firmware,
+    /// A Linux kernel booted directly.
+    Linux,
+}
+
+/// Runtime facts about a VM: identity, processes, sockets, files, state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmMeta {
     /// A random 128-bit id (hex), unique across re-used names.
     pub id: String,
     pub name: String,
-    /// The engine's process (QEMU) while it runs.
+    pub kind: VmKind,
+    /// Runs in the foreground of a `kiln run` and is removed when it ends.
+    #[serde(default)]
+    pub foreground: bool,
+    /// The engine's process (QEMU; the supervisor itself for the builtin VMM) while it runs.
     pub pid: Option<u32>,
     /// The process start time (clock ticks after boot): guards against pid reuse.
     pub pid_start: Option<u64>,
-    /// The kiln supervisor that waits for the VM and records how it ended.
+    /// The kiln supervisor that runs the VM and records how it ended.
     pub supervisor_pid: Option<u32>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub stopped_at: Option<String>,
     /// The guest's IP address on its network, when it has one.
     pub guest_ip: Option<String>,
-    /// `none`, or `user` (QEMU user-mode networking).
+    /// `none`, or `user` (user-mode networking).
     pub net: String,
     /// Host port on 127.0.0.1 forwarded to the guest's SSH port (user networking).
     pub ssh_port: Option<u16>,
-    /// QMP socket for control commands (power button, quit).
+    /// The supervisor's control socket (stop, kill, quit).
     pub control_socket: PathBuf,
-    /// The serial console's socket (`kiln vm console`).
-    pub console_socket: PathBuf,
-    /// The serial log.
-    pub log: PathBuf,
-    /// The image directory the VM came from, when `--image` was used.
+    /// The serial console's socket (`kiln vm console`), when it has one.
+    pub console_socket: Option<PathBuf>,
+    /// The serial log, when it has one.
+    pub log: Option<PathBuf>,
+    /// The image directory or disk image the VM came from.
     pub image: Option<PathBuf>,
     /// The read-only base root filesystem (the overlay's backing file).
-    pub rootfs: PathBuf,
-    pub kernel: PathBuf,
+    pub rootfs: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     /// The VM's copy-on-write root: a QCOW2 file backed by `rootfs`.
-    pub overlay: PathBuf,
+    pub overlay: Option<PathBuf>,
     /// The VM's own /home disk.
-    pub home_disk: PathBuf,
+    pub home_disk: Option<PathBuf>,
     /// The VM's own /var disk.
-    pub var_disk: PathBuf,
+    pub var_disk: Option<PathBuf>,
     pub state: VmState,
-    /// How the VM ended (`guest powered off`, `killed`, ...), once stopped.
+    /// How the VM ended, once stopped.
+    pub end: Option<End>,
+    /// How the VM ended, for people (`guest powered off`, `killed`, ...).
     pub exit_reason: Option<String>,
 }
 
-/// One disk as the machine sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmDisk {
-    /// The guest device (`/dev/vda`).
-    pub device: String,
-    /// What the guest mounts it on (`/`, `/home`, `/var`).
-    pub mount: String,
-    pub path: PathBuf,
-    /// `qcow2` or `raw`.
-    pub format: String,
-    /// Virtual size in bytes.
-    pub size: u64,
-    pub read_only: bool,
-}
-
-/// The effective machine configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmConfig {
-    pub vcpu: u32,
-    pub ram_mib: u32,
-    pub disks: Vec<VmDisk>,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    /// The engine (`qemu-microvm`).
-    pub engine: String,
-    /// `kvm` or `tcg`.
-    pub accelerator: String,
-    /// The engine's full command line, for reproducing the VM by hand.
-    pub command: Vec<String>,
-}
-
-/// The content of `vm.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The content of `vm.json`: runtime facts and the launch spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub meta: VmMeta,
-    pub config: VmConfig,
+    pub config: VmSpec,
 }
 
 impl VmRecord {
-    /// The state with liveness checked: a recorded `running` VM whose process is gone is
-    /// `stopped`.
+    /// The state with liveness checked through the locks: a VM whose supervisor (or creator)
+    /// is gone is no longer running (or creating), whatever the file says.
     pub fn effective_state(&self) -> VmState {
+        let dir = &self.config.dir;
         match self.meta.state {
-            VmState::Running if !self.is_alive() => VmState::Stopped,
+            VmState::Running if !is_locked(&dir.join(SUPERVISOR_LOCK)) => VmState::Stopped,
+            VmState::Creating
+                if !is_locked(&dir.join(CREATE_LOCK)) && !is_locked(&dir.join(SUPERVISOR_LOCK)) =>
+            {
+                VmState::Failed
+            }
             s => s,
         }
     }
 
-    /// True when the engine process recorded in `pid` still runs.
+    /// True while the VM's supervisor runs it.
     pub fn is_alive(&self) -> bool {
-        self.meta
-            .pid
-            .is_some_and(|pid| proc::alive(pid, self.meta.pid_start))
+        self.effective_state() == VmState::Running
+    }
+
+    /// How the VM ended, including "its supervisor died" for a VM nobody recorded an end for.
+    pub fn end(&self) -> Option<End> {
+        match self.effective_state() {
+            VmState::Stopped => Some(self.meta.end.clone().unwrap_or_else(|| End::Crashed {
+                reason: format!(
+                    "its supervisor (pid {}) died",
+                    self.meta.supervisor_pid.unwrap_or(0)
+                ),
+            })),
+            VmState::Failed => Some(End::Crashed {
+                reason: "its creator died before it started".into(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// This record as `ls --json` shows it: effective state and end filled in.
+    pub fn effective(mut self) -> VmRecord {
+        self.meta.state = self.effective_state();
+        if let Some(end) = self.end() {
+            self.meta.exit_reason.get_or_insert_with(|| end.to_string());
+            self.meta.end = Some(end);
+        }
+        self
     }
 
     /// Reads `path` (a `vm.json`).
@@ -144,42 +171,14 @@ impl VmRecord {
             path: path.to_path_buf(),
             why: format!("cannot encode: {e}"),
         })?;
-        write_atomic(path, &json)
+        // No fsync: rename makes the update atomic for readers, and ext4 flushes a file renamed
+        // over another before the rename commits; an fsync costs milliseconds per update.
+        kiln_rootfs::write_atomic(path, &json)?;
+        Ok(())
     }
 }
 
-/// Writes `bytes` to `path` through a temp file and rename: readers see the old or new content.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.write_all(b"\n")?;
-        // No fsync: rename makes the update atomic for readers, and ext4 flushes a file
-        // renamed over another before the rename commits; an fsync here costs milliseconds
-        // on every state change.
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        HostError::io(format!("{}: cannot write", path.display()), e)
-    })
-}
-
-/// Now as RFC 3339 UTC (`2025-01-31T12:34:56.789Z`).
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates_are_rfc3339_utc_with_millis() {
-        let now = now_rfc3339();
-        assert_eq!(now.len(), "2025-01-31T12:34:56.789Z".len(), "{now}");
-        assert!(now.ends_with('Z') && now.as_bytes()[10] == b'T', "{now}");
-        assert!(humantime::parse_rfc3339(&now).is_ok(), "{now}");
-    }
+/// The path of a VM directory's `vm.json`.
+pub(crate) fn record_path(dir: &Path) -> PathBuf {
+    dir.join(VM_JSON)
 }

@@ -89,8 +89,10 @@ pub enum SerialMode {
     Terminal { bios_console: bool },
     /// Appended to a file (the VM runs headless).
     File(PathBuf),
-    /// Served on a Unix socket that one client at a time connects to (the VM runs headless).
-    UnixSocket(PathBuf),
+    /// QEMU connects to a Unix socket its supervisor listens on (the VM runs headless): the
+    /// supervisor serves the console to its clients and keeps the log. With `bios_console`,
+    /// SeaBIOS mirrors the BIOS screen onto it too.
+    Connect { path: PathBuf, bios_console: bool },
 }
 
 /// Everything needed to start one QEMU VM.
@@ -129,6 +131,15 @@ impl QemuConfig {
         }
     }
 
+    /// What [`crate::QemuVm::spawn`] starts.
+    pub fn launch(&self) -> crate::Launch {
+        crate::Launch {
+            binary: self.binary.clone(),
+            args: self.args(),
+            qmp_socket: self.qmp_socket.clone(),
+        }
+    }
+
     /// The full argument vector (without the binary).
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
@@ -164,12 +175,17 @@ impl QemuConfig {
                 opt("-monitor", "none".into());
                 opt("-serial", prefixed("file:", path));
             }
-            SerialMode::UnixSocket(path) => {
-                opt("-display", "none".into());
+            SerialMode::Connect { path, bios_console } => {
+                // -nographic is what turns SeaBIOS's serial console on; with -serial and
+                // -monitor given explicitly it adds nothing else.
+                if *bios_console {
+                    opt("-nographic", OsString::new());
+                } else {
+                    opt("-display", "none".into());
+                }
                 opt("-monitor", "none".into());
-                let mut spec = prefixed("unix:", path);
-                spec.push(",server=on,wait=off");
-                opt("-serial", spec);
+                opt("-chardev", crate::microvm::connect_chardev(path));
+                opt("-serial", "chardev:console".into());
             }
         }
         let mut qmp = prefixed("unix:", &self.qmp_socket);
@@ -203,7 +219,7 @@ impl QemuConfig {
     }
 }
 
-fn prefixed(prefix: &str, path: &std::path::Path) -> OsString {
+pub(crate) fn prefixed(prefix: &str, path: &std::path::Path) -> OsString {
     let mut s = OsString::from(prefix);
     // QEMU option values split on ','; a doubled comma is a literal one.
     let escaped = path.as_os_str().to_string_lossy().replace(',', ",,");

@@ -1,6 +1,7 @@
 //! kiln's QEMU engine.
 //!
-//! [`QemuConfig`] describes a machine and turns it into a `qemu-system-x86_64` command line;
+//! [`QemuConfig`] (pc, q35) and [`MicrovmConfig`] describe a machine and turn it into a
+//! [`Launch`] (a `qemu-system-x86_64` command line);
 //! [`QemuVm`] runs it under supervision with a [`Qmp`] connection, so kiln can press the ACPI
 //! power button and learn *why* QEMU stopped (guest power-off, host quit, kill).
 
@@ -14,7 +15,7 @@ pub use accel::{host_has_hw_virt, kvm_usable, Accel};
 pub use config::{Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode};
 pub use microvm::{default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, UserNet};
 pub use qmp::{Qmp, QmpError};
-pub use vm::{QemuVm, VmEnd};
+pub use vm::{Launch, QemuIo, QemuVm, VmEnd};
 
 use std::path::PathBuf;
 

@@ -1,5 +1,5 @@
 //! QEMU's `microvm` machine for Linux guests: direct kernel boot, virtio-mmio disks, a serial
-//! console on a Unix socket (with a log file), QMP sockets, optional user-mode networking.
+//! console connected to its supervisor's socket, a QMP socket, optional user-mode networking.
 //!
 //! The machine runs with `pit=on,pic=on` and the kernel is told the host's TSC frequency
 //! (`tsc_early_khz=`): under TCG a stock kernel otherwise hangs at "Marking TSC unstable".
@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::config::prefixed;
 use crate::{Accel, DriveFormat};
 
 /// One virtio-blk disk of a microVM. The n-th disk is `/dev/vd<a+n>` in the guest.
@@ -39,13 +40,11 @@ pub struct MicrovmConfig {
     pub cmdline: String,
     /// Disks in guest order: the first is `/dev/vda`.
     pub disks: Vec<MicrovmDisk>,
-    /// The serial console's Unix socket (QEMU listens; one client at a time).
-    pub console_socket: PathBuf,
-    /// Everything the guest writes to its serial port is appended here.
-    pub serial_log: PathBuf,
-    /// QMP sockets QEMU listens on (one connection each; several let a supervisor and a
-    /// `stop` command talk to QEMU at the same time).
-    pub qmp_sockets: Vec<PathBuf>,
+    /// The Unix socket QEMU connects the serial port to (its supervisor listens there, serves
+    /// the console and keeps the log).
+    pub serial_socket: PathBuf,
+    /// The QMP socket QEMU listens on (its supervisor's one connection).
+    pub qmp_socket: PathBuf,
     pub net: Option<UserNet>,
     pub name: Option<String>,
     /// Extra arguments appended verbatim.
@@ -53,6 +52,15 @@ pub struct MicrovmConfig {
 }
 
 impl MicrovmConfig {
+    /// What [`crate::QemuVm::spawn`] starts.
+    pub fn launch(&self) -> crate::Launch {
+        crate::Launch {
+            binary: self.binary.clone(),
+            args: self.args(),
+            qmp_socket: self.qmp_socket.clone(),
+        }
+    }
+
     /// The full argument vector (without the binary).
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
@@ -89,17 +97,11 @@ impl MicrovmConfig {
             opt("-drive", spec);
             opt("-device", format!("virtio-blk-device,drive=disk{i}").into());
         }
-        let mut chardev = prefixed("socket,id=console,path=", &self.console_socket);
-        chardev.push(",server=on,wait=off");
-        chardev.push(prefixed(",logfile=", &self.serial_log));
-        chardev.push(",logappend=on");
-        opt("-chardev", chardev);
+        opt("-chardev", connect_chardev(&self.serial_socket));
         opt("-serial", "chardev:console".into());
-        for q in &self.qmp_sockets {
-            let mut qmp = prefixed("unix:", q);
-            qmp.push(",server=on,wait=off");
-            opt("-qmp", qmp);
-        }
+        let mut qmp = prefixed("unix:", &self.qmp_socket);
+        qmp.push(",server=on,wait=off");
+        opt("-qmp", qmp);
         match &self.net {
             Some(net) => {
                 opt(
@@ -123,6 +125,12 @@ impl MicrovmConfig {
         a.extend(self.extra_args.iter().cloned());
         a
     }
+}
+
+/// A `-chardev` that connects to the Unix socket `path` at start-up, before the guest runs, so
+/// no output is ever lost.
+pub(crate) fn connect_chardev(path: &Path) -> OsString {
+    prefixed("socket,id=console,path=", path)
 }
 
 /// The kernel command line kiln boots Linux microVMs with: serial console, root on `/dev/vda`,
@@ -177,13 +185,6 @@ fn tsc_khz_from_cpuinfo(info: &str) -> Option<u64> {
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
-fn prefixed(prefix: &str, path: &Path) -> OsString {
-    let mut s = OsString::from(prefix);
-    // QEMU option values split on ','; a doubled comma is a literal one.
-    s.push(path.as_os_str().to_string_lossy().replace(',', ",,"));
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,9 +211,8 @@ mod tests {
                     read_only: false,
                 },
             ],
-            console_socket: "/v/console.sock".into(),
-            serial_log: "/v/serial.log".into(),
-            qmp_sockets: vec!["/v/qmp.sock".into(), "/v/sup.sock".into()],
+            serial_socket: "/v/serial.sock".into(),
+            qmp_socket: "/v/sup.sock".into(),
             net: None,
             name: Some("calm-otter".into()),
             extra_args: vec![],
@@ -234,10 +234,7 @@ mod tests {
         ));
         assert!(pair("-device", "virtio-blk-device,drive=disk1"));
         assert!(pair("-qmp", "unix:/v/sup.sock,server=on,wait=off"));
-        assert!(pair(
-            "-chardev",
-            "socket,id=console,path=/v/console.sock,server=on,wait=off,logfile=/v/serial.log,logappend=on"
-        ));
+        assert!(pair("-chardev", "socket,id=console,path=/v/serial.sock"));
         assert!(a.contains(&"-no-reboot".to_string()));
     }
 

@@ -1,7 +1,9 @@
-//! A supervised QEMU process: spawn, QMP, power button, wait, kill.
+//! A supervised QEMU process: spawn, QMP, power button, wait, kill. The one place kiln starts
+//! QEMU, for firmware machines (pc, q35) and microVMs alike.
 
+use std::ffi::OsString;
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -9,9 +11,38 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{QemuConfig, QemuError, Qmp};
+use kiln_sys::process::{self, ChildSetup};
+use kiln_sys::term::SavedTerminal;
 
-/// How a VM ended.
+use crate::{QemuError, Qmp};
+
+/// A QEMU process to start: the binary, its arguments and the QMP socket they make it serve.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub binary: String,
+    pub args: Vec<OsString>,
+    pub qmp_socket: PathBuf,
+}
+
+impl Launch {
+    /// The command line as strings (for vm.json and for running it by hand).
+    pub fn command_line(&self) -> Vec<String> {
+        std::iter::once(self.binary.clone())
+            .chain(self.args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect()
+    }
+}
+
+/// Where QEMU's standard streams go.
+#[derive(Clone, Debug)]
+pub enum QemuIo {
+    /// kiln's own terminal (the serial console is `mon:stdio`); restored if QEMU dies hard.
+    Terminal,
+    /// No terminal: stdin is /dev/null, stdout and stderr are appended to `log`.
+    Detached { log: PathBuf },
+}
+
+/// How QEMU ended, as QEMU tells it.
 #[derive(Clone, Debug)]
 pub struct VmEnd {
     /// QEMU's exit code, when it exited normally.
@@ -19,46 +50,24 @@ pub struct VmEnd {
     /// The signal that ended QEMU, if any.
     pub signal: Option<i32>,
     /// QEMU's shutdown reason from the QMP `SHUTDOWN` event (`guest-shutdown`, `host-qmp-quit`,
-    /// `guest-reset`, `host-signal`, ...), or `killed` when kiln killed it.
+    /// `guest-reset`, `host-signal`, ...), `killed` when kiln killed it, else `exited`.
     pub reason: String,
     /// True when the guest itself asked to stop (ACPI S5, reset).
     pub guest_initiated: bool,
-}
-
-impl VmEnd {
-    /// True when the guest powered itself off (ACPI S5).
-    pub fn guest_powered_off(&self) -> bool {
-        self.guest_initiated && self.reason == "guest-shutdown"
-    }
-
-    /// A one-line human description.
-    pub fn describe(&self) -> String {
-        match self.reason.as_str() {
-            "guest-shutdown" => "guest powered off".into(),
-            "guest-reset" => "guest reset (reboot ends the VM)".into(),
-            "guest-panic" => "guest panicked".into(),
-            "host-qmp-quit" | "host-ui" => "quit from the console".into(),
-            "host-signal" => "QEMU was stopped by a signal".into(),
-            "killed" => "killed".into(),
-            other => match (self.exit_code, self.signal) {
-                (_, Some(sig)) => format!("QEMU died from signal {sig} ({other})"),
-                (Some(code), _) => format!("QEMU exited with status {code} ({other})"),
-                _ => format!("QEMU ended ({other})"),
-            },
-        }
-    }
+    /// The last thing QEMU printed on stderr, for a crash report.
+    pub last_words: String,
 }
 
 /// A callback to run once a process has exited, whichever of the two comes first.
 #[derive(Default)]
-pub(crate) struct ExitHook {
+struct ExitHook {
     exited: bool,
     notify: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl ExitHook {
     /// Registers `notify`, or runs it now if the exit already happened.
-    pub(crate) fn set(hook: &Mutex<ExitHook>, notify: Box<dyn FnOnce() + Send>) {
+    fn set(hook: &Mutex<ExitHook>, notify: Box<dyn FnOnce() + Send>) {
         let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
         if h.exited {
             drop(h);
@@ -69,7 +78,7 @@ impl ExitHook {
     }
 
     /// Records the exit and runs a registered callback.
-    pub(crate) fn fire(hook: &Mutex<ExitHook>) {
+    fn fire(hook: &Mutex<ExitHook>) {
         let notify = {
             let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
             h.exited = true;
@@ -81,54 +90,69 @@ impl ExitHook {
     }
 }
 
-/// A running QEMU VM.
+/// A running QEMU VM. Dropping it kills QEMU.
 pub struct QemuVm {
-    pid: i32,
+    pid: u32,
     exited: Receiver<ExitStatus>,
     exit_hook: Arc<Mutex<ExitHook>>,
     end: Option<VmEnd>,
     qmp: Qmp,
+    negotiated: bool,
     qmp_socket: PathBuf,
     killed: bool,
-    terminal: Option<libc::termios>,
+    terminal: Option<SavedTerminal>,
+    stderr_tail: Arc<Mutex<String>>,
 }
 
-impl QemuVm {
-    /// Starts QEMU with kiln's own stdin/stdout (the serial console) and connects QMP.
-    pub fn spawn(config: &QemuConfig) -> Result<QemuVm, QemuError> {
-        Self::spawn_with(config, Stdio::inherit(), Stdio::inherit())
-    }
+/// How long QEMU may take to open its QMP socket.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-    /// Starts QEMU with the given stdin/stdout and connects QMP.
-    pub fn spawn_with(
-        config: &QemuConfig,
-        stdin: Stdio,
-        stdout: Stdio,
-    ) -> Result<QemuVm, QemuError> {
-        let _ = std::fs::remove_file(&config.qmp_socket);
-        // QEMU puts a terminal stdin in raw mode; if it dies hard we put it back.
-        let terminal = saved_terminal();
-        tracing::debug!("{} {:?}", config.binary, config.args());
-        let mut command = Command::new(&config.binary);
-        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-        unsafe {
-            command.pre_exec(|| {
-                // If kiln dies (even by SIGKILL), QEMU must not live on as an orphan.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command
-            .args(config.args())
-            .stdin(stdin)
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: config.binary.clone(),
-                source,
-            })?;
-        let pid = child.id() as i32;
+impl QemuVm {
+    /// Starts QEMU and returns as soon as its QMP greeting arrives (QEMU runs). QEMU gets
+    /// SIGKILL if the thread that started it dies, so it never outlives its supervisor.
+    /// Capabilities are negotiated by [`QemuVm::negotiate`] (or the first command), since QEMU
+    /// answers commands only tens of milliseconds after its greeting under TCG.
+    pub fn spawn(launch: &Launch, io: &QemuIo) -> Result<QemuVm, QemuError> {
+        let _ = fs::remove_file(&launch.qmp_socket);
+        tracing::debug!("{} {:?}", launch.binary, launch.args);
+        let mut command = Command::new(&launch.binary);
+        command.args(&launch.args);
+        process::configure(
+            &mut command,
+            ChildSetup {
+                die_with_parent: true,
+                new_session: false,
+            },
+        );
+        let terminal = match io {
+            QemuIo::Terminal => {
+                command.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+                // QEMU puts a terminal stdin in raw mode; if it dies hard we put it back.
+                SavedTerminal::save(0)
+            }
+            QemuIo::Detached { log } => {
+                let open = || {
+                    fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(log)
+                        .map_err(|source| QemuError::Io {
+                            what: format!("{}: cannot open", log.display()),
+                            source,
+                        })
+                };
+                command.stdin(Stdio::null()).stdout(open()?);
+                None
+            }
+        };
+        command.stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|source| QemuError::Spawn {
+            binary: launch.binary.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        // QEMU's stderr is passed on to ours (the terminal, or a supervisor's log) and its tail
+        // kept for the error report.
         let stderr_tail = Arc::new(Mutex::new(String::new()));
         if let Some(stderr) = child.stderr.take() {
             let tail = Arc::clone(&stderr_tail);
@@ -136,6 +160,11 @@ impl QemuVm {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let _ = writeln!(std::io::stderr(), "{line}");
                     if let Ok(mut t) = tail.lock() {
+                        // Keep only the last few lines: QEMU's stderr is not bounded.
+                        if t.len() > 4096 {
+                            let cut = t.len() - 2048;
+                            t.drain(..cut);
+                        }
                         t.push_str(&line);
                         t.push('\n');
                     }
@@ -151,53 +180,55 @@ impl QemuVm {
             }
             ExitHook::fire(&hook);
         });
-
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let fail = |e: QemuError| {
+            process::signal(pid, libc::SIGKILL);
+            if let Some(t) = &terminal {
+                t.restore();
+            }
+            e
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
         let qmp = loop {
-            match exited.recv_timeout(Duration::from_millis(5)) {
+            match exited.recv_timeout(Duration::from_millis(2)) {
                 Ok(status) => {
                     // Let the stderr thread drain what QEMU said before it died.
                     thread::sleep(Duration::from_millis(50));
-                    let said = stderr_tail
-                        .lock()
-                        .map(|t| t.trim().to_string())
-                        .unwrap_or_default();
-                    restore_terminal(terminal.as_ref());
-                    return Err(QemuError::EarlyExit {
-                        path: config.qmp_socket.clone(),
+                    let said = last_line(&stderr_tail);
+                    return Err(fail(QemuError::EarlyExit {
+                        path: launch.qmp_socket.clone(),
                         detail: if said.is_empty() {
                             status.to_string()
                         } else {
                             said
                         },
-                    });
+                    }));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    restore_terminal(terminal.as_ref());
-                    return Err(QemuError::Config("lost track of the QEMU process".into()));
+                    return Err(fail(QemuError::Config(
+                        "lost track of the QEMU process".into(),
+                    )))
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            if config.qmp_socket.exists() {
-                match Qmp::connect(&config.qmp_socket) {
+            if launch.qmp_socket.exists() {
+                match Qmp::open(&launch.qmp_socket) {
                     Ok(q) => break q,
                     Err(e) if Instant::now() > deadline => {
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                        restore_terminal(terminal.as_ref());
-                        return Err(QemuError::Qmp {
-                            path: config.qmp_socket.clone(),
+                        return Err(fail(QemuError::Qmp {
+                            path: launch.qmp_socket.clone(),
                             source: e,
-                        });
+                        }))
                     }
                     Err(_) => {}
                 }
             } else if Instant::now() > deadline {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                restore_terminal(terminal.as_ref());
-                return Err(QemuError::EarlyExit {
-                    path: config.qmp_socket.clone(),
-                    detail: "QMP socket did not appear within 10 s".into(),
-                });
+                return Err(fail(QemuError::EarlyExit {
+                    path: launch.qmp_socket.clone(),
+                    detail: format!(
+                        "QMP socket did not appear within {} s",
+                        START_TIMEOUT.as_secs()
+                    ),
+                }));
             }
         };
         Ok(QemuVm {
@@ -206,10 +237,25 @@ impl QemuVm {
             exit_hook,
             end: None,
             qmp,
-            qmp_socket: config.qmp_socket.clone(),
+            negotiated: false,
+            qmp_socket: launch.qmp_socket.clone(),
             killed: false,
             terminal,
+            stderr_tail,
         })
+    }
+
+    /// Leaves QMP's negotiation mode, so commands work and the `SHUTDOWN` event that tells how
+    /// the VM ended is delivered. Idempotent.
+    pub fn negotiate(&mut self) -> Result<(), QemuError> {
+        if !self.negotiated {
+            self.qmp.negotiate().map_err(|source| QemuError::Qmp {
+                path: self.qmp_socket.clone(),
+                source,
+            })?;
+            self.negotiated = true;
+        }
+        Ok(())
     }
 
     /// Calls `notify` (on another thread) once QEMU has exited; at once if it already has. A
@@ -220,7 +266,7 @@ impl QemuVm {
 
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
-        self.pid as u32
+        self.pid
     }
 
     /// The QMP session, for commands kiln does not wrap.
@@ -229,7 +275,8 @@ impl QemuVm {
     }
 
     /// Presses the ACPI power button (`system_powerdown`).
-    pub fn power_button(&self) -> Result<(), QemuError> {
+    pub fn power_button(&mut self) -> Result<(), QemuError> {
+        self.negotiate()?;
         self.qmp
             .execute("system_powerdown", None)
             .map(|_| ())
@@ -252,11 +299,13 @@ impl QemuVm {
                 Err(RecvTimeoutError::Disconnected) => None,
             },
         };
-        restore_terminal(self.terminal.as_ref());
+        if let Some(t) = &self.terminal {
+            t.restore();
+        }
         // The QMP reader may still be parsing the SHUTDOWN event QEMU sent just before exiting.
         let mut event = self.qmp.shutdown_event();
         let settle = Instant::now() + Duration::from_millis(200);
-        while event.is_none() && !self.killed && Instant::now() < settle {
+        while event.is_none() && self.negotiated && !self.killed && Instant::now() < settle {
             thread::sleep(Duration::from_millis(5));
             event = self.qmp.shutdown_event();
         }
@@ -278,28 +327,25 @@ impl QemuVm {
                     .as_ref()
                     .and_then(|e| e["guest"].as_bool())
                     .unwrap_or(false),
+            last_words: last_line(&self.stderr_tail),
         };
         self.end = Some(end.clone());
         Some(end)
-    }
-
-    /// Waits until QEMU exits.
-    pub fn wait(&mut self) -> VmEnd {
-        self.wait_timeout(None).unwrap_or_else(|| VmEnd {
-            exit_code: None,
-            signal: None,
-            reason: "exited".into(),
-            guest_initiated: false,
-        })
     }
 
     /// Kills QEMU at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) -> VmEnd {
         if self.end.is_none() {
             self.killed = true;
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            process::signal(self.pid, libc::SIGKILL);
         }
-        self.wait()
+        self.wait_timeout(None).unwrap_or_else(|| VmEnd {
+            exit_code: None,
+            signal: None,
+            reason: "killed".into(),
+            guest_initiated: false,
+            last_words: String::new(),
+        })
     }
 }
 
@@ -308,24 +354,19 @@ impl Drop for QemuVm {
         if self.end.is_none() {
             self.kill();
         }
-        let _ = std::fs::remove_file(&self.qmp_socket);
+        let _ = fs::remove_file(&self.qmp_socket);
     }
 }
 
-fn saved_terminal() -> Option<libc::termios> {
-    // SAFETY: isatty/tcgetattr only read the state of fd 0 into a zeroed struct.
-    unsafe {
-        if libc::isatty(0) != 1 {
-            return None;
-        }
-        let mut t: libc::termios = std::mem::zeroed();
-        (libc::tcgetattr(0, &mut t) == 0).then_some(t)
-    }
-}
-
-fn restore_terminal(saved: Option<&libc::termios>) {
-    if let Some(t) = saved {
-        // SAFETY: restores attributes previously read from the same fd.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
-    }
+fn last_line(tail: &Mutex<String>) -> String {
+    tail.lock()
+        .map(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
 }

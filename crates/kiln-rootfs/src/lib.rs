@@ -8,7 +8,11 @@
 //!   the virtio modules;
 //! - `home.ext4`, `var.ext4`: ext4 filesystems holding the image's /home and /var, the seeds of
 //!   each VM's own /home and /var disks (exact ownership and modes);
-//! - `image.json` ([`kiln_host::ImageManifest`]).
+//! - `image.json` ([`ImageManifest`]).
+//!
+//! It also holds what image builders and the VM launcher share: the image manifest
+//! ([`manifest`]), ext4 tooling ([`ext4`]) and disk sizes ([`size`]). It depends on no other
+//! kiln crate but kiln-sys.
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +20,13 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln_host::ImageManifest;
+pub mod ext4;
+pub mod manifest;
+pub mod size;
+
+pub use ext4::{extract_dir, make_ext4_disk, make_seeded_disk, Seed};
+pub use manifest::{ImageManifest, IMAGE_MANIFEST};
+pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
 const BUILDER_VERSION: u32 = 1;
@@ -148,8 +158,29 @@ pub enum RootfsError {
         value: String,
         why: String,
     },
-    #[error(transparent)]
-    Host(#[from] kiln_host::HostError),
+    #[error("{tool} failed: {detail}")]
+    ToolFailed { tool: String, detail: String },
+    #[error("{path}: {why}")]
+    Manifest { path: PathBuf, why: String },
+}
+
+/// Writes `bytes` (and a final newline) to `path` through a temporary file in the same
+/// directory and a rename: readers see the old content or the new, never half of it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RootfsError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.write_all(b"\n")?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        RootfsError::Io {
+            what: format!("{}: cannot write", path.display()),
+            source,
+        }
+    })
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -229,7 +260,7 @@ impl DebianOptions {
         if self.size < 512 << 20 {
             return Err(bad(
                 "size",
-                &kiln_host::format_size(self.size),
+                &format_size(self.size),
                 "a Debian root filesystem needs at least 512M",
             ));
         }
@@ -309,21 +340,13 @@ pub fn build_debian(
     for (dir, file) in [("home", "home.ext4"), ("var", "var.ext4")] {
         let target = out.join(file);
         let _ = fs::remove_file(&target);
-        kiln_host::make_ext4_disk(
-            &target,
-            kiln_host::DEFAULT_DISK_SIZE,
-            Some(&root.join(dir)),
-            dir,
-        )?;
+        make_ext4_disk(&target, DEFAULT_DISK_SIZE, Some(&root.join(dir)), dir)?;
     }
 
-    progress(&format!(
-        "making rootfs.ext4 ({})",
-        kiln_host::format_size(opts.size)
-    ));
+    progress(&format!("making rootfs.ext4 ({})", format_size(opts.size)));
     let rootfs = out.join("rootfs.ext4");
     let _ = fs::remove_file(&rootfs);
-    kiln_host::make_ext4_disk(&rootfs, opts.size, Some(&root), "kiln-root")?;
+    make_ext4_disk(&rootfs, opts.size, Some(&root), "kiln-root")?;
 
     let manifest = ImageManifest {
         name: format!("debian-{}", opts.suite),
@@ -333,7 +356,7 @@ pub fn build_debian(
         cmdline: String::new(),
         home_seed: Some("home.ext4".into()),
         var_seed: Some("var.ext4".into()),
-        created_at: Some(kiln_host::now_rfc3339()),
+        created_at: Some(kiln_sys::now_rfc3339()),
         builder: serde_json::json!({
             "builder": "kiln image debian",
             "version": BUILDER_VERSION,
@@ -430,7 +453,7 @@ pub fn cached_debian_image(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, RootfsError> {
     let dir = cache_root.join(format!("kiln-debian-{}", opts.fingerprint()));
-    if dir.join(kiln_host::IMAGE_MANIFEST).exists() {
+    if dir.join(IMAGE_MANIFEST).exists() {
         return Ok(dir);
     }
     fs::create_dir_all(cache_root)
@@ -445,7 +468,7 @@ pub fn cached_debian_image(
     use std::os::unix::io::AsRawFd;
     // SAFETY: flock on an fd we own; released when `lock` is dropped.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    if dir.join(kiln_host::IMAGE_MANIFEST).exists() {
+    if dir.join(IMAGE_MANIFEST).exists() {
         return Ok(dir);
     }
     let tmp = cache_root.join(format!("kiln-debian-{}.tmp", opts.fingerprint()));

@@ -38,7 +38,7 @@ pub fn dispatch(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         } => {
             let opts = kiln_rootfs::DebianOptions {
                 suite,
-                size: kiln_host::parse_size(&size)?,
+                size: kiln_rootfs::parse_size(&size)?,
                 mirror,
                 extra_packages: packages,
             };

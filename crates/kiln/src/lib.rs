@@ -1,10 +1,7 @@
 //! The kiln library behind the `kiln` command: each command is a thin shell over a function here
-//! or in one of the focused crates (kiln-boot, kiln-image, kiln-qemu).
+//! or in one of the focused crates (kiln-boot, kiln-image, kiln-host, kiln-web).
 
 pub mod build;
-pub mod builtin;
-pub mod control;
-pub mod run;
 
 use std::io::Write;
 use std::path::Path;

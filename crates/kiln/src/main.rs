@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -71,23 +70,17 @@ enum Command {
         #[arg(long)]
         no_fsync: bool,
     },
-    /// Boot an image (any format kiln reads; an ISO boots as a CD). Ctrl-A X quits.
+    /// Boot an image (any format kiln reads; an ISO boots as a CD) in the foreground. Ctrl-A X
+    /// quits. Exits with the VM's end code (0 powered off, 2 killed, 3 reset, 4 crashed).
     Run(RunArgs),
-    /// Press a running VM's ACPI power button and wait for it to power off (kill after --timeout).
-    Stop {
-        name: String,
-        /// Seconds to wait for the guest before killing it.
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
-    },
-    /// End a running VM at once.
-    Kill { name: String },
-    /// List running VMs started by `kiln run`.
+    /// List VMs: every VM, foreground or background, whatever its engine (= `kiln vm ls`).
     Ps {
         #[arg(long)]
         json: bool,
     },
-    /// Linux microVMs: copy-on-write roots, per-VM disks, serial console, graceful stop.
+    #[command(flatten)]
+    Manage(vm_cmd::ManageCommand),
+    /// Background VMs: Linux microVMs (copy-on-write roots, per-VM disks) and firmware VMs.
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
     /// Build guest images: `kiln image debian OUT` (debootstrap; needs root).
@@ -95,15 +88,19 @@ enum Command {
     Image(image_cmd::ImageCommand),
     #[command(flatten)]
     Web(web_cmd::WebCommand),
+    /// A background VM's supervisor (run by kiln itself: `kiln __supervise HOME NAME`).
+    #[command(name = "__supervise", hide = true)]
+    Supervise { home: PathBuf, name: String },
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
     image: PathBuf,
     /// The engine: builtin (kiln's own VMM on KVM, milliseconds to boot) or qemu (with SeaBIOS).
-    /// Default: builtin where /dev/kvm works, else qemu.
+    /// Default: builtin where the CPU has hardware virtualization (vmx/svm), else qemu (-v says
+    /// which and why).
     #[arg(long, value_enum)]
-    engine: Option<Engine>,
+    engine: Option<EngineArg>,
     /// Serial console only: do not mirror the BIOS screen onto the terminal.
     #[arg(long, conflicts_with = "bios_console")]
     serial_only: bool,
@@ -136,19 +133,77 @@ struct RunArgs {
     console_socket: Option<PathBuf>,
 }
 
+/// A firmware engine on the command line.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Engine {
+pub(crate) enum EngineArg {
     /// kiln's own VMM on KVM with a built-in minimal BIOS.
     Builtin,
-    /// qemu-system-x86_64 with SeaBIOS.
+    /// qemu-system-x86_64 with SeaBIOS (pc, or q35 with --machine).
     Qemu,
 }
 
+/// How the guest sees a firmware disk.
 #[derive(Clone, Copy, ValueEnum)]
-enum MediaArg {
+pub(crate) enum MediaArg {
     Disk,
     Cdrom,
     Floppy,
+}
+
+impl MediaArg {
+    pub(crate) fn media(self) -> kiln_image::BootMedia {
+        match self {
+            MediaArg::Disk => kiln_image::BootMedia::Disk,
+            MediaArg::Cdrom => kiln_image::BootMedia::Cdrom,
+            MediaArg::Floppy => kiln_image::BootMedia::Floppy,
+        }
+    }
+}
+
+/// The engine and accelerator the flags ask for (`None`: kiln decides).
+pub(crate) fn engine_choice(
+    engine: Option<EngineArg>,
+    machine: Option<kiln_qemu::Machine>,
+    accel: Option<kiln_qemu::Accel>,
+) -> anyhow::Result<(Option<kiln_host::EngineKind>, Option<kiln_qemu::Accel>)> {
+    use kiln_host::EngineKind;
+    let qemu = |m: Option<kiln_qemu::Machine>| match m {
+        None | Some(kiln_qemu::Machine::Pc) => Ok(EngineKind::QemuPc),
+        Some(kiln_qemu::Machine::Q35) => Ok(EngineKind::QemuQ35),
+        Some(kiln_qemu::Machine::Microvm) => {
+            anyhow::bail!("--machine microvm boots Linux kernels: use kiln vm run --image")
+        }
+    };
+    let kind = match engine {
+        Some(EngineArg::Builtin) => {
+            if machine.is_some() || accel.is_some() {
+                anyhow::bail!("--machine and --accel apply to --engine qemu only");
+            }
+            Some(EngineKind::Builtin)
+        }
+        Some(EngineArg::Qemu) => Some(qemu(machine)?),
+        // A QEMU-only flag means QEMU.
+        None if machine.is_some() || accel.is_some() => Some(qemu(machine)?),
+        None => None,
+    };
+    Ok((kind, accel))
+}
+
+/// The registry, supervising background VMs with this very binary.
+pub(crate) fn host() -> anyhow::Result<kiln_host::Host> {
+    Ok(kiln_host::Host::from_env()?)
+}
+
+/// Prints a line on stdout; a closed stdout (`kiln ps | head -1`) ends kiln quietly.
+pub(crate) fn out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{line}")
+        .and_then(|_| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,9 +230,43 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kiln: error: {e:#}");
+            eprintln!("kiln: error: {}", report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: a cause whose text its parent already
+/// shows is not repeated. Library errors name request fields; they are shown as the flags.
+fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<kiln_host::HostError>() {
+            Some(kiln_host::HostError::InvalidValue { field, value, why }) => {
+                format!("{} {value}: {why}", flag_of(field))
+            }
+            _ => cause.to_string(),
+        };
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// The command-line flag for a request field of kiln-host.
+fn flag_of(field: &str) -> String {
+    match field {
+        "vcpus" => "--vcpu".into(),
+        "ram_mib" => "--ram".into(),
+        "disks" => "--disk".into(),
+        "name" => "NAME".into(),
+        "home" => "KILN_HOME".into(),
+        other => format!("--{}", other.replace('_', "-")),
     }
 }
 
@@ -292,45 +381,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Run(args) => return run(args),
-        Command::Stop { name, timeout } => {
-            let timeout = seconds("--timeout", timeout)?;
-            let reply = kiln::control::send(
-                &name,
-                &kiln::control::Request::Stop {
-                    timeout_s: timeout.as_secs_f64(),
-                },
-                timeout + Duration::from_secs(30),
-            )?;
-            println!("{name}: {}", reply.description);
-            if reply.outcome != "powered-off" {
-                // As `kiln vm stop`: 2 means the VM is gone, but not by the guest's own power-off.
-                return Ok(ExitCode::from(2));
-            }
-        }
-        Command::Kill { name } => {
-            let reply = kiln::control::send(
-                &name,
-                &kiln::control::Request::Kill,
-                Duration::from_secs(30),
-            )?;
-            println!("{name}: {}", reply.description);
-        }
-        Command::Ps { json } => {
-            let vms = kiln::control::list();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-            } else {
-                println!("{:<24} {:>8} {:<8} IMAGE", "NAME", "PID", "ENGINE");
-                for vm in vms {
-                    println!(
-                        "{:<24} {:>8} {:<8} {}",
-                        vm.name,
-                        vm.pid,
-                        vm.engine,
-                        vm.image.display()
-                    );
-                }
-            }
+        Command::Ps { json } => return vm_cmd::list(&host()?, json),
+        Command::Manage(cmd) => return vm_cmd::manage(&host()?, cmd),
+        Command::Supervise { home, name } => {
+            return Ok(ExitCode::from(kiln_host::supervise_main(&home, &name)))
         }
         Command::Vm(cmd) => return vm_cmd::dispatch(cmd),
         Command::Image(cmd) => return image_cmd::dispatch(cmd),
@@ -339,7 +393,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+pub(crate) fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     if !(value.is_finite() && value >= 0.0) {
         anyhow::bail!("{flag} {value}: must be a number of seconds ≥ 0");
     }
@@ -347,117 +401,32 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    use kiln::run::Event;
     let stop_timeout = seconds("--stop-timeout", args.stop_timeout)?;
-    let name = match args.name {
-        Some(n) => {
-            kiln_host::validate_name(&n)?;
-            n
-        }
-        None => kiln::control::free_name(),
-    };
-    // One KVM probe (it creates a throw-away VM): asked for the builtin engine, or for no
-    // engine, where KVM decides.
-    let engine = match args.engine {
-        Some(Engine::Qemu) => Engine::Qemu,
-        explicit => match (kiln_vmm::kvm_available(), explicit) {
-            (Ok(()), _) => Engine::Builtin,
-            (Err(why), Some(Engine::Builtin)) => {
-                anyhow::bail!("the builtin engine needs KVM: {why} (or use --engine qemu)")
-            }
-            (Err(why), _) => {
-                tracing::info!("{why}; using the qemu engine");
-                Engine::Qemu
-            }
-        },
-    };
-    if engine == Engine::Builtin && (args.machine.is_some() || args.accel.is_some()) {
-        anyhow::bail!("--machine and --accel apply to --engine qemu only");
-    }
-    let media = args.media.map(|m| match m {
-        MediaArg::Disk => kiln_qemu::Media::Disk,
-        MediaArg::Cdrom => kiln_qemu::Media::Cdrom,
-        MediaArg::Floppy => kiln_qemu::Media::Floppy,
+    let accel = args.accel.map(|a| match a {
+        AccelArg::Kvm => kiln_qemu::Accel::Kvm,
+        AccelArg::Tcg => kiln_qemu::Accel::Tcg,
     });
-    let (tx, events) = mpsc::channel();
-    let ended = tx.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("cannot install signal handlers")?;
-    let signal_tx = tx.clone();
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            if signal_tx.send(Event::Signal(sig)).is_err() {
-                break;
-            }
-        }
-    });
-    let engine_name = match engine {
-        Engine::Builtin => "builtin",
-        Engine::Qemu => "qemu",
+    let (engine, accel) = engine_choice(args.engine, args.machine, accel)?;
+    let request = kiln_host::DiskRequest {
+        name: args.name,
+        image: args.image,
+        media: args.media.map(MediaArg::media),
+        ram_mib: args.ram,
+        engine,
+        accel,
+        bios_console: !args.serial_only,
+        console_socket: args.console_socket,
     };
-    let _registration =
-        kiln::control::Registration::claim(&name, engine_name, &args.image, move |incoming| {
-            tx.send(Event::Control(incoming)).is_ok()
-        })?;
-    let outcome = match engine {
-        Engine::Builtin => {
-            let opts = kiln::builtin::BuiltinOptions {
-                image: args.image,
-                boot: media.map(|m| match m {
-                    kiln_qemu::Media::Disk => kiln_vmm::BootDevice::HardDisk,
-                    kiln_qemu::Media::Cdrom => kiln_vmm::BootDevice::Cdrom,
-                    kiln_qemu::Media::Floppy => kiln_vmm::BootDevice::Floppy,
-                }),
-                ram_mib: args.ram.unwrap_or(16),
-                serial_only: args.serial_only,
-                console_socket: args.console_socket,
-            };
-            let notify = ended.clone();
-            let mut vm = kiln::builtin::BuiltinVm::start(
-                &opts,
-                Box::new(move || {
-                    let _ = notify.send(Event::Ended);
-                }),
-            )?;
-            let outcome = kiln::run::supervise(&mut vm, &events, stop_timeout);
-            let c = vm.counters();
-            tracing::info!(
-                "VM exits: {} total ({} port I/O, {} BIOS calls, {} MMIO, {} hlt)",
-                c.total,
-                c.io,
-                c.bios,
-                c.mmio,
-                c.hlt
-            );
-            outcome
-        }
-        Engine::Qemu => {
-            let opts = kiln::run::RunOptions {
-                image: args.image,
-                machine: args.machine.unwrap_or(kiln_qemu::Machine::Pc),
-                media,
-                serial_only: args.serial_only,
-                ram_mib: args.ram.unwrap_or(128),
-                stop_timeout,
-                accel: args.accel.map(|a| match a {
-                    AccelArg::Kvm => kiln_qemu::Accel::Kvm,
-                    AccelArg::Tcg => kiln_qemu::Accel::Tcg,
-                }),
-                name: Some(name.clone()),
-                console_socket: args.console_socket,
-            };
-            kiln::run::run_qemu(&opts, &events, ended.clone())?
-        }
-    };
-    eprintln!("kiln: {}", outcome.description);
-    Ok(if outcome.success {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let end = host()?.run_foreground(&request, stop_timeout, &mut |rec| {
+        tracing::info!(
+            "{}: running on {} ({})",
+            rec.meta.name,
+            rec.config.engine.name(),
+            rec.config.accelerator.name()
+        );
+    })?;
+    eprintln!("kiln: {end}");
+    Ok(ExitCode::from(end.exit_code()))
 }
 
 /// A program loaded from `--program` (or kiln's own) and validated.

@@ -1,24 +1,36 @@
-//! `kiln vm ...`: Linux microVMs (see kiln-host). A thin shell over `kiln_host::Host`.
+//! `kiln vm ...` (and the top-level `kiln ps`, `stop`, `kill`, `logs`, `console`, `rm`, which
+//! are the same commands): a thin shell over `kiln_host::Host`, the one registry of VMs.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kiln_host::{Host, RunRequest, StopReport, VmState};
+use kiln_host::{ConsoleEnd, DiskRequest, Host, RunRequest, VmKind, VmRecord, VmState};
 
-/// Linux microVM commands.
+use crate::{seconds, EngineArg, MediaArg};
+
+/// VM commands.
 #[derive(clap::Subcommand)]
 pub enum VmCommand {
-    /// Start a Linux microVM in the background (copy-on-write root, own /home and /var disks);
-    /// prints its name and pid.
+    /// Start a VM in the background: a Linux microVM (--image, or --rootfs and --kernel;
+    /// copy-on-write root, own /home and /var disks) or a firmware VM (--disk IMAGE, any
+    /// format kiln reads). Prints its name and pid.
     Run(RunArgs),
-    /// List VMs.
+    /// List VMs (all of them, whatever their engine; `kiln ps` is the same list).
+    #[command(visible_alias = "ps")]
     Ls {
         /// Print each VM's vm.json as a JSON array.
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Manage(ManageCommand),
+}
+
+/// Commands that act on one VM by name, whatever its engine; also top-level commands.
+#[derive(clap::Subcommand)]
+pub enum ManageCommand {
     /// Print a VM's serial log.
     Logs {
         name: String,
@@ -26,7 +38,8 @@ pub enum VmCommand {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Attach to a VM's serial console (Ctrl-] detaches on a terminal; plain pipes otherwise).
+    /// Attach to a VM's serial console (on a terminal: Ctrl-A X quits, ending the VM; Ctrl-A D
+    /// detaches; with piped input, the input is sent and the output shown until it goes quiet).
     Console {
         name: String,
         /// With piped input: seconds of quiet output to wait for after the input ends.
@@ -34,15 +47,16 @@ pub enum VmCommand {
         linger: f64,
     },
     /// Press the ACPI power button and wait for the guest to power off; kill after the timeout.
+    /// Exits with the VM's end code (0 powered off, 2 killed; see the README).
     Stop {
         name: String,
         /// Seconds to wait for the guest before killing it.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
-    /// Kill a VM at once.
+    /// End a VM at once.
     Kill { name: String },
-    /// Delete a stopped VM's files (overlay, disks, logs); never the base image.
+    /// Delete a stopped VM's files (overlay, disks, logs); never a base image.
     Rm {
         name: String,
         /// Kill the VM first if it runs.
@@ -56,12 +70,27 @@ pub struct RunArgs {
     /// A unique name ([a-z0-9][a-z0-9-]{0,63}); generated (like calm-otter) when absent.
     #[arg(long)]
     name: Option<String>,
-    /// Virtual CPUs (1 to 16).
-    #[arg(long, default_value_t = kiln_host::DEFAULT_VCPUS)]
-    vcpu: u32,
-    /// Memory in MiB (at most 32768).
-    #[arg(long, default_value_t = kiln_host::DEFAULT_RAM_MIB)]
-    ram: u32,
+    /// Virtual CPUs (1 to 16; firmware VMs have 1).
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory in MiB (Linux: 128 to 32768, default 1024; firmware: default 16 builtin, 128 qemu).
+    #[arg(long)]
+    ram: Option<u32>,
+    /// A firmware disk image to boot (raw, qcow2, vmdk, vhd, vdi; an ISO boots as a CD).
+    #[arg(long, conflicts_with_all = ["image", "rootfs", "kernel", "initrd", "net"])]
+    disk: Option<PathBuf>,
+    /// Firmware VMs: the engine (default: builtin with hardware virtualization, else qemu).
+    #[arg(long, value_enum, requires = "disk")]
+    engine: Option<EngineArg>,
+    /// Firmware VMs: how the guest sees the disk (detected when absent).
+    #[arg(long, value_enum, requires = "disk")]
+    media: Option<MediaArg>,
+    /// Firmware VMs: QEMU machine type, pc or q35 (qemu engine only).
+    #[arg(long, requires = "disk")]
+    machine: Option<kiln_qemu::Machine>,
+    /// Firmware VMs: mirror the BIOS screen onto the serial console (and send keys to int 16h).
+    #[arg(long, requires = "disk")]
+    bios_console: bool,
     /// An image directory (image.json names rootfs, kernel and initrd), e.g. from `kiln image debian`.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -86,107 +115,133 @@ pub struct RunArgs {
     /// User-mode networking, with the guest's SSH port forwarded from a free port on 127.0.0.1.
     #[arg(long)]
     net: bool,
-    /// Stay on the serial console (Ctrl-] detaches; the VM keeps running).
+    /// Stay on the serial console (Ctrl-A D detaches; the VM keeps running).
     #[arg(long)]
     attach: bool,
 }
 
 pub fn dispatch(cmd: VmCommand) -> anyhow::Result<ExitCode> {
-    let host = Host::from_env()?;
+    let host = crate::host()?;
     match cmd {
-        VmCommand::Run(args) => {
-            let req = RunRequest {
-                home_size: kiln_host::parse_size(&args.home_size)
-                    .map_err(|e| anyhow::anyhow!("--home-size: {e}"))?,
-                var_size: kiln_host::parse_size(&args.var_size)
-                    .map_err(|e| anyhow::anyhow!("--var-size: {e}"))?,
-                name: args.name,
-                vcpu: args.vcpu,
-                ram_mib: args.ram,
-                image: args.image,
-                rootfs: args.rootfs,
-                kernel: args.kernel,
-                initrd: args.initrd,
-                cmdline: args.cmdline,
-                net: args.net,
-            };
-            let rec = host.run(&req)?;
-            println!("{} {}", rec.meta.name, rec.meta.pid.unwrap_or(0));
-            if let Some(port) = rec.meta.ssh_port {
-                eprintln!("kiln: ssh -p {port} root@127.0.0.1 (once the guest has booted)");
-            }
-            if args.attach {
-                return console(&host, &rec.meta.name, 1.0);
-            }
-        }
-        VmCommand::Ls { json } => {
-            let vms = host.list()?;
-            if json {
-                let mut out = Vec::new();
-                for mut rec in vms {
-                    rec.meta.state = rec.effective_state();
-                    out.push(rec);
-                }
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                println!(
-                    "{:<24} {:<9} {:>8} {:>4} {:>6} {:<5} {:<24} EXIT",
-                    "NAME", "STATE", "PID", "VCPU", "RAM", "ACCEL", "CREATED"
+        VmCommand::Run(args) => run(&host, args),
+        VmCommand::Ls { json } => list(&host, json),
+        VmCommand::Manage(cmd) => manage(&host, cmd),
+    }
+}
+
+fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let rec = match &args.disk {
+        Some(disk) => {
+            if args.vcpu.is_some_and(|v| v != 1) {
+                anyhow::bail!(
+                    "--vcpu {}: firmware VMs have exactly 1 vCPU",
+                    args.vcpu.unwrap_or(1)
                 );
-                for rec in vms {
-                    let state = rec.effective_state();
-                    let pid = match (state, rec.meta.pid) {
-                        (VmState::Running, Some(p)) => p.to_string(),
-                        _ => "-".into(),
-                    };
-                    let exit = match state {
-                        VmState::Stopped => rec
-                            .meta
-                            .exit_reason
-                            .clone()
-                            .unwrap_or_else(|| "process gone".into()),
-                        _ => String::new(),
-                    };
-                    println!(
-                        "{:<24} {:<9} {:>8} {:>4} {:>6} {:<5} {:<24} {}",
-                        rec.meta.name,
-                        state.name(),
-                        pid,
-                        rec.config.vcpu,
-                        format!("{}M", rec.config.ram_mib),
-                        rec.config.accelerator,
-                        rec.meta.created_at,
-                        exit
-                    );
-                }
             }
+            let (engine, accel) = crate::engine_choice(args.engine, args.machine, None)?;
+            host.run_disk(&DiskRequest {
+                name: args.name,
+                image: disk.clone(),
+                media: args.media.map(MediaArg::media),
+                ram_mib: args.ram,
+                engine,
+                accel,
+                bios_console: args.bios_console,
+                console_socket: None,
+            })?
         }
-        VmCommand::Logs { name, follow } => {
+        None => host.run(&RunRequest {
+            home_size: kiln_rootfs::parse_size(&args.home_size)
+                .map_err(|e| anyhow::anyhow!("--home-size: {e}"))?,
+            var_size: kiln_rootfs::parse_size(&args.var_size)
+                .map_err(|e| anyhow::anyhow!("--var-size: {e}"))?,
+            name: args.name,
+            vcpu: args.vcpu.unwrap_or(kiln_host::DEFAULT_VCPUS),
+            ram_mib: args.ram.unwrap_or(kiln_host::DEFAULT_RAM_MIB),
+            image: args.image,
+            rootfs: args.rootfs,
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            net: args.net,
+        })?,
+    };
+    crate::out(format_args!(
+        "{} {}",
+        rec.meta.name,
+        rec.meta.pid.unwrap_or(0)
+    ));
+    if let Some(port) = rec.meta.ssh_port {
+        eprintln!("kiln: ssh -p {port} root@127.0.0.1 (once the guest has booted)");
+    }
+    if args.attach {
+        return console(host, &rec.meta.name, 1.0);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln ps` / `kiln vm ls`.
+pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
+    let vms: Vec<VmRecord> = host.list()?.into_iter().map(VmRecord::effective).collect();
+    if json {
+        crate::out(format_args!("{}", serde_json::to_string_pretty(&vms)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::out(format_args!(
+        "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} END",
+        "NAME", "STATE", "KIND", "ENGINE", "PID", "VCPU", "RAM", "ACCEL", "CREATED"
+    ));
+    for rec in vms {
+        let state = rec.meta.state;
+        let pid = match (state, rec.meta.supervisor_pid.or(rec.meta.pid)) {
+            (VmState::Running, Some(p)) => p.to_string(),
+            _ => "-".into(),
+        };
+        let end = match state {
+            VmState::Stopped | VmState::Failed => rec.meta.exit_reason.clone().unwrap_or_default(),
+            _ => String::new(),
+        };
+        crate::out(format_args!(
+            "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} {}",
+            rec.meta.name,
+            state.name(),
+            match rec.meta.kind {
+                VmKind::Firmware => "firmware",
+                VmKind::Linux => "linux",
+            },
+            rec.config.engine.name(),
+            pid,
+            rec.config.vcpu,
+            format!("{}M", rec.config.ram_mib),
+            rec.config.accelerator.name(),
+            rec.meta.created_at,
+            end
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The commands on one VM by name.
+pub fn manage(host: &Host, cmd: ManageCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ManageCommand::Logs { name, follow } => {
             host.write_log(&name, follow, &mut std::io::stdout().lock())?;
         }
-        VmCommand::Console { name, linger } => {
-            if !(linger.is_finite() && linger >= 0.0) {
-                anyhow::bail!("--linger {linger}: must be a number of seconds ≥ 0");
-            }
-            return console(&host, &name, linger);
+        ManageCommand::Console { name, linger } => {
+            return console(host, &name, seconds("--linger", linger)?.as_secs_f64());
         }
-        VmCommand::Stop { name, timeout } => {
-            if !(timeout.is_finite() && timeout >= 0.0) {
-                anyhow::bail!("--timeout {timeout}: must be a number of seconds ≥ 0");
-            }
-            let report = host.stop(&name, Duration::from_secs_f64(timeout))?;
-            println!("{name}: {}", report.describe());
-            if matches!(report, StopReport::Killed { .. }) {
-                return Ok(ExitCode::from(2));
-            }
+        ManageCommand::Stop { name, timeout } => {
+            let end = host.stop(&name, seconds("--timeout", timeout)?)?;
+            crate::out(format_args!("{name}: {end}"));
+            return Ok(ExitCode::from(end.exit_code()));
         }
-        VmCommand::Kill { name } => {
-            host.kill(&name)?;
-            println!("{name}: killed");
+        ManageCommand::Kill { name } => {
+            let end = host.kill(&name)?;
+            crate::out(format_args!("{name}: {end}"));
         }
-        VmCommand::Rm { name, force } => {
+        ManageCommand::Rm { name, force } => {
             host.remove(&name, force)?;
-            println!("{name}: removed");
+            crate::out(format_args!("{name}: removed"));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -197,21 +252,33 @@ fn console(host: &Host, name: &str, linger: f64) -> anyhow::Result<ExitCode> {
     if !rec.is_alive() {
         anyhow::bail!("VM '{name}' is not running (kiln vm logs {name} shows its serial log)");
     }
+    let Some(socket) = rec.meta.console_socket.clone() else {
+        anyhow::bail!("VM '{name}' has its console on the terminal of its `kiln run`");
+    };
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("kiln: {name}'s serial console; Ctrl-] detaches (the VM keeps running)\r");
+        eprintln!(
+            "kiln: {name}'s serial console; {}\r",
+            kiln_host::escape_help(true)
+        );
     }
-    let end = kiln_host::attach_console(
-        &rec.meta.console_socket,
-        interactive,
-        Duration::from_secs_f64(linger),
-    )?;
-    if end == kiln_host::ConsoleEnd::VmEnded {
-        let rec = host.wait_stopped(name, Duration::from_secs(3))?;
-        let why = rec.meta.exit_reason.unwrap_or_else(|| "ended".into());
-        eprintln!("\r\nkiln: {name}: {why}\r");
-    } else if interactive {
-        eprintln!("\r\nkiln: detached from {name}\r");
+    let end = kiln_host::attach_console(&socket, interactive, Duration::from_secs_f64(linger))?;
+    match end {
+        ConsoleEnd::VmEnded => {
+            let rec = host.wait_stopped(name, Duration::from_secs(3))?;
+            let why = rec
+                .end()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "ended".into());
+            eprintln!("\r\nkiln: {name}: {why}\r");
+        }
+        ConsoleEnd::Quit => {
+            let end = host.quit(name)?;
+            eprintln!("\r\nkiln: {name}: {end}\r");
+            return Ok(ExitCode::from(end.exit_code()));
+        }
+        ConsoleEnd::Detached => eprintln!("\r\nkiln: detached from {name}\r"),
+        ConsoleEnd::InputDone => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -67,7 +67,7 @@ fn boot_and_power_off(engine: &str, file: &str, stop: Stop) {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|v| v["name"] == name.as_str()),
+                    .any(|v| v["meta"]["name"] == name.as_str()),
                 "kiln ps does not list {name}: {listed}"
             );
             let out = kiln(&["stop", &name, "--timeout", "10"]);

@@ -10,17 +10,31 @@ use std::time::{Duration, Instant};
 
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
+pub mod debian;
+
 /// A runtime directory of this test process's own, so `kiln ps` sees only its VMs.
 pub fn runtime_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| std::env::temp_dir().join(format!("kiln-test-rt-{}", std::process::id())))
 }
 
-/// `kiln` with the test runtime directory.
+/// A `$KILN_HOME` of this test process's own, so `kiln ps` sees only its VMs.
+pub fn kiln_home() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| std::env::temp_dir().join(format!("kiln-test-home-{}", std::process::id())))
+}
+
+/// `kiln` with the test's own state directory.
 pub fn kiln_command() -> Command {
     let mut c = Command::new(KILN);
     c.env("KILN_RUNTIME_DIR", runtime_dir());
+    c.env("KILN_HOME", kiln_home());
     c
+}
+
+/// The registry the `kiln` commands of this test process use, as a library.
+pub fn host() -> kiln_host::Host {
+    kiln_host::Host::new(kiln_home().to_path_buf()).with_supervisor(KILN)
 }
 
 /// Runs kiln with `args` and returns its output.

@@ -1,6 +1,4 @@
-//! Shared test helpers: the cached Debian image and guest shell sessions over the console.
-
-#![allow(dead_code)]
+//! The cached Debian test image and guest shell sessions over the console.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -27,7 +27,7 @@ fn overlay_is_valid_qcow2_backed_by_the_untouched_base() {
     std::fs::write(&base, vec![0xabu8; 3 << 20]).unwrap();
     let before = checksum(&base);
     let overlay = dir.path().join("root.qcow2");
-    let size = kiln_host::create_overlay(&base, &overlay).unwrap();
+    let size = kiln_image::create_overlay(&base, &overlay).unwrap();
     assert_eq!(size, 3 << 20);
     tool(
         Command::new("qemu-img")
@@ -71,7 +71,7 @@ fn overlay_is_valid_qcow2_backed_by_the_untouched_base() {
     );
     assert_eq!(before, checksum(&base), "the base image changed");
     // An existing overlay is never overwritten.
-    assert!(kiln_host::create_overlay(&base, &overlay).is_err());
+    assert!(kiln_image::create_overlay(&base, &overlay).is_err());
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn ext4_disk_is_sparse_and_holds_the_seed() {
     std::fs::create_dir_all(seed.join("lib/dpkg")).unwrap();
     std::fs::write(seed.join("lib/dpkg/status"), "Package: kiln\n").unwrap();
     let disk = dir.path().join("var.ext4");
-    kiln_host::make_ext4_disk(&disk, 1 << 30, Some(&seed), "var").unwrap();
+    kiln_rootfs::make_ext4_disk(&disk, 1 << 30, Some(&seed), "var").unwrap();
     let meta = std::fs::metadata(&disk).unwrap();
     assert_eq!(meta.len(), 1 << 30);
     use std::os::unix::fs::MetadataExt;
@@ -98,7 +98,7 @@ fn ext4_disk_is_sparse_and_holds_the_seed() {
     );
     assert_eq!(out, "Package: kiln\n");
     // And back out with extract_dir, as `kiln vm run --rootfs` does for images without seeds.
-    let x = kiln_host::extract_dir(&disk, "/lib", &dir.path().join("x")).unwrap();
+    let x = kiln_rootfs::extract_dir(&disk, "/lib", &dir.path().join("x")).unwrap();
     assert_eq!(
         std::fs::read_to_string(x.join("dpkg/status")).unwrap(),
         "Package: kiln\n"

@@ -1,11 +1,14 @@
 //! The proof with a real Debian guest on QEMU microvm: two VMs from one image, each with its own
-//! copy-on-write root and /home and /var disks, graceful stop through ACPI, vm.json, ls and rm.
+//! copy-on-write root and /home and /var disks, graceful stop through ACPI, vm.json, ls and rm;
+//! and, next to them in the same registry, a firmware VM: `kiln ps` and `kiln vm ls` list all
+//! three with the same fields, and `kiln stop` powers each kind off through the power button.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use kiln_host::{Host, HostError, QemuMicrovm, RunRequest, StopReport, VmState};
+use common::debian;
+use kiln_host::{Boot, End, Host, HostError, RunRequest, VmState};
 
 /// Kills every VM of a host when the test ends, passing or failing.
 struct KillOnDrop<'a>(&'a Host);
@@ -22,13 +25,13 @@ impl Drop for KillOnDrop<'_> {
 
 #[test]
 fn two_vms_from_one_image() {
-    let Some(image) = common::debian_image() else {
+    let Some(image) = debian::debian_image() else {
         return;
     };
-    let manifest = kiln_host::ImageManifest::load(&image).unwrap();
-    let base_before = common::sha256(&manifest.rootfs);
+    let manifest = kiln_rootfs::ImageManifest::load(&image).unwrap();
+    let base_before = debian::sha256(&manifest.rootfs);
     let home = tempfile::tempdir().unwrap();
-    let host = Host::new(home.path().to_path_buf(), Box::new(QemuMicrovm::default()));
+    let host = Host::new(home.path().to_path_buf()).with_supervisor(common::KILN);
     // VMs outlive their creator by design: a failing assertion must not leave them running.
     let _cleanup = KillOnDrop(&host);
 
@@ -61,19 +64,21 @@ fn two_vms_from_one_image() {
             ..RunRequest::default()
         })
         .unwrap_err();
-    assert!(matches!(e, HostError::NameInUse(_)), "{e}");
+    assert!(matches!(e, HostError::NameInUse { .. }), "{e}");
     assert!(host.get("proof-a").unwrap().is_alive());
 
     for name in &names {
         let log = host.vm_dir(name).join("serial.log");
-        let t = common::wait_for_log(&log, "login:", Duration::from_secs(240))
+        let t = debian::wait_for_log(&log, "login:", Duration::from_secs(240))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         eprintln!("{name}: serial login prompt after {t:?} more");
     }
 
     let mut shells: Vec<_> = names
         .iter()
-        .map(|n| common::Shell::connect(&host.get(n).unwrap().meta.console_socket))
+        .map(|n| {
+            debian::Shell::connect(host.get(n).unwrap().meta.console_socket.as_deref().unwrap())
+        })
         .collect();
     // Autologin: wait for the root shell.
     for (shell, name) in shells.iter_mut().zip(&names) {
@@ -88,7 +93,9 @@ fn two_vms_from_one_image() {
             .run("dpkg -s systemd | grep Status")
             .contains("install ok installed"));
         // resolv.conf comes from kiln.dns= through the kiln hook, not from the base image.
-        let cmdline = host.get(name).unwrap().config.cmdline;
+        let Boot::Linux { cmdline, .. } = host.get(name).unwrap().config.boot else {
+            panic!("{name} is not a Linux VM");
+        };
         let resolv = shell.run("readlink /etc/resolv.conf; cat /etc/resolv.conf");
         assert!(resolv.starts_with("/run/kiln/resolv.conf"), "{resolv}");
         if let Some(dns) = cmdline
@@ -161,14 +168,88 @@ fn two_vms_from_one_image() {
     assert_eq!(json["config"]["disks"].as_array().unwrap().len(), 3);
     assert_eq!(json["meta"]["state"], "running");
 
-    // Graceful stop through the ACPI power button, within 60 s.
-    let t0 = Instant::now();
-    let report = host.stop("proof-a", Duration::from_secs(60)).unwrap();
-    eprintln!("proof-a: {} ({:?})", report.describe(), t0.elapsed());
+    // One registry: a firmware VM started with `kiln vm run --disk` sits next to the microVMs,
+    // and `kiln ps --json` and `kiln vm ls --json` list all of them with the same fields.
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(common::KILN)
+            .env("KILN_HOME", home.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let build = home.path().join("build");
+    assert!(kiln(&["build", "--out", build.to_str().unwrap()])
+        .status
+        .success());
+    let fw = kiln(&[
+        "vm",
+        "run",
+        "--disk",
+        build.join("boot.img").to_str().unwrap(),
+        "--name",
+        "proof-fw",
+    ]);
     assert!(
-        matches!(report, StopReport::PoweredOff { .. }),
-        "{report:?}"
+        fw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fw.stderr)
     );
+    let ps: serde_json::Value = serde_json::from_slice(&kiln(&["ps", "--json"]).stdout).unwrap();
+    let ls: serde_json::Value =
+        serde_json::from_slice(&kiln(&["vm", "ls", "--json"]).stdout).unwrap();
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["meta"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&ps), ["proof-a", "proof-b", "proof-fw"], "{ps}");
+    assert_eq!(names(&ps), names(&ls));
+    let keys = |r: &serde_json::Value, part: &str| -> Vec<String> {
+        let mut k: Vec<String> = r[part].as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let rows = ps.as_array().unwrap();
+    for part in ["meta"] {
+        assert_eq!(
+            keys(&rows[0], part),
+            keys(&rows[2], part),
+            "{part} fields differ"
+        );
+    }
+    for r in rows {
+        assert_eq!(r["meta"]["state"], "running", "{r}");
+        for key in [
+            "name",
+            "vcpu",
+            "ram_mib",
+            "engine",
+            "accelerator",
+            "kind",
+            "disks",
+            "console",
+        ] {
+            assert!(r["config"].get(key).is_some(), "config.{key} missing: {r}");
+        }
+    }
+    assert_eq!(rows[0]["config"]["engine"], "qemu-microvm");
+    assert_eq!(rows[0]["meta"]["kind"], "linux");
+    assert_eq!(rows[2]["meta"]["kind"], "firmware");
+
+    // Graceful stop through the ACPI power button, within 60 s, for both kinds: exit 0 is
+    // "guest powered off" in the README's table.
+    for (name, timeout) in [("proof-fw", "10"), ("proof-a", "60")] {
+        let t0 = Instant::now();
+        let out = kiln(&["stop", name, "--timeout", timeout]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{name}: {said} ({:?})", t0.elapsed());
+        assert_eq!(out.status.code(), Some(0), "{name}: {said}");
+        assert!(said.contains("guest powered off"), "{name}: {said}");
+    }
+    assert_eq!(host.get("proof-fw").unwrap().end(), Some(End::PoweredOff));
+    host.remove("proof-fw", false).unwrap();
     let a = host.get("proof-a").unwrap();
     assert_eq!(a.effective_state(), VmState::Stopped);
     assert_eq!(a.meta.exit_reason.as_deref(), Some("guest powered off"));
@@ -199,7 +280,7 @@ fn two_vms_from_one_image() {
     // The base image was never written.
     assert_eq!(
         base_before,
-        common::sha256(&manifest.rootfs),
+        debian::sha256(&manifest.rootfs),
         "base rootfs changed"
     );
     assert!(manifest.rootfs.exists() && manifest.kernel.exists());

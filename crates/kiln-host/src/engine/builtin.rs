@@ -1,0 +1,296 @@
+//! kiln's own VMM (kiln-vmm) behind the engine interface: any image kiln-image opens becomes
+//! the boot disk, and the VM runs on a vCPU thread of this process.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use kiln_image::{BootMedia, ImageDevice, ImageReader};
+use kiln_sys::term::SavedTerminal;
+use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
+
+use super::{Engine, Running};
+use crate::console::{Escape, EscapeAction, SocketConsole};
+use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, VmSpec};
+
+/// The builtin VMM as a kiln engine (firmware guests, KVM).
+pub struct BuiltinEngine;
+
+/// A kiln-image disk as the VMM's int 13h sees it: writable where kiln-image can update the
+/// format in place, read-only otherwise (an ISO, a VDI).
+enum ImageDisk {
+    Writable(Box<dyn ImageDevice>),
+    ReadOnly(Box<dyn ImageReader>),
+}
+
+fn io_error(e: kiln_image::ImageError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl ImageDisk {
+    fn reader(&self) -> &dyn ImageReader {
+        match self {
+            ImageDisk::Writable(d) => d.as_ref(),
+            ImageDisk::ReadOnly(r) => r.as_ref(),
+        }
+    }
+}
+
+impl kiln_vmm::Disk for ImageDisk {
+    fn size(&self) -> u64 {
+        self.reader().virtual_size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        match self {
+            ImageDisk::Writable(d) => d.read_at(buf, off),
+            ImageDisk::ReadOnly(r) => r.read_at(buf, off),
+        }
+        .map_err(io_error)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let ImageDisk::Writable(image) = self else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
+        };
+        image.write_at(buf, off).map_err(io_error)?;
+        // The guest has no flush; make each BIOS write durable so a killed VM loses nothing.
+        image.flush().map_err(io_error)
+    }
+}
+
+fn open_disk(spec: &VmSpec) -> Result<ImageDisk, HostError> {
+    let disk = &spec.disks[0];
+    if disk.read_only || disk.format == kiln_image::Format::Iso {
+        return Ok(ImageDisk::ReadOnly(kiln_image::open(&disk.path)?));
+    }
+    match kiln_image::open_rw(&disk.path) {
+        Ok(image) => Ok(ImageDisk::Writable(image)),
+        // Formats kiln cannot update in place still boot; the guest's writes fail.
+        Err(kiln_image::ImageError::Unsupported { .. }) => {
+            tracing::warn!(
+                "{}: {} images open read-only here; guest disk writes will fail",
+                disk.path.display(),
+                disk.format.name()
+            );
+            Ok(ImageDisk::ReadOnly(kiln_image::open(&disk.path)?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Engine for BuiltinEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Builtin
+    }
+
+    fn command_line(&self, _spec: &VmSpec) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
+        let Boot::Firmware { media } = spec.boot else {
+            return Err(HostError::invalid(
+                "engine",
+                "builtin",
+                "the builtin VMM boots firmware guests only",
+            ));
+        };
+        kiln_vmm::kvm_available().map_err(HostError::NoKvm)?;
+        let disk = open_disk(spec)?;
+        let bios = match &spec.console {
+            ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
+        };
+        let config = VmConfig {
+            ram_mib: spec.ram_mib,
+            boot: match media {
+                BootMedia::Disk => BootDevice::HardDisk,
+                BootMedia::Cdrom => BootDevice::Cdrom,
+                BootMedia::Floppy => BootDevice::Floppy,
+            },
+            video: if bios {
+                VideoOutput::Console
+            } else {
+                VideoOutput::VgaOnly
+            },
+        };
+        let (quit_tx, quit) = mpsc::channel();
+        let (console, socket): (Box<dyn Write + Send>, _) = match &spec.console {
+            ConsoleSpec::Terminal { .. } => (Box::new(Stdout), None),
+            ConsoleSpec::Socket { path, log, .. } => {
+                let socket = SocketConsole::bind(path, log.as_deref())?;
+                (Box::new(socket.clone()), Some(socket))
+            }
+        };
+        let mut vm = Vm::new(config, Box::new(disk), console)?;
+        let handle = vm.handle();
+        let terminal = match socket {
+            Some(socket) => {
+                let input = handle.clone();
+                socket.serve(move |bytes| input.send_input(bytes));
+                None
+            }
+            None => {
+                let input = handle.clone();
+                thread::spawn(move || forward_stdin(&input, &quit_tx));
+                SavedTerminal::raw(0)
+            }
+        };
+        let (tx, ended) = mpsc::channel();
+        let notify: Arc<Mutex<EndHook>> = Arc::default();
+        let on_end = Arc::clone(&notify);
+        thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let _ = tx.send(vm.run());
+                let f = {
+                    let mut hook = on_end.lock().unwrap_or_else(|e| e.into_inner());
+                    hook.ended = true;
+                    hook.notify.take()
+                };
+                if let Some(f) = f {
+                    f();
+                }
+            })
+            .map_err(|e| HostError::io("cannot start the vCPU thread", e))?;
+        Ok(Box::new(RunningBuiltin {
+            handle,
+            ended,
+            quit,
+            end: None,
+            notify,
+            _terminal: terminal,
+        }))
+    }
+}
+
+/// A VM of the builtin engine running on its vCPU thread.
+struct RunningBuiltin {
+    handle: VmHandle,
+    ended: Receiver<Result<ExitReason, kiln_vmm::VmmError>>,
+    quit: Receiver<()>,
+    end: Option<End>,
+    notify: Arc<Mutex<EndHook>>,
+    _terminal: Option<SavedTerminal>,
+}
+
+/// The vCPU thread's end and who to tell about it.
+#[derive(Default)]
+struct EndHook {
+    ended: bool,
+    notify: Option<Box<dyn FnOnce() + Send>>,
+}
+
+fn end_of(result: Result<ExitReason, kiln_vmm::VmmError>) -> End {
+    match result {
+        Ok(ExitReason::PoweredOff) => End::PoweredOff,
+        Ok(ExitReason::Reset) => End::Reset,
+        Ok(ExitReason::Killed) => End::Killed,
+        Ok(ExitReason::Halted) => End::Crashed {
+            reason: "guest halted with interrupts off; it can never continue".into(),
+        },
+        Err(e) => End::Crashed {
+            reason: format!("VM failed: {e}"),
+        },
+    }
+}
+
+impl RunningBuiltin {
+    fn finish(&mut self, end: End) -> End {
+        self.handle.kill();
+        let _ = self.ended.recv();
+        self.end = Some(end.clone());
+        end
+    }
+}
+
+impl Running for RunningBuiltin {
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn power_button(&mut self) -> Result<(), HostError> {
+        self.handle.press_power_button();
+        Ok(())
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<End> {
+        if let Some(end) = &self.end {
+            return Some(end.clone());
+        }
+        if self.quit.try_recv().is_ok() {
+            return Some(self.finish(End::Quit));
+        }
+        let result = self.ended.recv_timeout(timeout).ok()?;
+        let end = end_of(result);
+        self.end = Some(end.clone());
+        Some(end)
+    }
+
+    fn kill(&mut self) -> End {
+        match &self.end {
+            Some(end) => end.clone(),
+            None => self.finish(End::Killed),
+        }
+    }
+
+    fn on_end(&mut self, notify: Box<dyn FnOnce() + Send>) {
+        let mut hook = self.notify.lock().unwrap_or_else(|e| e.into_inner());
+        if hook.ended {
+            drop(hook);
+            notify();
+        } else {
+            hook.notify = Some(notify);
+        }
+    }
+
+    fn statistics(&self) -> Option<String> {
+        let c = self.handle.counters();
+        Some(format!(
+            "VM exits: {} total ({} port I/O, {} BIOS calls, {} MMIO, {} hlt)",
+            c.total, c.io, c.bios, c.mmio, c.hlt
+        ))
+    }
+}
+
+/// The guest's console output: straight to stdout, flushed per write so a pipe sees it at once.
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Copies stdin to the guest through the escape decoder; ends at EOF or Ctrl-A X.
+fn forward_stdin(vm: &VmHandle, quit: &mpsc::Sender<()>) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 512];
+    let mut escape = Escape::new(false);
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut out = Vec::with_capacity(n);
+        let action = escape.feed(&buf[..n], &mut out);
+        if !out.is_empty() {
+            vm.send_input(&out);
+        }
+        if action == Some(EscapeAction::Quit) {
+            let _ = quit.send(());
+            // Ending the VM wakes the supervisor, which then finds the quit.
+            vm.kill();
+            return;
+        }
+    }
+}

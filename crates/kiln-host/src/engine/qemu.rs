@@ -1,0 +1,295 @@
+//! QEMU behind the engine interface: pc and q35 with SeaBIOS for firmware guests, microvm for
+//! Linux guests. All of them start through the one [`QemuVm`].
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use kiln_image::{BootMedia, Format};
+use kiln_qemu::{
+    Drive, DriveFormat, Launch, Machine, Media, MicrovmConfig, MicrovmDisk, QemuConfig, QemuIo,
+    QemuVm, SerialMode, UserNet, VmEnd,
+};
+
+use super::{Engine, Running};
+use crate::console::SocketConsole;
+use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, NetSpec, VmSpec};
+
+/// QEMU as a kiln engine.
+pub struct QemuEngine {
+    kind: EngineKind,
+    binary: String,
+}
+
+impl QemuEngine {
+    /// `$KILN_QEMU` or `qemu-system-x86_64` as `kind` (qemu-pc, qemu-q35 or qemu-microvm).
+    pub fn new(kind: EngineKind) -> QemuEngine {
+        QemuEngine {
+            kind,
+            binary: std::env::var("KILN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+        }
+    }
+
+    fn launch(&self, spec: &VmSpec) -> Result<(Launch, QemuIo), HostError> {
+        let qmp_socket = spec.dir.join("qmp.sock");
+        let engine_log = spec.dir.join("engine.log");
+        match &spec.boot {
+            Boot::Firmware { media } => {
+                let disk = &spec.disks[0];
+                let drive = Drive {
+                    path: disk.path.clone(),
+                    format: drive_format(disk.format)?,
+                    media: match media {
+                        BootMedia::Disk => Media::Disk,
+                        BootMedia::Cdrom => Media::Cdrom,
+                        BootMedia::Floppy => Media::Floppy,
+                    },
+                    read_only: disk.read_only,
+                };
+                let mut config = QemuConfig::firmware(drive, qmp_socket);
+                config.binary = self.binary.clone();
+                config.machine = if self.kind == EngineKind::QemuQ35 {
+                    Machine::Q35
+                } else {
+                    Machine::Pc
+                };
+                config.accel = spec.accelerator;
+                config.memory_mib = spec.ram_mib;
+                config.vcpus = spec.vcpu;
+                config.name = Some(spec.name.clone());
+                let io;
+                config.serial = match &spec.console {
+                    ConsoleSpec::Terminal { bios } => {
+                        io = QemuIo::Terminal;
+                        SerialMode::Terminal {
+                            bios_console: *bios,
+                        }
+                    }
+                    ConsoleSpec::Socket { bios, .. } => {
+                        io = QemuIo::Detached { log: engine_log };
+                        SerialMode::Connect {
+                            path: serial_socket(spec),
+                            bios_console: *bios,
+                        }
+                    }
+                };
+                Ok((config.launch(), io))
+            }
+            Boot::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let ConsoleSpec::Socket { .. } = &spec.console else {
+                    return Err(HostError::invalid(
+                        "console",
+                        "terminal",
+                        "a Linux microVM's console is a socket",
+                    ));
+                };
+                let disks = spec
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        Ok(MicrovmDisk {
+                            path: d.path.clone(),
+                            format: drive_format(d.format)?,
+                            read_only: d.read_only,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, HostError>>()?;
+                let config = MicrovmConfig {
+                    binary: self.binary.clone(),
+                    accel: spec.accelerator,
+                    memory_mib: spec.ram_mib,
+                    vcpus: spec.vcpu,
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: cmdline.clone(),
+                    disks,
+                    serial_socket: serial_socket(spec),
+                    qmp_socket,
+                    net: match spec.net {
+                        NetSpec::None => None,
+                        NetSpec::User { ssh_port } => Some(UserNet {
+                            ssh_host_port: ssh_port,
+                        }),
+                    },
+                    name: Some(spec.name.clone()),
+                    extra_args: Vec::new(),
+                };
+                Ok((config.launch(), QemuIo::Detached { log: engine_log }))
+            }
+        }
+    }
+}
+
+/// The socket QEMU connects its serial port to: the supervisor listens there and serves the
+/// console (with its backlog and log) to clients itself, the same for every engine.
+fn serial_socket(spec: &VmSpec) -> std::path::PathBuf {
+    spec.dir.join("serial.sock")
+}
+
+/// QEMU's block driver for a format kiln has validated.
+fn drive_format(format: Format) -> Result<DriveFormat, HostError> {
+    Ok(match format {
+        Format::Raw | Format::Iso => DriveFormat::Raw,
+        Format::Qcow2 => DriveFormat::Qcow2,
+        Format::Vmdk => DriveFormat::Vmdk,
+        Format::Vhd => DriveFormat::Vpc,
+        Format::Vdi => DriveFormat::Vdi,
+    })
+}
+
+impl Engine for QemuEngine {
+    fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    fn command_line(&self, spec: &VmSpec) -> Vec<String> {
+        self.launch(spec)
+            .map(|(l, _)| l.command_line())
+            .unwrap_or_default()
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
+        if let Boot::Firmware { .. } = spec.boot {
+            // Opening validates the image (and a VMDK's extents) before QEMU is given it.
+            kiln_image::open(&spec.disks[0].path)?;
+        }
+        let (launch, io) = self.launch(spec)?;
+        // The console server and the socket QEMU's serial port connects to exist before QEMU.
+        let console = match &spec.console {
+            ConsoleSpec::Socket { path, log, .. } => {
+                let server = SocketConsole::bind(path, log.as_deref())?;
+                let serial = serial_socket(spec);
+                let _ = std::fs::remove_file(&serial);
+                let listener = UnixListener::bind(&serial).map_err(|e| {
+                    HostError::io(format!("{}: cannot listen", serial.display()), e)
+                })?;
+                Some((server, listener, serial))
+            }
+            ConsoleSpec::Terminal { .. } => None,
+        };
+        tracing::info!(
+            "{}: starting {} ({})",
+            spec.name,
+            self.kind.name(),
+            spec.accelerator.name()
+        );
+        let vm = QemuVm::spawn(&launch, &io)?;
+        if let Some((server, listener, serial)) = console {
+            // QEMU connects while it initialises its devices, before its QMP greeting.
+            let qemu = accept_within(&listener, Duration::from_secs(5)).map_err(|e| {
+                HostError::io(
+                    format!("{}: QEMU did not connect its serial port", serial.display()),
+                    e,
+                )
+            })?;
+            let _ = std::fs::remove_file(&serial);
+            pump(qemu, server)?;
+        }
+        Ok(Box::new(RunningQemu { vm }))
+    }
+}
+
+/// Accepts one connection on `listener`, waiting at most `timeout`.
+fn accept_within(listener: &UnixListener, timeout: Duration) -> std::io::Result<UnixStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copies the guest's serial output from QEMU into the console server, and what the server's
+/// clients type back to QEMU.
+fn pump(qemu: UnixStream, mut server: SocketConsole) -> Result<(), HostError> {
+    let to_guest = std::sync::Arc::new(
+        qemu.try_clone()
+            .map_err(|e| HostError::io("cannot clone QEMU's serial socket", e))?,
+    );
+    server.serve(move |bytes| {
+        let _ = (&*to_guest).write_all(bytes);
+    });
+    std::thread::spawn(move || {
+        let mut qemu = qemu;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = qemu.read(&mut buf) {
+            let _ = server.write_all(&buf[..n]);
+        }
+    });
+    Ok(())
+}
+
+struct RunningQemu {
+    vm: QemuVm,
+}
+
+/// What QEMU's account of its end means.
+fn end_of(e: VmEnd) -> End {
+    match e.reason.as_str() {
+        "killed" => End::Killed,
+        "guest-shutdown" if e.guest_initiated => End::PoweredOff,
+        "guest-reset" => End::Reset,
+        "host-qmp-quit" | "host-ui" => End::Quit,
+        "guest-panic" => End::Crashed {
+            reason: "guest panicked".into(),
+        },
+        other => {
+            let how = match (e.exit_code, e.signal) {
+                (_, Some(sig)) => format!("QEMU died from signal {sig}"),
+                (Some(code), _) => format!("QEMU exited with status {code}"),
+                _ => "QEMU ended".into(),
+            };
+            let said = if e.last_words.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.last_words)
+            };
+            End::Crashed {
+                reason: format!("{how} ({other}){said}"),
+            }
+        }
+    }
+}
+
+impl Running for RunningQemu {
+    fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    fn settle(&mut self) {
+        if let Err(e) = self.vm.negotiate() {
+            tracing::debug!("QMP negotiation: {e}");
+        }
+    }
+
+    fn power_button(&mut self) -> Result<(), HostError> {
+        Ok(self.vm.power_button()?)
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<End> {
+        self.vm.wait_timeout(Some(timeout)).map(end_of)
+    }
+
+    fn kill(&mut self) -> End {
+        end_of(self.vm.kill())
+    }
+
+    fn on_end(&mut self, notify: Box<dyn FnOnce() + Send>) {
+        self.vm.on_exit(notify);
+    }
+}

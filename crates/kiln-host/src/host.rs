@@ -1,0 +1,640 @@
+//! The one registry: every VM, whatever its engine or kind, foreground or background, lives in
+//! `$KILN_HOME/vms/NAME/` with the same `vm.json`, and every command (`ps`/`ls`, `stop`,
+//! `kill`, `logs`, `console`, `rm`) works on any of them by name.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_image::BootMedia;
+use kiln_qemu::Accel;
+use kiln_sys::lock::FileLock;
+use kiln_sys::process::{self, ChildSetup};
+
+use crate::spec::control_socket;
+use crate::state::{record_path, VmKind, CREATE_LOCK, LOCK, VM_JSON};
+use crate::supervisor::{self, Request};
+use crate::{
+    default_firmware_engine, generate_name, validate_name, Boot, ConsoleSpec, End, EngineKind,
+    HostError, NetSpec, VmDisk, VmMeta, VmRecord, VmSpec, VmState,
+};
+
+/// The hidden subcommand a re-executed kiln runs a background VM's supervisor with:
+/// `kiln __supervise HOME NAME` (see [`supervise_main`]).
+pub const SUPERVISE_COMMAND: &str = "__supervise";
+
+/// What `kiln run IMAGE` and `kiln vm run --disk IMAGE` ask for: a firmware VM booting a disk
+/// image of any format kiln reads.
+#[derive(Clone, Debug, Default)]
+pub struct DiskRequest {
+    /// Generated in the style `calm-otter` when `None`.
+    pub name: Option<String>,
+    pub image: PathBuf,
+    /// How the guest sees the image; decided by [`kiln_image::boot_media`] when `None`.
+    pub media: Option<BootMedia>,
+    /// Guest memory; 16 MiB on the builtin VMM, 128 MiB on QEMU when `None`.
+    pub ram_mib: Option<u32>,
+    /// [`default_firmware_engine`] when `None`.
+    pub engine: Option<EngineKind>,
+    /// QEMU's accelerator; KVM only with hardware virtualization when `None`.
+    pub accel: Option<Accel>,
+    /// Mirror the BIOS screen (int 10h) onto the console and send its keys to int 16h too.
+    pub bios_console: bool,
+    /// In the foreground: serve the console on this socket instead of the terminal.
+    pub console_socket: Option<PathBuf>,
+}
+
+/// kiln's VMs on this host.
+pub struct Host {
+    home: PathBuf,
+    supervisor: PathBuf,
+}
+
+impl Host {
+    /// `$KILN_HOME`, else `~/.local/share/kiln`; background VMs are supervised by this
+    /// executable (which must answer [`SUPERVISE_COMMAND`]).
+    pub fn from_env() -> Result<Host, HostError> {
+        let home = match std::env::var_os("KILN_HOME").filter(|v| !v.is_empty()) {
+            Some(h) => PathBuf::from(h),
+            None => {
+                let user_home = std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        HostError::invalid("home", "(unset)", "neither KILN_HOME nor HOME is set")
+                    })?;
+                PathBuf::from(user_home).join(".local/share/kiln")
+            }
+        };
+        Ok(Host::new(home))
+    }
+
+    /// A host rooted at `home`, supervising background VMs with this executable.
+    pub fn new(home: PathBuf) -> Host {
+        Host {
+            home,
+            supervisor: std::env::current_exe().unwrap_or_else(|_| "kiln".into()),
+        }
+    }
+
+    /// Supervises background VMs with `exe` (a kiln binary) instead of this executable, for
+    /// programs that embed kiln-host (tests, other tools).
+    pub fn with_supervisor(mut self, exe: impl Into<PathBuf>) -> Host {
+        self.supervisor = exe.into();
+        self
+    }
+
+    /// The state directory (`$KILN_HOME`).
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// `$KILN_HOME/vms`.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.home.join("vms")
+    }
+
+    /// `$KILN_HOME/vms/NAME`.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.vms_dir().join(name)
+    }
+
+    /// Claims a name: creates its directory (exactly one of two racing claims wins) and holds
+    /// its creation lock. The leftovers of a foreground VM whose `kiln run` died are reclaimed.
+    pub(crate) fn claim(&self, wanted: Option<&str>) -> Result<Claim, HostError> {
+        if let Some(n) = wanted {
+            validate_name(n)?;
+        }
+        let vms = self.vms_dir();
+        fs::create_dir_all(&vms)
+            .map_err(|e| HostError::io(format!("{}: cannot create", vms.display()), e))?;
+        for _ in 0..1000 {
+            let name = match wanted {
+                Some(n) => n.to_string(),
+                None => generate_name(|n| vms.join(n).exists()),
+            };
+            let dir = vms.join(&name);
+            match fs::create_dir(&dir) {
+                Ok(()) => {
+                    let lock_path = dir.join(CREATE_LOCK);
+                    let lock = FileLock::exclusive(&lock_path).map_err(|e| {
+                        HostError::io(format!("{}: cannot lock", lock_path.display()), e)
+                    })?;
+                    return Ok(Claim {
+                        name,
+                        dir,
+                        _lock: lock,
+                        keep: false,
+                    });
+                }
+                // A generated name another run took meanwhile: draw again.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && wanted.is_none() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    match VmRecord::load(&record_path(&dir)) {
+                        Ok(rec) if rec.is_alive() => {
+                            return Err(HostError::NameInUse {
+                                name,
+                                running: true,
+                            })
+                        }
+                        Ok(rec)
+                            if rec.meta.foreground
+                                && matches!(
+                                    rec.effective_state(),
+                                    VmState::Stopped | VmState::Failed
+                                ) =>
+                        {
+                            let _ = fs::remove_dir_all(&dir);
+                        }
+                        _ => {
+                            return Err(HostError::NameInUse {
+                                name,
+                                running: false,
+                            })
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(HostError::io(
+                        format!("{}: cannot create", dir.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        Err(HostError::NameInUse {
+            name: wanted.unwrap_or("(generated)").into(),
+            running: false,
+        })
+    }
+
+    /// The launch spec of a firmware VM booting `req.image` in `dir`.
+    fn disk_spec(
+        &self,
+        req: &DiskRequest,
+        name: &str,
+        dir: &Path,
+        background: bool,
+    ) -> Result<VmSpec, HostError> {
+        // Opening validates the image (and a VMDK's extents) before any engine sees it.
+        let image = kiln_image::open(&req.image)?;
+        let (format, size) = (image.format(), image.virtual_size());
+        drop(image);
+        let path = fs::canonicalize(&req.image).map_err(|e| HostError::MissingFile {
+            what: "image",
+            path: req.image.clone(),
+            why: e.to_string(),
+        })?;
+        let media = req
+            .media
+            .unwrap_or_else(|| kiln_image::boot_media(format, size));
+        let engine = match req.engine {
+            Some(e) => e,
+            None => {
+                let (engine, why) = default_firmware_engine();
+                tracing::info!("engine {}: {why}", engine.name());
+                engine
+            }
+        };
+        if !engine.boots_firmware() {
+            return Err(HostError::invalid(
+                "engine",
+                engine.name(),
+                "cannot boot a disk image (use builtin, qemu-pc or qemu-q35)",
+            ));
+        }
+        let accelerator = match (engine, req.accel) {
+            (EngineKind::Builtin, Some(a)) if a != Accel::Kvm => {
+                return Err(HostError::invalid(
+                    "accel",
+                    a.name(),
+                    "applies to the qemu engines only (the builtin VMM is KVM)",
+                ))
+            }
+            (EngineKind::Builtin, _) => Accel::Kvm,
+            (_, Some(a)) => a,
+            (_, None) => Accel::detect(),
+        };
+        let ram_mib = req.ram_mib.unwrap_or(if engine == EngineKind::Builtin {
+            16
+        } else {
+            128
+        });
+        let console = if background {
+            ConsoleSpec::Socket {
+                path: dir.join("console.sock"),
+                log: Some(dir.join("serial.log")),
+                bios: req.bios_console,
+            }
+        } else {
+            match &req.console_socket {
+                Some(path) => ConsoleSpec::Socket {
+                    path: path.clone(),
+                    log: None,
+                    bios: req.bios_console,
+                },
+                None => ConsoleSpec::Terminal {
+                    bios: req.bios_console,
+                },
+            }
+        };
+        let mut spec = VmSpec {
+            name: name.to_string(),
+            vcpu: 1,
+            ram_mib,
+            engine,
+            accelerator,
+            boot: Boot::Firmware { media },
+            disks: vec![VmDisk {
+                device: match media {
+                    BootMedia::Disk => "hd0",
+                    BootMedia::Cdrom => "cd0",
+                    BootMedia::Floppy => "fd0",
+                }
+                .into(),
+                mount: String::new(),
+                path,
+                format,
+                size,
+                read_only: format == kiln_image::Format::Iso,
+            }],
+            console,
+            net: NetSpec::None,
+            dir: dir.to_path_buf(),
+            command: Vec::new(),
+        };
+        spec.validate()?;
+        spec.command = crate::engine::engine(engine).command_line(&spec);
+        Ok(spec)
+    }
+
+    /// Starts a firmware VM booting `req.image` in the background; returns once it runs.
+    pub fn run_disk(&self, req: &DiskRequest) -> Result<VmRecord, HostError> {
+        let claim = self.claim(req.name.as_deref())?;
+        let result = (|| {
+            let spec = self.disk_spec(req, &claim.name, &claim.dir, true)?;
+            let rec = new_record(spec, VmKind::Firmware, Some(req.image.clone()), false);
+            rec.save(&record_path(&claim.dir))?;
+            self.launch_background(&claim.dir, &claim.name)
+        })();
+        claim.finish(result)
+    }
+
+    /// Runs a firmware VM in the foreground of this process until it ends (the console on the
+    /// terminal, or on `req.console_socket`); `on_start` is told its record once it runs. The
+    /// VM is in the registry while it runs, and removed when it ends.
+    pub fn run_foreground(
+        &self,
+        req: &DiskRequest,
+        stop_timeout: Duration,
+        on_start: &mut dyn FnMut(&VmRecord),
+    ) -> Result<End, HostError> {
+        let claim = self.claim(req.name.as_deref())?;
+        let result = (|| {
+            let spec = self.disk_spec(req, &claim.name, &claim.dir, false)?;
+            let rec = new_record(spec, VmKind::Firmware, Some(req.image.clone()), true);
+            rec.save(&record_path(&claim.dir))?;
+            let dir = claim.dir.clone();
+            let mut ready = |r: Result<u32, String>| {
+                if r.is_ok() {
+                    if let Ok(rec) = VmRecord::load(&record_path(&dir)) {
+                        on_start(&rec);
+                    }
+                }
+            };
+            supervisor::run_vm(&claim.dir, stop_timeout, &mut ready)
+        })();
+        // A foreground VM leaves nothing behind, however it ended: dropping the claim removes
+        // its directory.
+        drop(claim);
+        result
+    }
+
+    /// Starts the supervisor of the VM recorded in `dir`: a re-executed kiln in a session of
+    /// its own, so it outlives this process. Returns once the VM runs (or failed to start).
+    pub(crate) fn launch_background(&self, dir: &Path, name: &str) -> Result<VmRecord, HostError> {
+        let log_path = dir.join("engine.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| HostError::io(format!("{}: cannot open", log_path.display()), e))?;
+        let mut command = Command::new(&self.supervisor);
+        command
+            .arg(SUPERVISE_COMMAND)
+            .arg(&self.home)
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        process::configure(
+            &mut command,
+            ChildSetup {
+                die_with_parent: false,
+                new_session: true,
+            },
+        );
+        let mut child = command.spawn().map_err(|e| HostError::Start {
+            name: name.to_string(),
+            detail: format!("cannot run {}: {e}", self.supervisor.display()),
+        })?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out.take(4096)).read_line(&mut line);
+        }
+        // The supervisor is our child until we exit: reap it whenever it ends.
+        std::thread::spawn(move || child.wait());
+        let line = line.trim();
+        match line.strip_prefix("ok ") {
+            Some(_) => VmRecord::load(&record_path(dir)),
+            None => Err(HostError::Start {
+                name: name.to_string(),
+                detail: match line.strip_prefix("err ") {
+                    Some(why) => why.to_string(),
+                    None => format!("its supervisor died (see {})", log_path.display()),
+                },
+            }),
+        }
+    }
+
+    /// The VM named `name`.
+    pub fn get(&self, name: &str) -> Result<VmRecord, HostError> {
+        validate_name(name)?;
+        let json = self.vm_dir(name).join(VM_JSON);
+        if !json.exists() {
+            return Err(HostError::NoSuchVm(name.to_string()));
+        }
+        VmRecord::load(&json)
+    }
+
+    /// All VMs, sorted by name. Directories still being claimed are skipped.
+    pub fn list(&self) -> Result<Vec<VmRecord>, HostError> {
+        let vms = self.vms_dir();
+        let entries = match fs::read_dir(&vms) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HostError::io(format!("{}: cannot list", vms.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let json = entry.path().join(VM_JSON);
+            if json.exists() {
+                match VmRecord::load(&json) {
+                    Ok(rec) => out.push(rec),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        Ok(out)
+    }
+
+    /// Presses the VM's ACPI power button and waits up to `timeout` for the guest to power
+    /// off, then kills it. Returns how it ended.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<End, HostError> {
+        let rec = self.running(name)?;
+        supervisor::request(
+            name,
+            &rec.meta.control_socket,
+            &Request::Stop {
+                timeout_s: timeout.as_secs_f64(),
+            },
+            timeout + Duration::from_secs(30),
+        )
+    }
+
+    /// Ends the VM at once.
+    pub fn kill(&self, name: &str) -> Result<End, HostError> {
+        self.end_now(name, Request::Kill)
+    }
+
+    /// Ends the VM at once because its console's user quit (Ctrl-A X).
+    pub fn quit(&self, name: &str) -> Result<End, HostError> {
+        self.end_now(name, Request::Quit)
+    }
+
+    fn end_now(&self, name: &str, request: Request) -> Result<End, HostError> {
+        let rec = self.running(name)?;
+        match supervisor::request(
+            name,
+            &rec.meta.control_socket,
+            &request,
+            Duration::from_secs(10),
+        ) {
+            Ok(end) => Ok(end),
+            Err(e) => {
+                // A supervisor that cannot answer is killed; its engine dies with it.
+                tracing::warn!("{e}; killing its supervisor");
+                if let Some(pid) = rec.meta.supervisor_pid {
+                    process::signal(pid, libc::SIGKILL);
+                }
+                let rec = self.wait_stopped(name, Duration::from_secs(10))?;
+                Ok(rec.end().unwrap_or(End::Killed))
+            }
+        }
+    }
+
+    fn running(&self, name: &str) -> Result<VmRecord, HostError> {
+        let rec = match self.get(name) {
+            Err(HostError::NoSuchVm(_)) => return Err(HostError::NotRunning(name.to_string())),
+            other => other?,
+        };
+        if !rec.is_alive() {
+            return Err(HostError::NotRunning(name.to_string()));
+        }
+        Ok(rec)
+    }
+
+    /// Deletes the VM's directory (its overlay, disks, logs; never a base image or a disk it
+    /// booted from). Refuses a running VM unless `force`, which kills it first.
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), HostError> {
+        let rec = self.get(name)?;
+        if matches!(rec.effective_state(), VmState::Running | VmState::Creating) {
+            if !force {
+                return Err(HostError::Running(name.to_string()));
+            }
+            if rec.is_alive() {
+                self.kill(name)?;
+            }
+        }
+        let dir = self.vm_dir(name);
+        let lock_path = dir.join(LOCK);
+        let _lock = FileLock::exclusive(&lock_path)
+            .map_err(|e| HostError::io(format!("{}: cannot lock", lock_path.display()), e))?;
+        fs::remove_dir_all(&dir)
+            .map_err(|e| HostError::io(format!("{}: cannot remove", dir.display()), e))
+    }
+
+    /// Waits until the VM is no longer running (at most `timeout`), returning its record.
+    pub fn wait_stopped(&self, name: &str, timeout: Duration) -> Result<VmRecord, HostError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rec = self.get(name)?;
+            if !rec.is_alive() || Instant::now() >= deadline {
+                return Ok(rec);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes the VM's serial log to `out`; with `follow`, keeps writing what the guest prints
+    /// until the VM stops.
+    pub fn write_log(
+        &self,
+        name: &str,
+        follow: bool,
+        out: &mut dyn Write,
+    ) -> Result<(), HostError> {
+        let rec = self.get(name)?;
+        let Some(path) = rec.meta.log.clone() else {
+            return Err(HostError::invalid(
+                "name",
+                name,
+                "this VM's console is its terminal; it keeps no serial log",
+            ));
+        };
+        let mut pos = 0u64;
+        loop {
+            let running = follow && self.get(name)?.is_alive();
+            match fs::File::open(&path) {
+                Ok(mut f) => {
+                    f.seek(SeekFrom::Start(pos)).map_err(|e| {
+                        HostError::io(format!("{}: cannot read", path.display()), e)
+                    })?;
+                    let mut chunk = Vec::new();
+                    f.read_to_end(&mut chunk).map_err(|e| {
+                        HostError::io(format!("{}: cannot read", path.display()), e)
+                    })?;
+                    pos += chunk.len() as u64;
+                    if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+                        return Ok(()); // the reader went away (a closed pipe)
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(HostError::io(format!("{}: cannot read", path.display()), e)),
+            }
+            if !running {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A claimed name: its directory is removed on drop unless the VM was created.
+pub(crate) struct Claim {
+    pub(crate) name: String,
+    pub(crate) dir: PathBuf,
+    _lock: FileLock,
+    keep: bool,
+}
+
+impl Claim {
+    /// Keeps the directory when `result` is a VM that runs; removes it otherwise.
+    pub(crate) fn finish<T>(mut self, result: Result<T, HostError>) -> Result<T, HostError> {
+        self.keep = result.is_ok();
+        result
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A new record in state `creating` for `spec`.
+pub(crate) fn new_record(
+    spec: VmSpec,
+    kind: VmKind,
+    image: Option<PathBuf>,
+    foreground: bool,
+) -> VmRecord {
+    let (net, ssh_port, guest_ip) = match spec.net {
+        NetSpec::None => ("none", None, None),
+        NetSpec::User { ssh_port } => ("user", Some(ssh_port), Some("10.0.2.15".to_string())),
+    };
+    VmRecord {
+        meta: VmMeta {
+            id: random_id(),
+            name: spec.name.clone(),
+            kind,
+            foreground,
+            pid: None,
+            pid_start: None,
+            supervisor_pid: None,
+            created_at: kiln_sys::now_rfc3339(),
+            started_at: None,
+            stopped_at: None,
+            guest_ip,
+            net: net.into(),
+            ssh_port,
+            control_socket: control_socket(&spec.dir),
+            console_socket: spec.console_socket().map(Path::to_path_buf),
+            log: match &spec.console {
+                ConsoleSpec::Socket { log, .. } => log.clone(),
+                ConsoleSpec::Terminal { .. } => None,
+            },
+            image: image.map(|i| fs::canonicalize(&i).unwrap_or(i)),
+            rootfs: None,
+            kernel: None,
+            initrd: None,
+            overlay: None,
+            home_disk: None,
+            var_disk: None,
+            state: VmState::Creating,
+            end: None,
+            exit_reason: None,
+        },
+        config: spec,
+    }
+}
+
+/// The body of `kiln __supervise HOME NAME`: runs the VM recorded there to its end, telling
+/// the process that started it "ok PID" or "err WHY" on stdout. Returns the exit code.
+pub fn supervise_main(home: &Path, name: &str) -> u8 {
+    // Descriptors inherited from whoever ran `kiln vm run` (a shell's pipes) must not reach
+    // the engine, which would keep them open for the VM's lifetime.
+    process::cloexec_from(3);
+    if validate_name(name).is_err() {
+        println!("err invalid VM name");
+        return 1;
+    }
+    let dir = home.join("vms").join(name);
+    let mut ready = |r: Result<u32, String>| {
+        let mut out = std::io::stdout().lock();
+        let _ = match r {
+            Ok(pid) => writeln!(out, "ok {pid}"),
+            Err(why) => writeln!(out, "err {}", why.replace('\n', " ")),
+        };
+        let _ = out.flush();
+    };
+    match supervisor::run_vm(&dir, supervisor::DEFAULT_STOP_TIMEOUT, &mut ready) {
+        Ok(end) => {
+            tracing::info!("{name}: {end}");
+            end.exit_code()
+        }
+        Err(e) => {
+            tracing::error!("{name}: {e}");
+            1
+        }
+    }
+}
+
+fn random_id() -> String {
+    let mut buf = [0u8; 16];
+    let ok = fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        buf = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}

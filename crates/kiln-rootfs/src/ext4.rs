@@ -1,0 +1,193 @@
+//! ext4 tooling: sparse ext4 disks made with mkfs.ext4 (seeded from a directory or a ready
+//! filesystem), sparse copies, and reading a directory out of an image with debugfs.
+
+use std::fs;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::RootfsError;
+
+/// Where a new disk's initial files come from.
+#[derive(Clone, Debug)]
+pub enum Seed {
+    /// A ready ext4 image (shipped by the image builder): copied sparsely, then resized.
+    Image(PathBuf),
+    /// A directory tree: `mkfs.ext4 -d`.
+    Dir(PathBuf),
+}
+
+/// Makes `path` a sparse ext4 filesystem of `size` bytes labelled `label`, holding the files of
+/// `seed`. `path` must not exist.
+pub fn make_ext4_disk(
+    path: &Path,
+    size: u64,
+    seed_dir: Option<&Path>,
+    label: &str,
+) -> Result<(), RootfsError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| io_err(format!("{}: cannot create", path.display()), e))?;
+    file.set_len(size).map_err(|e| {
+        io_err(
+            format!("{}: cannot size to {size} bytes", path.display()),
+            e,
+        )
+    })?;
+    drop(file);
+    let mut cmd = Command::new("mkfs.ext4");
+    // A sparse file already reads as zeros: no need to zero inode tables or the journal.
+    cmd.args([
+        "-q",
+        "-F",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1",
+        "-L",
+        label,
+    ]);
+    if let Some(dir) = seed_dir {
+        cmd.arg("-d").arg(dir);
+    }
+    cmd.arg(path);
+    run_tool(&mut cmd, "mkfs.ext4", "apt-get install e2fsprogs")
+}
+
+/// Makes the disk from `seed` (see [`Seed`]).
+pub fn make_seeded_disk(
+    path: &Path,
+    size: u64,
+    seed: &Seed,
+    label: &str,
+) -> Result<(), RootfsError> {
+    match seed {
+        Seed::Dir(dir) => make_ext4_disk(path, size, Some(dir), label),
+        Seed::Image(image) => {
+            copy_sparse(image, path)?;
+            let seed_size = fs::metadata(image)
+                .map_err(|e| io_err(format!("{}: cannot read", image.display()), e))?
+                .len();
+            if seed_size != size {
+                run_tool(
+                    Command::new("resize2fs")
+                        .arg(path)
+                        .arg(format!("{}K", size / 1024)),
+                    "resize2fs",
+                    "apt-get install e2fsprogs",
+                )?;
+                // Growing leaves the file at its old length until written; make it exact.
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(size))
+                    .map_err(|e| io_err(format!("{}: cannot size", path.display()), e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copies `from` (an ext4 image on the host) to a new file `to`, keeping holes: a reflink where
+/// the filesystem has them, else only the data extents.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), RootfsError> {
+    let src =
+        fs::File::open(from).map_err(|e| io_err(format!("{}: cannot open", from.display()), e))?;
+    let len = src
+        .metadata()
+        .map_err(|e| io_err(format!("{}: cannot read", from.display()), e))?
+        .len();
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(|e| io_err(format!("{}: cannot create", to.display()), e))?;
+    let werr = |e| {
+        io_err(
+            format!("{}: cannot copy from {}", to.display(), from.display()),
+            e,
+        )
+    };
+    // SAFETY: FICLONE with two fds we own; failure just means "copy instead".
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    dst.set_len(len).map_err(werr)?;
+    let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(s, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains.
+        }
+        // SAFETY: lseek on an fd we own.
+        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < end {
+            // SAFETY: copy_file_range between our fds with offsets we own.
+            let n = unsafe {
+                libc::copy_file_range(s, &mut off_in, d, &mut off_out, (end - off_in) as usize, 0)
+            };
+            if n < 0 {
+                return Err(werr(std::io::Error::last_os_error()));
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// Copies directory `dir` (absolute, like `/var`) out of the ext4 image `image` into `dest`
+/// with debugfs (no mount, no root needed), returning the extracted directory. A directory the
+/// image lacks yields an empty directory.
+pub fn extract_dir(image: &Path, dir: &str, dest: &Path) -> Result<PathBuf, RootfsError> {
+    fs::create_dir_all(dest)
+        .map_err(|e| io_err(format!("{}: cannot create", dest.display()), e))?;
+    let base = dir.trim_matches('/');
+    let out = dest.join(if base.is_empty() { "root" } else { base });
+    let mut cmd = Command::new("debugfs");
+    cmd.arg("-R")
+        .arg(format!("rdump {dir} {}", dest.display()))
+        .arg(image);
+    run_tool(&mut cmd, "debugfs", "apt-get install e2fsprogs")?;
+    if !out.is_dir() {
+        fs::create_dir_all(&out)
+            .map_err(|e| io_err(format!("{}: cannot create", out.display()), e))?;
+    }
+    Ok(out)
+}
+
+/// Runs an external tool, turning a missing binary or a failure into a one-line error.
+pub(crate) fn run_tool(cmd: &mut Command, tool: &str, install: &str) -> Result<(), RootfsError> {
+    let out = cmd.output().map_err(|e| RootfsError::ToolFailed {
+        tool: tool.to_string(),
+        detail: if e.kind() == std::io::ErrorKind::NotFound {
+            format!("not installed ({install})")
+        } else {
+            e.to_string()
+        },
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let detail = stderr
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("no message")
+        .to_string();
+    Err(RootfsError::ToolFailed {
+        tool: tool.to_string(),
+        detail: format!("{} ({})", detail, out.status),
+    })
+}
+
+fn io_err(what: String, source: std::io::Error) -> RootfsError {
+    RootfsError::Io { what, source }
+}

@@ -1,0 +1,24 @@
+//! kiln's one system-call module: every `unsafe` call into libc that kiln makes for terminals,
+//! file locks, signals and processes lives here, each justified, behind a safe function.
+//! Everything above it (kiln-host, the CLI, the engines) is safe Rust.
+
+pub mod lock;
+pub mod process;
+pub mod signal;
+pub mod term;
+
+/// Now as RFC 3339 UTC with milliseconds (`2025-01-31T12:34:56.789Z`).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_rfc3339_utc_with_millis() {
+        let now = super::now_rfc3339();
+        assert_eq!(now.len(), "2025-01-31T12:34:56.789Z".len(), "{now}");
+        assert!(now.ends_with('Z') && now.as_bytes()[10] == b'T', "{now}");
+        assert!(humantime::parse_rfc3339(&now).is_ok(), "{now}");
+    }
+}

@@ -1,0 +1,112 @@
+//! Processes: liveness robust to zombies and pid reuse, signals, memory, and what a child is set
+//! up with before it runs (parent-death signal, its own session, no inherited descriptors).
+
+use std::fs;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// The start time (clock ticks since boot, field 22 of /proc/PID/stat) of a live process;
+/// `None` when it does not exist or is a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); field 22 is fields[19].
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// True when `pid` runs and, if `started` is known, is the same process (not a reused pid).
+pub fn alive(pid: u32, started: Option<u64>) -> bool {
+    match (start_time(pid), started) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Sends `sig` to `pid`; false when it is gone (or not ours).
+pub fn signal(pid: u32, sig: i32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        // 0 and negative pids address process groups: never what a caller means here.
+        return false;
+    }
+    // SAFETY: kill(2) with a positive pid and a signal number touches no memory of ours.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// Resident set size of a process in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// How a child process is set up between fork and exec.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChildSetup {
+    /// The child gets SIGKILL when the thread that spawned it dies (no orphan engines).
+    pub die_with_parent: bool,
+    /// The child leads a new session: no controlling terminal, no signals from the caller's
+    /// terminal or process group.
+    pub new_session: bool,
+}
+
+/// Applies `setup` to `command`'s child (in the forked child, before exec).
+pub fn configure(command: &mut Command, setup: ChildSetup) {
+    let ChildSetup {
+        die_with_parent,
+        new_session,
+    } = setup;
+    if !die_with_parent && !new_session {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
+    // setsid(2), which are async-signal-safe and allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so children started later inherit
+/// none of them (a shell's pipes kept open for a VM's lifetime would hang its caller).
+pub fn cloexec_from(first: u32) {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC (4) only sets descriptor flags; it closes
+    // nothing and touches no memory.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 4u32) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_is_alive() {
+        let me = std::process::id();
+        let t = start_time(me).expect("own start time");
+        assert!(alive(me, Some(t)));
+        assert!(!alive(me, Some(t + 1)));
+        assert!(rss_kib(me).unwrap() > 0);
+        assert!(!signal(0, 0), "pid 0 is a process group, never signalled");
+    }
+}
