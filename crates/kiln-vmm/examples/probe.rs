@@ -51,6 +51,7 @@ fn main() {
     }
 
     let mem_size = 0x10_0000usize;
+    // SAFETY: an anonymous private mapping of `mem_size` bytes; nothing else refers to it.
     let mem = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -76,6 +77,7 @@ fn main() {
         0xF4, // hlt
         0x0F, 0x0B, // ud2 after hlt
     ];
+    // SAFETY: `mem` maps `mem_size` bytes and 0x7c00 + code.len() lies inside them.
     unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.add(0x7c00), code.len()) };
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -84,6 +86,7 @@ fn main() {
         userspace_addr: mem as u64,
         flags: 0,
     };
+    // SAFETY: the region is the live mapping above, which outlives the VM (the process ends).
     unsafe { vm.set_user_memory_region(region).unwrap() };
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
@@ -134,6 +137,7 @@ fn main() {
     let code2: &[u8] = &[
         0x31, 0xC0, 0x8E, 0xD8, 0x0F, 0x01, 0x1E, 0x00, 0x60, 0xE6, 0x80, 0xCC, 0xF4,
     ]; // lidt [0x6000]; int3; hlt
+       // SAFETY: both ranges lie inside the `mem_size` bytes `mem` maps.
     unsafe {
         std::ptr::copy_nonoverlapping(code2.as_ptr(), mem.add(0x7c00), code2.len());
         std::ptr::write_bytes(mem.add(0x6000), 0, 6);
@@ -161,6 +165,7 @@ fn main() {
     let code3: &[u8] = &[
         0x66, 0xB9, 0xA0, 0x86, 0x01, 0x00, 0x66, 0x49, 0x75, 0xFC, 0xE6, 0x80, 0xF4,
     ]; // mov ecx,100000; dec ecx; jnz; out; hlt
+       // SAFETY: the range lies inside the `mem_size` bytes `mem` maps.
     unsafe {
         std::ptr::copy_nonoverlapping(code3.as_ptr(), mem.add(0x7c00), code3.len());
     }
@@ -177,6 +182,7 @@ fn main() {
     println!("loop exit {:?} after {:?}", e.map(|_| ()), t0.elapsed());
     // Cost of exits: 1000 outs.
     let code4: &[u8] = &[0xB9, 0xE8, 0x03, 0xE6, 0x80, 0xE2, 0xFC, 0xF4]; // mov cx,1000; out 0x80,al; loop; hlt
+                                                                          // SAFETY: the range lies inside the `mem_size` bytes `mem` maps.
     unsafe {
         std::ptr::copy_nonoverlapping(code4.as_ptr(), mem.add(0x7c00), code4.len());
     }

@@ -183,7 +183,7 @@ impl Session {
     }
 
     pub fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        kiln_sys::process::signal(self.child.id(), sig);
     }
 
     /// Waits up to `timeout` for kiln to exit; returns its status or None.
