@@ -62,7 +62,7 @@ def qmp_powerdown(path):
     return s
 
 def run_kiln(image, rt):
-    env = dict(os.environ, KILN_RUNTIME_DIR=rt)
+    env = dict(os.environ, KILN_RUNTIME_DIR=rt, KILN_HOME=os.path.join(rt, "home"))
     t0 = time.perf_counter()
     p = subprocess.Popen([KILN, "-v", "run", "--engine", "builtin", "--serial-only", "--name", "bench", image],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

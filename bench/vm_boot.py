@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 
@@ -61,6 +62,27 @@ def rss_kib(pid):
     except FileNotFoundError:
         return 0
     return 0
+
+
+def serial_listener(path, log):
+    """Listens on `path`, accepts QEMU's serial connection and appends what it sends to `log`."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def pump():
+        conn, _ = srv.accept()
+        with open(log, "ab") as out:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                out.write(data)
+                out.flush()
+        conn.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return srv
 
 
 def pss_kib(pid):
@@ -127,10 +149,13 @@ def main():
                 subprocess.run(["cp", "--sparse=always", os.path.join(image, seed),
                                 os.path.join(hand, d)], check=True)
             subprocess.run([a.kiln, "vm", "rm", name], env=env, check=True, stdout=subprocess.DEVNULL)
+            # kiln's command line connects QEMU's serial port to a socket its supervisor listens
+            # on; by hand, a thread here plays that part and writes the log.
+            serial = serial_listener(os.path.join(hand, "serial.sock"), os.path.join(hand, "serial.log"))
             t0 = time.perf_counter()
             q = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
-            t_up, s = qmp_up(os.path.join(hand, "supervisor.sock"))
+            t_up, s = qmp_up(os.path.join(hand, "qmp.sock"))
             t_login = wait_for(os.path.join(hand, "serial.log"), b"login:", 300)
             rows["hand_up"].append(t_up - t0)
             rows["hand_login"].append(t_login - t0)
@@ -138,6 +163,7 @@ def main():
             q.kill()
             q.wait()
             s.close()
+            serial.close()
             print(f"run {i}: kiln running {rows['kiln_run'][-1]*1000:.0f} ms, login "
                   f"{rows['kiln_login'][-1]:.2f} s | hand running {rows['hand_up'][-1]*1000:.0f} ms, "
                   f"login {rows['hand_login'][-1]:.2f} s", file=sys.stderr)

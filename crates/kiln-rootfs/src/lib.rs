@@ -29,7 +29,7 @@ pub use manifest::{ImageManifest, IMAGE_MANIFEST};
 pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 2;
 
 /// Packages installed on top of debootstrap's minbase.
 pub const PACKAGES: &[&str] = &[
@@ -50,10 +50,11 @@ pub const PACKAGES: &[&str] = &[
 pub const FSTAB: &str = "\
 # kiln microVM layout: / is a copy-on-write overlay of the base image; /home and /var are the
 # VM's own disks (kiln vm run attaches them as the 2nd and 3rd disks); /tmp is tmpfs
-# (systemd mounts /run as tmpfs itself).
+# (systemd mounts /run as tmpfs itself). Under TCG udev may start 30 s into the boot: the disks'
+# device timeout leaves room for that.
 /dev/vda  /      ext4   rw,relatime,errors=remount-ro  0 1
-/dev/vdb  /home  ext4   rw,relatime,x-systemd.device-timeout=10s  0 2
-/dev/vdc  /var   ext4   rw,relatime,x-systemd.device-timeout=10s  0 2
+/dev/vdb  /home  ext4   rw,relatime,x-systemd.device-timeout=120s  0 2
+/dev/vdc  /var   ext4   rw,relatime,x-systemd.device-timeout=120s  0 2
 tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
 ";
 

@@ -20,3 +20,11 @@ pub fn on_stop_signals(mut deliver: impl FnMut(i32) -> bool + Send + 'static) ->
         })?;
     Ok(())
 }
+
+/// Restores the default action of SIGPIPE (Rust ignores it), so a command whose output is
+/// closed (`kiln inspect big.vmdk | head -1`) ends quietly, as every Unix filter does, instead
+/// of failing on the next write.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler and touches no memory of ours.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

@@ -6,7 +6,7 @@
 //! with status 03h (write protected), like SeaBIOS, because the CD medium cannot change
 //! and silently dropping writes would hide the failure from the guest.
 
-use super::disk::{read_disk, Geometry};
+use super::drive::{read_disk, Geometry, ST_BAD_CMD, ST_OK};
 use super::{Ctx, Firmware, BDA_BASE};
 use crate::vstate::memory::GuestMem;
 use crate::{BootDevice, VmmError};
@@ -194,7 +194,7 @@ pub(super) fn int13_4b(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> u8 {
     let r = ctx.r;
     let (Some(cd), true) = (fw.cd_boot, r.al() <= 1) else {
         fw.unsupported(0x13, r.ax());
-        return super::disk::ST_BAD_CMD;
+        return ST_BAD_CMD;
     };
     let mut p = [0u8; 0x13];
     p[0] = 0x13;
@@ -215,7 +215,7 @@ pub(super) fn int13_4b(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> u8 {
         }
     }
     ctx.write_bytes(ctx.ds_lin(u64::from(r.si())), &p);
-    super::disk::ST_OK
+    ST_OK
 }
 
 #[cfg(test)]

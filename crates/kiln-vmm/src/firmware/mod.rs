@@ -14,6 +14,7 @@
 
 mod bios;
 mod disk;
+mod drive;
 mod eltorito;
 mod misc;
 mod regs;
@@ -26,7 +27,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use bios::{BDA_BASE, EBDA_SEGMENT};
-pub use disk::Geometry;
+pub use drive::Geometry;
 
 use crate::devices::ConsoleOut;
 use crate::shared::Shared;
