@@ -221,6 +221,32 @@ pub fn attach_console(
     relay(stream, interactive, linger)
 }
 
+/// Reads `from` on a thread of its own, sending each chunk as `data(bytes)` and the end as
+/// `closed`.
+fn forward<T: Send + 'static>(
+    mut from: impl Read + Send + 'static,
+    to: std::sync::mpsc::SyncSender<T>,
+    data: fn(Vec<u8>) -> T,
+    closed: T,
+) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = to.send(closed);
+                    return;
+                }
+                Ok(n) => {
+                    if to.send(data(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 fn relay(
     mut stream: UnixStream,
     interactive: bool,
@@ -235,43 +261,11 @@ fn relay(
         UserClosed,
     }
     let (tx, rx) = mpsc::sync_channel::<Chunk>(64);
-    let mut from_guest = stream
+    let from_guest = stream
         .try_clone()
         .map_err(|e| HostError::io("console: cannot clone the socket", e))?;
-    let guest_tx = tx.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match from_guest.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = guest_tx.send(Chunk::GuestClosed);
-                    return;
-                }
-                Ok(n) => {
-                    if guest_tx.send(Chunk::Guest(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(Chunk::UserClosed);
-                    return;
-                }
-                Ok(n) => {
-                    if tx.send(Chunk::User(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    forward(from_guest, tx.clone(), Chunk::Guest, Chunk::GuestClosed);
+    forward(std::io::stdin(), tx, Chunk::User, Chunk::UserClosed);
     let mut stdout = std::io::stdout();
     let mut escape = Escape::new(true);
     let mut input_done: Option<Instant> = None;

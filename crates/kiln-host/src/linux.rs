@@ -10,7 +10,6 @@ use kiln_qemu::Accel;
 use kiln_rootfs::{ImageManifest, Seed, DEFAULT_DISK_SIZE};
 
 use crate::host::new_record;
-use crate::spec::{MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB};
 use crate::state::{record_path, VmKind};
 use crate::{Boot, ConsoleSpec, EngineKind, Host, HostError, NetSpec, VmDisk, VmRecord, VmSpec};
 
@@ -205,20 +204,8 @@ fn validate(req: &RunRequest) -> Result<Inputs, HostError> {
     if let Some(name) = &req.name {
         crate::validate_name(name)?;
     }
-    if !(1..=MAX_VCPUS).contains(&req.vcpu) {
-        return Err(HostError::invalid(
-            "vcpus",
-            req.vcpu,
-            format!("must be between 1 and {MAX_VCPUS}"),
-        ));
-    }
-    if !(MIN_LINUX_RAM_MIB..=MAX_RAM_MIB).contains(&req.ram_mib) {
-        return Err(HostError::invalid(
-            "ram_mib",
-            req.ram_mib,
-            format!("must be between {MIN_LINUX_RAM_MIB} and {MAX_RAM_MIB} MiB"),
-        ));
-    }
+    // vCPUs and memory are checked with the rest of the spec (`VmSpec::validate`), before
+    // anything is made.
     for (field, size) in [("home_size", req.home_size), ("var_size", req.var_size)] {
         if !(16 << 20..=16 << 40).contains(&size) {
             return Err(HostError::invalid(

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_sys::process::{self, ChildSetup};
+use kiln_sys::process::{self, ChildSetup, EndHook};
 use kiln_sys::term::SavedTerminal;
 
 use crate::{QemuError, Qmp};
@@ -58,43 +58,11 @@ pub struct VmEnd {
     pub last_words: String,
 }
 
-/// A callback to run once a process has exited, whichever of the two comes first.
-#[derive(Default)]
-struct ExitHook {
-    exited: bool,
-    notify: Option<Box<dyn FnOnce() + Send>>,
-}
-
-impl ExitHook {
-    /// Registers `notify`, or runs it now if the exit already happened.
-    fn set(hook: &Mutex<ExitHook>, notify: Box<dyn FnOnce() + Send>) {
-        let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
-        if h.exited {
-            drop(h);
-            notify();
-        } else {
-            h.notify = Some(notify);
-        }
-    }
-
-    /// Records the exit and runs a registered callback.
-    fn fire(hook: &Mutex<ExitHook>) {
-        let notify = {
-            let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
-            h.exited = true;
-            h.notify.take()
-        };
-        if let Some(f) = notify {
-            f();
-        }
-    }
-}
-
 /// A running QEMU VM. Dropping it kills QEMU.
 pub struct QemuVm {
     pid: u32,
     exited: Receiver<ExitStatus>,
-    exit_hook: Arc<Mutex<ExitHook>>,
+    exit_hook: Arc<EndHook>,
     end: Option<VmEnd>,
     qmp: Qmp,
     negotiated: bool,
@@ -172,13 +140,13 @@ impl QemuVm {
             });
         }
         let (tx, exited) = mpsc::channel();
-        let exit_hook = Arc::new(Mutex::new(ExitHook::default()));
+        let exit_hook = Arc::new(EndHook::default());
         let hook = Arc::clone(&exit_hook);
         thread::spawn(move || {
             if let Ok(status) = child.wait() {
                 let _ = tx.send(status);
             }
-            ExitHook::fire(&hook);
+            hook.fire();
         });
         let fail = |e: QemuError| {
             process::signal(pid, libc::SIGKILL);
@@ -261,7 +229,7 @@ impl QemuVm {
     /// Calls `notify` (on another thread) once QEMU has exited; at once if it already has. A
     /// supervisor uses it to wait for "exited or asked to stop" without polling.
     pub fn on_exit(&self, notify: Box<dyn FnOnce() + Send>) {
-        ExitHook::set(&self.exit_hook, notify);
+        self.exit_hook.set(notify);
     }
 
     /// QEMU's process id.

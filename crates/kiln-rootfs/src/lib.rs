@@ -282,8 +282,7 @@ pub fn build_debian(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImageManifest, RootfsError> {
     opts.validate()?;
-    // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 {
+    if !kiln_sys::process::is_root() {
         return Err(RootfsError::NotRoot);
     }
     for (tool, package) in [("debootstrap", "debootstrap"), ("mkfs.ext4", "e2fsprogs")] {
@@ -460,15 +459,9 @@ pub fn cached_debian_image(
     fs::create_dir_all(cache_root)
         .map_err(io(format!("{}: cannot create", cache_root.display())))?;
     let lock_path = cache_root.join(format!("kiln-debian-{}.lock", opts.fingerprint()));
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(format!("{}: cannot open", lock_path.display())))?;
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: flock on an fd we own; released when `lock` is dropped.
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    // One builder per image at a time; the lock goes with its holder, whatever kills it.
+    let lock = kiln_sys::lock::FileLock::exclusive(&lock_path)
+        .map_err(io(format!("{}: cannot lock", lock_path.display())))?;
     if dir.join(IMAGE_MANIFEST).exists() {
         return Ok(dir);
     }

@@ -42,6 +42,12 @@ pub fn signal(pid: u32, sig: i32) -> bool {
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
+/// True when this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Resident set size of a process in KiB (VmRSS).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -52,6 +58,38 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// A callback to run once something (a process, a vCPU thread) has ended, whichever of "the
+/// end" and "the callback is registered" comes first.
+#[derive(Default)]
+pub struct EndHook {
+    inner: std::sync::Mutex<(bool, Option<Box<dyn FnOnce() + Send>>)>,
+}
+
+impl EndHook {
+    /// Registers `notify`, or runs it now if the end already happened.
+    pub fn set(&self, notify: Box<dyn FnOnce() + Send>) {
+        let mut h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if h.0 {
+            drop(h);
+            notify();
+        } else {
+            h.1 = Some(notify);
+        }
+    }
+
+    /// Records the end and runs a registered callback.
+    pub fn fire(&self) {
+        let notify = {
+            let mut h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            h.0 = true;
+            h.1.take()
+        };
+        if let Some(f) = notify {
+            f();
+        }
+    }
 }
 
 /// How a child process is set up between fork and exec.

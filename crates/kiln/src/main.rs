@@ -277,7 +277,10 @@ mod tests {
         .into();
         let line = report(&e.context("kiln vm ls"));
         assert_eq!(line.matches("Too many open files").count(), 1, "{line}");
-        assert!(line.starts_with("kiln vm ls: /x/vm.json: cannot read"), "{line}");
+        assert!(
+            line.starts_with("kiln vm ls: /x/vm.json: cannot read"),
+            "{line}"
+        );
         let e: anyhow::Error = kiln_host::HostError::InvalidValue {
             field: "vcpus",
             value: "0".into(),
@@ -447,7 +450,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bios_console: !args.serial_only,
         console_socket: args.console_socket,
     };
+    let on_terminal = request.console_socket.is_none() && std::io::stdin().is_terminal();
     let end = host()?.run_foreground(&request, stop_timeout, &mut |rec| {
+        if on_terminal {
+            eprint!(
+                "kiln: {}'s console; {}\r\n",
+                rec.meta.name,
+                kiln_host::escape_help(false)
+            );
+        }
         tracing::info!(
             "{}: running on {} ({})",
             rec.meta.name,

@@ -18,10 +18,16 @@ fn names(cell: &str) -> BTreeSet<String> {
 
 /// The table between `<!-- crates:begin -->` and `<!-- crates:end -->`.
 fn documented(text: &str) -> Graph {
-    let begin = text.find("<!-- crates:begin -->").expect("crates:begin marker");
+    let begin = text
+        .find("<!-- crates:begin -->")
+        .expect("crates:begin marker");
     let end = text.find("<!-- crates:end -->").expect("crates:end marker");
     let mut graph = Graph::new();
-    for line in text[begin..end].lines().filter(|l| l.starts_with('|')).skip(2) {
+    for line in text[begin..end]
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(2)
+    {
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
         assert_eq!(cells.len(), 4, "a table row has 4 cells: {line}");
         let old = graph.insert(cells[0].to_string(), (names(cells[2]), names(cells[3])));
@@ -34,11 +40,21 @@ fn documented(text: &str) -> Graph {
 fn actual(root: &Path) -> Graph {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(root)
         .output()
         .expect("cargo metadata runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let packages = meta["packages"].as_array().unwrap();
     let ours: BTreeSet<String> = packages
@@ -75,11 +91,20 @@ fn the_documented_crate_graph_is_the_real_one() {
         let Some((doc_uses, doc_dev)) = documented.get(name) else {
             panic!("docs/ARCHITECTURE.md does not list the crate {name}");
         };
-        assert_eq!(uses, doc_uses, "{name}: uses (cargo metadata vs docs/ARCHITECTURE.md)");
-        assert_eq!(dev, doc_dev, "{name}: its tests also use (cargo metadata vs docs)");
+        assert_eq!(
+            uses, doc_uses,
+            "{name}: uses (cargo metadata vs docs/ARCHITECTURE.md)"
+        );
+        assert_eq!(
+            dev, doc_dev,
+            "{name}: its tests also use (cargo metadata vs docs)"
+        );
     }
     for name in documented.keys() {
-        assert!(actual.contains_key(name), "docs/ARCHITECTURE.md lists {name}, no such crate");
+        assert!(
+            actual.contains_key(name),
+            "docs/ARCHITECTURE.md lists {name}, no such crate"
+        );
     }
 }
 
@@ -88,12 +113,7 @@ fn dependencies_point_one_way_tests_included() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let graph = actual(&root);
     // Depth-first search for a cycle over normal and dev edges together.
-    fn visit(
-        n: &str,
-        graph: &Graph,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) {
+    fn visit(n: &str, graph: &Graph, path: &mut Vec<String>, done: &mut BTreeSet<String>) {
         if done.contains(n) {
             return;
         }
@@ -122,10 +142,17 @@ fn a_wrong_table_is_caught() {
     let doc = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
     // kiln-qemu's row is the first to end in "| kiln-sys | |".
     let wrong = doc.replacen("| kiln-sys | |\n", "| | |\n", 1);
-    assert_ne!(documented(&wrong), documented(&doc), "the edit must change the table");
+    assert_ne!(
+        documented(&wrong),
+        documented(&doc),
+        "the edit must change the table"
+    );
     let actual = actual(&root);
     let differs = documented(&wrong)
         .iter()
         .any(|(name, edges)| actual.get(name) != Some(edges));
-    assert!(differs, "a table without kiln-qemu's edge to kiln-sys still matched");
+    assert!(
+        differs,
+        "a table without kiln-qemu's edge to kiln-sys still matched"
+    );
 }

@@ -3,11 +3,12 @@
 
 use std::io::{Read, Write};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use kiln_image::{BootMedia, ImageDevice, ImageReader};
+use kiln_sys::process::EndHook;
 use kiln_sys::term::SavedTerminal;
 use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
 
@@ -140,20 +141,13 @@ impl Engine for BuiltinEngine {
             }
         };
         let (tx, ended) = mpsc::channel();
-        let notify: Arc<Mutex<EndHook>> = Arc::default();
+        let notify: Arc<EndHook> = Arc::default();
         let on_end = Arc::clone(&notify);
         thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
                 let _ = tx.send(vm.run());
-                let f = {
-                    let mut hook = on_end.lock().unwrap_or_else(|e| e.into_inner());
-                    hook.ended = true;
-                    hook.notify.take()
-                };
-                if let Some(f) = f {
-                    f();
-                }
+                on_end.fire();
             })
             .map_err(|e| HostError::io("cannot start the vCPU thread", e))?;
         Ok(Box::new(RunningBuiltin {
@@ -173,15 +167,8 @@ struct RunningBuiltin {
     ended: Receiver<Result<ExitReason, kiln_vmm::VmmError>>,
     quit: Receiver<()>,
     end: Option<End>,
-    notify: Arc<Mutex<EndHook>>,
+    notify: Arc<EndHook>,
     _terminal: Option<SavedTerminal>,
-}
-
-/// The vCPU thread's end and who to tell about it.
-#[derive(Default)]
-struct EndHook {
-    ended: bool,
-    notify: Option<Box<dyn FnOnce() + Send>>,
 }
 
 fn end_of(result: Result<ExitReason, kiln_vmm::VmmError>) -> End {
@@ -238,13 +225,7 @@ impl Running for RunningBuiltin {
     }
 
     fn on_end(&mut self, notify: Box<dyn FnOnce() + Send>) {
-        let mut hook = self.notify.lock().unwrap_or_else(|e| e.into_inner());
-        if hook.ended {
-            drop(hook);
-            notify();
-        } else {
-            hook.notify = Some(notify);
-        }
+        self.notify.set(notify);
     }
 
     fn statistics(&self) -> Option<String> {

@@ -93,4 +93,3 @@ pub(crate) fn read_disk(
         })?;
     Ok(buf)
 }
-

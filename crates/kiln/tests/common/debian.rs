@@ -13,8 +13,7 @@ pub fn required() -> bool {
 /// The Debian image, built once per machine under `$KILN_TEST_CACHE` (default /var/tmp) and
 /// reused. `None` (with a message) when not root, unless KILN_REQUIRE_KVM=1.
 pub fn debian_image() -> Option<PathBuf> {
-    // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 {
+    if !kiln_sys::process::is_root() {
         assert!(
             !required(),
             "KILN_REQUIRE_KVM=1 but not root: building the Debian image needs root"
