@@ -7,53 +7,79 @@ use std::path::{Path, PathBuf};
 use crate::{iso, qcow2, raw, util, vdi, vhd, vmdk};
 use crate::{Format, ImageDevice, ImageError, ImageReader, WriteOptions};
 
-/// Everything the crate knows about one format.
-pub(crate) trait Driver: Sync {
+/// Opens an image for reading.
+pub(crate) type OpenFn = fn(&Path) -> Result<Box<dyn ImageReader>, ImageError>;
+/// Opens an image for reading and writing in place.
+pub(crate) type OpenRwFn = fn(&Path) -> Result<Box<dyn ImageDevice>, ImageError>;
+/// Writes `source` to `output` in one format, atomically (see [`crate::write_image`]).
+pub(crate) type WriteFn = fn(
+    source: &mut dyn ImageReader,
+    output: &Path,
+    opts: &WriteOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError>;
+
+/// Everything the crate knows about one format: each format module defines one as its
+/// `DRIVER`.
+pub(crate) struct Driver {
     /// The format this driver handles.
-    fn format(&self) -> Format;
-
+    pub(crate) format: Format,
     /// Whether `head` (up to the file's first 512 bytes) starts with this format's magic
-    /// number. Tried for every driver before any [`Driver::probe_hint`].
-    fn probe_magic(&self, _head: &[u8]) -> bool {
-        false
-    }
-
+    /// number ([`no_magic`] where it has none). Tried for every driver before any
+    /// [`Driver::probe_hint`].
+    pub(crate) probe_magic: fn(head: &[u8]) -> bool,
     /// Weaker evidence when no magic number matched: descriptor text, a footer at the end, a
-    /// volume descriptor further in.
-    fn probe_hint(&self, _file: &Sniff<'_>) -> Result<bool, ImageError> {
-        Ok(false)
-    }
-
+    /// volume descriptor further in ([`no_hint`] where there is none).
+    pub(crate) probe_hint: fn(file: &Sniff<'_>) -> Result<bool, ImageError>,
     /// Open `path` for reading.
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError>;
-
-    /// Open `path` for reading and writing in place, or refuse with
-    /// [`ImageError::Unsupported`].
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError>;
-
+    pub(crate) open: OpenFn,
+    /// Open `path` for reading and writing in place, refusing a layout that is not written in
+    /// place with [`ImageError::Unsupported`]. `None` when no layout of the format is (then
+    /// [`Driver::open_rw`] refuses every file).
+    pub(crate) in_place: Option<OpenRwFn>,
     /// Validate the structure thoroughly (like `qemu-img check`) for [`crate::inspect`].
     /// Damage that prevents reading is an `Err`; anything else goes into [`Check::problems`].
-    fn check(&self, path: &Path) -> Result<Check, ImageError>;
+    pub(crate) check: fn(path: &Path) -> Result<Check, ImageError>,
+    /// Write an image in this format.
+    pub(crate) write: WriteFn,
+}
 
-    /// Write `source` to `output` in this format, atomically (see [`crate::write_image`]).
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError>;
+impl Driver {
+    /// Open `path` for reading and writing in place, or refuse with
+    /// [`ImageError::Unsupported`] (always so for a format without [`Driver::in_place`]).
+    pub(crate) fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
+        match self.in_place {
+            Some(open_rw) => open_rw(path),
+            None => Err(ImageError::unsupported(
+                path,
+                format!(
+                    "writing {} images in place is not supported (convert to raw or qcow2)",
+                    self.format.name().to_ascii_uppercase()
+                ),
+            )),
+        }
+    }
+}
+
+/// [`Driver::probe_magic`] of a format without a magic number.
+pub(crate) fn no_magic(_head: &[u8]) -> bool {
+    false
+}
+
+/// [`Driver::probe_hint`] of a format without weaker evidence.
+pub(crate) fn no_hint(_file: &Sniff<'_>) -> Result<bool, ImageError> {
+    Ok(false)
 }
 
 /// The driver for `format`.
-pub(crate) fn driver(format: Format) -> &'static dyn Driver {
+pub(crate) fn driver(format: Format) -> &'static Driver {
     match format {
-        Format::Raw => &raw::RawDriver,
-        Format::Qcow2 => &qcow2::Qcow2Driver,
-        Format::Vmdk => &vmdk::VmdkDriver,
-        Format::Vhd => &vhd::VhdDriver,
-        Format::Vdi => &vdi::VdiDriver,
-        Format::Iso => &iso::IsoDriver,
+        Format::Raw => &raw::DRIVER,
+        Format::Qcow2 => &qcow2::DRIVER,
+        Format::Vmdk => &vmdk::DRIVER,
+        Format::Vhd => &vhd::DRIVER,
+        Format::Vdi => &vdi::DRIVER,
+        Format::Iso => &iso::DRIVER,
     }
 }
 
@@ -124,8 +150,8 @@ pub(crate) fn detect_content(path: &Path) -> Result<Format, ImageError> {
     let n = util::read_up_to(&file, path, &mut head, 0)?;
     let head = &head[..n];
     let drivers = PROBE_ORDER.map(driver);
-    if let Some(d) = drivers.iter().find(|d| d.probe_magic(head)) {
-        return Ok(d.format());
+    if let Some(d) = drivers.iter().find(|d| (d.probe_magic)(head)) {
+        return Ok(d.format);
     }
     let sniff = Sniff {
         path,
@@ -134,8 +160,8 @@ pub(crate) fn detect_content(path: &Path) -> Result<Format, ImageError> {
         head,
     };
     for d in drivers {
-        if d.probe_hint(&sniff)? {
-            return Ok(d.format());
+        if (d.probe_hint)(&sniff)? {
+            return Ok(d.format);
         }
     }
     Ok(Format::Raw)
@@ -149,8 +175,7 @@ mod tests {
     fn every_format_has_its_driver() {
         for f in Format::ALL {
             let d = driver(f);
-            assert_eq!(d.format(), f, "driver for {f} handles {}", d.format());
-            assert_eq!(d.format().name(), f.name());
+            assert_eq!(d.format, f, "driver for {f} handles {}", d.format);
         }
     }
 
@@ -167,8 +192,20 @@ mod tests {
     }
 
     #[test]
+    fn a_format_without_in_place_writing_refuses_it_by_name() {
+        let e = driver(Format::Vdi)
+            .open_rw(Path::new("disk.vdi"))
+            .err()
+            .expect("VDI is not written in place");
+        assert_eq!(
+            e.to_string(),
+            "disk.vdi: unsupported: writing VDI images in place is not supported (convert to raw or qcow2)"
+        );
+    }
+
+    #[test]
     fn raw_is_never_probed() {
         let head = [0u8; 512];
-        assert!(!driver(Format::Raw).probe_magic(&head));
+        assert!(!(driver(Format::Raw).probe_magic)(&head));
     }
 }

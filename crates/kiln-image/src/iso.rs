@@ -7,45 +7,30 @@ use std::path::Path;
 use hadris_fs::{Content, Node, Tree};
 use hadris_iso::{BootEntry, ElTorito, IsoId, IsoOptions};
 
-use crate::driver::{Check, Driver, Sniff};
+use crate::driver::{self, Check, Driver};
 use crate::raw::RawDevice;
 use crate::util::{self, TempOut};
-use crate::{Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+use crate::{Format, ImageError};
 
 /// ISO 9660: a raw disk whose file must hold the whole volume.
-pub(crate) struct IsoDriver;
-
-impl Driver for IsoDriver {
-    fn format(&self) -> Format {
-        Format::Iso
-    }
-    /// The first volume descriptor's `CD001` at 0x8001.
-    fn probe_hint(&self, file: &Sniff<'_>) -> Result<bool, ImageError> {
-        file.has_at(0x8001, b"CD001")
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(open(path, false)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Ok(Box::new(open(path, true)?))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Iso,
+    probe_magic: driver::no_magic,
+    // The first volume descriptor's `CD001` at 0x8001.
+    probe_hint: |file| file.has_at(0x8001, b"CD001"),
+    open: |path| Ok(Box::new(open(path, false)?)),
+    in_place: Some(|path| Ok(Box::new(open(path, true)?))),
+    check: |path| {
         let r = open(path, false)?;
-        Ok(Check::single(path, r.virtual_size(), Vec::new()))
-    }
-    fn write(
-        &self,
-        _source: &mut dyn ImageReader,
-        output: &Path,
-        _opts: &WriteOptions,
-        _progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
+        Ok(Check::single(path, r.range.size, Vec::new()))
+    },
+    write: |_, output, _, _| {
         Err(ImageError::unsupported(
             output,
             "writing ISO from a disk image is not supported; use write_boot_iso",
         ))
-    }
-}
+    },
+};
 
 /// The whole file as a disk, after checking that it is not shorter than the volume.
 fn open(path: &Path, writable: bool) -> Result<RawDevice, ImageError> {
@@ -110,11 +95,7 @@ pub fn write_boot_iso(boot_sector: &[u8; 512], output: &Path) -> Result<(), Imag
                 .with_catalog_path(BOOT_CATALOG_PATH),
         );
     let out = TempOut::create(output)?;
-    let f = out
-        .file()?
-        .try_clone()
-        .map_err(|e| ImageError::io(output, "cannot duplicate file handle", e))?;
-    let dev = hadris_storage::host::FileDevice::new(f)
+    let dev = hadris_storage::host::FileDevice::new(out.file_clone()?)
         .map_err(|e| ImageError::io(output, "cannot open output", e))?;
     hadris_iso::sync::write(dev, &tree, &options).map_err(|e| hadris(&e))?;
     util::commit(vec![out], true)

@@ -333,7 +333,7 @@ pub fn detect(path: &Path) -> Result<Format, ImageError> {
 
 /// Open an image of any supported format for reading (format detected from content).
 pub fn open(path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-    driver::driver(detect(path)?).open(path)
+    (driver::driver(detect(path)?).open)(path)
 }
 
 /// Open an image for reading and writing in place. Supported: raw (and ISO as raw), VMDK
@@ -353,9 +353,9 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
         virtual_size,
         files,
         problems,
-    } = driver.check(path)?;
+    } = (driver.check)(path)?;
     // Every format must also open through the normal reader.
-    driver.open(path)?;
+    (driver.open)(path)?;
     let mut allocated_size = 0;
     for f in &files {
         allocated_size += util::allocated_bytes(f)?;
@@ -408,7 +408,7 @@ pub fn write_image_with(
     opts: &WriteOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
-    driver::driver(format).write(source, output, opts, progress)
+    (driver::driver(format).write)(source, output, opts, progress)
 }
 
 /// [`open`] `input` and [`write_image`] it to `output` as `format`.

@@ -5,37 +5,23 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::copy::{check_range, copy, Sink};
-use crate::driver::{Check, Driver};
+use crate::driver::{self, Check, Driver};
 use crate::util::{self, TempOut};
 use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
 
 /// Raw: plain disk content. Never probed (it is what detection falls back to).
-pub(crate) struct RawDriver;
-
-impl Driver for RawDriver {
-    fn format(&self) -> Format {
-        Format::Raw
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(RawDevice::open(path, Format::Raw, false)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Ok(Box::new(RawDevice::open(path, Format::Raw, true)?))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Raw,
+    probe_magic: driver::no_magic,
+    probe_hint: driver::no_hint,
+    open: |path| Ok(Box::new(RawDevice::open(path, Format::Raw, false)?)),
+    in_place: Some(|path| Ok(Box::new(RawDevice::open(path, Format::Raw, true)?))),
+    check: |path| {
         let r = RawDevice::open(path, Format::Raw, false)?;
-        Ok(Check::single(path, r.virtual_size(), Vec::new()))
-    }
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
-        write(source, output, opts, progress)
-    }
-}
+        Ok(Check::single(path, r.range.size, Vec::new()))
+    },
+    write,
+};
 
 /// A range `[base, base+size)` of a plain file exposed as a disk.
 pub(crate) struct FileRange {
@@ -61,8 +47,8 @@ impl FileRange {
 
     /// Holes are [`BlockStatus::Zero`], see [`util::file_block_status`].
     pub(crate) fn block_status(&self, offset: u64, max_len: u64) -> (BlockStatus, u64) {
-        if offset >= self.size {
-            return (BlockStatus::Unallocated, max_len.max(1));
+        if let Some(past) = util::past_end(offset, self.size, max_len) {
+            return past;
         }
         let end = self.size.min(offset.saturating_add(max_len));
         let (d, l) = util::file_block_status(&self.file, self.base + offset, self.base + end);

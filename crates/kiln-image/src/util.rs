@@ -106,6 +106,12 @@ pub(crate) fn set_len(file: &File, path: &Path, len: u64) -> Result<(), ImageErr
         .map_err(|e| ImageError::io(path, "cannot set file size", e))
 }
 
+/// The [`crate::ImageReader::block_status`] answer at or past the end of a disk of `size`
+/// bytes: unallocated, for `max_len` bytes but at least 1. `None` inside the disk.
+pub(crate) fn past_end(offset: u64, size: u64, max_len: u64) -> Option<(BlockStatus, u64)> {
+    (offset >= size).then_some((BlockStatus::Unallocated, max_len.max(1)))
+}
+
 /// Data/hole status of a plain file region `[off, end)` via SEEK_DATA/SEEK_HOLE: holes are
 /// [`BlockStatus::Zero`] (a plain file has no backing file). Falls back to "all data" where
 /// the filesystem cannot tell.
@@ -207,6 +213,13 @@ impl TempOut {
         self.file
             .as_ref()
             .ok_or_else(|| ImageError::unsupported(&self.target, "output file already closed"))
+    }
+
+    /// A second handle to the temporary file, for a library that takes ownership of one.
+    pub(crate) fn file_clone(&self) -> Result<File, ImageError> {
+        self.file()?
+            .try_clone()
+            .map_err(|e| ImageError::io(&self.target, "cannot duplicate file handle", e))
     }
 }
 

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::copy::{check_range, copy, Sink};
-use crate::driver::{Check, Driver};
+use crate::driver::{self, Check, Driver};
 use crate::util::{self, le32, le64, TempOut};
-use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+use crate::{BlockStatus, Format, ImageError, ImageReader, WriteOptions};
 
 const SIGNATURE: u32 = 0xBEDA_107F;
 const VERSION: u32 = 0x0001_0001;
@@ -26,38 +26,16 @@ const BMAP_OFFSET: u64 = 0x200;
 const MAX_BLOCKS: u64 = 1 << 24;
 
 /// VDI: dynamic (read, written) and fixed (read); never written in place.
-pub(crate) struct VdiDriver;
-
-impl Driver for VdiDriver {
-    fn format(&self) -> Format {
-        Format::Vdi
-    }
-    /// The signature `0xBEDA107F` at 0x40, after the header's text line.
-    fn probe_magic(&self, head: &[u8]) -> bool {
-        head.len() >= 0x44 && head[0x40..0x44] == SIGNATURE.to_le_bytes()
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(VdiReader::open(path)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Err(ImageError::unsupported(
-            path,
-            "writing VDI images in place is not supported (convert to raw or qcow2)",
-        ))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
-        check(path)
-    }
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
-        write(source, output, opts, progress)
-    }
-}
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Vdi,
+    // The signature `0xBEDA107F` at 0x40, after the header's text line.
+    probe_magic: |head| head.len() >= 0x44 && head[0x40..0x44] == SIGNATURE.to_le_bytes(),
+    probe_hint: driver::no_hint,
+    open: |path| Ok(Box::new(VdiReader::open(path)?)),
+    in_place: None,
+    check,
+    write,
+};
 
 struct Header {
     image_type: u32,
@@ -356,8 +334,8 @@ impl ImageReader for VdiReader {
         offset: u64,
         max_len: u64,
     ) -> Result<(BlockStatus, u64), ImageError> {
-        if offset >= self.hdr.disk_size {
-            return Ok((BlockStatus::Unallocated, max_len.max(1)));
+        if let Some(past) = util::past_end(offset, self.hdr.disk_size, max_len) {
+            return Ok(past);
         }
         let bs = self.hdr.block_size;
         let end = self.hdr.disk_size.min(offset.saturating_add(max_len));

@@ -8,10 +8,10 @@
 use std::path::Path;
 
 use crate::copy::check_range;
-use crate::driver::{Check, Driver, Sniff};
+use crate::driver::{Check, Driver};
 use crate::raw::{write_plain, FileRange, RawDevice};
 use crate::util::{self, be32, be64, TempOut};
-use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+use crate::{BlockStatus, Format, ImageError, ImageReader, WriteOptions};
 
 const FOOTER: usize = 512;
 const COOKIE: &[u8; 8] = b"conectix";
@@ -24,39 +24,19 @@ const MIB: u64 = 1 << 20;
 const VHD_EPOCH: u64 = 946_684_800;
 
 /// VHD: fixed (read, written in place, written) and dynamic (read).
-pub(crate) struct VhdDriver;
-
-impl Driver for VhdDriver {
-    fn format(&self) -> Format {
-        Format::Vhd
-    }
-    /// `conectix` at 0: a dynamic disk's footer copy.
-    fn probe_magic(&self, head: &[u8]) -> bool {
-        head.starts_with(COOKIE)
-    }
-    /// `conectix` in the footer, the file's last 512 bytes.
-    fn probe_hint(&self, file: &Sniff<'_>) -> Result<bool, ImageError> {
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Vhd,
+    // `conectix` at 0: a dynamic disk's footer copy.
+    probe_magic: |head| head.starts_with(COOKIE),
+    // `conectix` in the footer, the file's last 512 bytes.
+    probe_hint: |file| {
         Ok(file.len >= FOOTER as u64 && file.has_at(file.len - FOOTER as u64, COOKIE)?)
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(VhdReader::open(path)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Ok(Box::new(open_fixed_rw(path)?))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
-        check(path)
-    }
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
-        write_fixed(source, output, opts, progress)
-    }
-}
+    },
+    open: |path| Ok(Box::new(VhdReader::open(path)?)),
+    in_place: Some(|path| Ok(Box::new(open_fixed_rw(path)?))),
+    check,
+    write: write_fixed,
+};
 
 /// Ones' complement of the byte sum, skipping the checksum field itself.
 fn checksum(buf: &[u8], field: usize) -> u32 {
@@ -343,8 +323,8 @@ impl ImageReader for VhdReader {
         match self {
             VhdReader::Fixed(r) => Ok(r.block_status(offset, max_len)),
             VhdReader::Dynamic(d) => {
-                if offset >= d.range.size {
-                    return Ok((BlockStatus::Unallocated, max_len.max(1)));
+                if let Some(past) = util::past_end(offset, d.range.size, max_len) {
+                    return Ok(past);
                 }
                 let end = d.range.size.min(offset.saturating_add(max_len));
                 let first = d.block_offset((offset / d.block_size) as usize).is_some();

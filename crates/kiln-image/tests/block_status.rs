@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use kiln_image::{open, BlockStatus, Format};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const KIB: u64 = 1 << 10;
 
@@ -60,6 +60,38 @@ fn qemu_io(format: Format, image: &Path, cmds: &[&str]) {
     );
 }
 
+/// Creates an empty 4 MiB `format` image `name` in `dir` with qemu-img (with `-o options`
+/// when given).
+fn create_4m(dir: &Path, name: &str, format: Format, options: Option<&str>) -> PathBuf {
+    let path = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", qemu_fmt(format)];
+    if let Some(options) = options {
+        args.extend(["-o", options]);
+    }
+    args.extend([p(&path), "4M"]);
+    qemu_img_ok(&args);
+    path
+}
+
+/// [`create_4m`], then 64 KiB of data at 0 and 64 KiB of zeros at 1 MiB written with qemu-io;
+/// checks that the data reads as data, the zeros as zero and the rest as unallocated, with
+/// the content qemu-img reads. Returns the image's path.
+fn data_zero_unallocated(dir: &Path, name: &str, format: Format, options: Option<&str>) -> PathBuf {
+    let path = create_4m(dir, name, format, options);
+    qemu_io(format, &path, &["write -P 0x55 0 64k", "write -z 1M 64k"]);
+    assert_eq!(
+        runs(&path),
+        [
+            (Data, 0, 64 * KIB),
+            (Unallocated, 64 * KIB, MIB - 64 * KIB),
+            (Zero, MIB, 64 * KIB),
+            (Unallocated, MIB + 64 * KIB, 3 * MIB - 64 * KIB),
+        ]
+    );
+    assert_same_as_qemu(&path, format);
+    path
+}
+
 use BlockStatus::{Data, Unallocated, Zero};
 
 #[test]
@@ -81,23 +113,7 @@ fn raw_holes_are_zero() {
 #[test]
 fn qcow2_zero_clusters_are_zero_and_unallocated_ones_unallocated() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("z.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", p(&path), "4M"]);
-    qemu_io(
-        Format::Qcow2,
-        &path,
-        &["write -P 0x55 0 64k", "write -z 1M 64k"],
-    );
-    assert_eq!(
-        runs(&path),
-        [
-            (Data, 0, 64 * KIB),
-            (Unallocated, 64 * KIB, MIB - 64 * KIB),
-            (Zero, MIB, 64 * KIB),
-            (Unallocated, MIB + 64 * KIB, 3 * MIB - 64 * KIB),
-        ]
-    );
-    assert_same_as_qemu(&path, Format::Qcow2);
+    let path = data_zero_unallocated(dir.path(), "z.qcow2", Format::Qcow2, None);
     // Only the data cluster is copied.
     let out = dir.path().join("z.raw");
     kiln_image::convert(&path, &out, Format::Raw, &mut |_, _| {}).unwrap();
@@ -108,39 +124,18 @@ fn qcow2_zero_clusters_are_zero_and_unallocated_ones_unallocated() {
 #[test]
 fn vmdk_zero_grains_are_zero_and_unallocated_ones_unallocated() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("z.vmdk");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicSparse,zeroed_grain=on",
-        p(&path),
-        "4M",
-    ]);
-    qemu_io(
+    data_zero_unallocated(
+        dir.path(),
+        "z.vmdk",
         Format::Vmdk,
-        &path,
-        &["write -P 0x55 0 64k", "write -z 1M 64k"],
+        Some("subformat=monolithicSparse,zeroed_grain=on"),
     );
-    assert_eq!(
-        runs(&path),
-        [
-            (Data, 0, 64 * KIB),
-            (Unallocated, 64 * KIB, MIB - 64 * KIB),
-            (Zero, MIB, 64 * KIB),
-            (Unallocated, MIB + 64 * KIB, 3 * MIB - 64 * KIB),
-        ]
-    );
-    assert_same_as_qemu(&path, Format::Vmdk);
 }
 
 #[test]
 fn vdi_zeroed_blocks_are_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("z.vdi");
-    qemu_img_ok(&["create", "-q", "-f", "vdi", p(&path), "4M"]);
+    let path = create_4m(dir.path(), "z.vdi", Format::Vdi, None);
     qemu_io(Format::Vdi, &path, &["write -P 0x55 0 64k"]);
     // Mark block 2 "zeroed" (0xFFFFFFFE) in the block map; qemu never writes that itself.
     let f = std::fs::OpenOptions::new()

@@ -71,25 +71,29 @@ pub fn load_disk(path: &Path) -> Result<Disk> {
     let mut bytes = vec![0u8; len];
     reader.read_at(&mut bytes, 0)?;
 
-    let kind = if format == Format::Iso {
-        if !has_el_torito(&bytes) {
-            return Err(WebError::NotBootable {
-                path: path.to_path_buf(),
-                why: "ISO has no El Torito boot record".into(),
-            });
+    // The one rule every engine uses decides the media; v86 then checks what it needs of it.
+    let kind = match kiln_image::boot_media(format, size) {
+        kiln_image::BootMedia::Cdrom => {
+            if !has_el_torito(&bytes) {
+                return Err(WebError::NotBootable {
+                    path: path.to_path_buf(),
+                    why: "ISO has no El Torito boot record".into(),
+                });
+            }
+            DiskKind::Cdrom
         }
-        DiskKind::Cdrom
-    } else {
-        if bytes[510..512] != [0x55, 0xAA] {
-            return Err(WebError::NotBootable {
-                path: path.to_path_buf(),
-                why: "no boot signature 0x55AA at the end of sector 0".into(),
-            });
-        }
-        if kiln_image::is_floppy_size(size) {
-            DiskKind::Fda
-        } else {
-            DiskKind::Hda
+        media => {
+            if bytes[510..512] != [0x55, 0xAA] {
+                return Err(WebError::NotBootable {
+                    path: path.to_path_buf(),
+                    why: "no boot signature 0x55AA at the end of sector 0".into(),
+                });
+            }
+            if media == kiln_image::BootMedia::Floppy {
+                DiskKind::Fda
+            } else {
+                DiskKind::Hda
+            }
         }
     };
     let stem = path

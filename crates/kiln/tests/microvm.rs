@@ -237,8 +237,12 @@ fn two_vms_from_one_image() {
     assert_eq!(rows[2]["meta"]["kind"], "firmware");
 
     // Graceful stop through the ACPI power button, within 60 s, for both kinds: exit 0 is
-    // "guest powered off" in the README's table.
-    for (name, timeout) in [("proof-fw", "10"), ("proof-a", "60")] {
+    // "guest powered off" in the README's table. (The program must be up to see the button:
+    // with two Linux guests busy under TCG, SeaBIOS may take seconds.)
+    let fw_log = host.get("proof-fw").unwrap().meta.log.unwrap();
+    debian::wait_for_log(&fw_log, "ClientAPI", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("proof-fw: {e}"));
+    for (name, timeout) in [("proof-fw", "30"), ("proof-a", "60")] {
         let t0 = Instant::now();
         let out = kiln(&["stop", name, "--timeout", timeout]);
         let said = String::from_utf8_lossy(&out.stdout);

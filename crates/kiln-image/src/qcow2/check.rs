@@ -9,6 +9,65 @@ use crate::driver::Check;
 use crate::util::{self, be32, be64};
 use crate::{Format, ImageError};
 
+/// The references the image's metadata makes to each cluster of the file, and the problems
+/// found on the way.
+struct Refs {
+    /// Cluster size in bytes.
+    cs: u64,
+    /// File length in bytes.
+    len: u64,
+    /// References to each cluster of the file.
+    counts: Vec<u32>,
+    problems: Vec<String>,
+}
+
+impl Refs {
+    /// Note a problem; the first 50 are kept.
+    fn problem(&mut self, m: String) {
+        if self.problems.len() < 50 {
+            self.problems.push(m);
+        }
+    }
+
+    /// Count a reference from `what` to each cluster of `[off, off + bytes)`.
+    fn add(&mut self, off: u64, bytes: u64, what: &str) {
+        let (cs, len) = (self.cs, self.len);
+        if off % cs != 0 && what != "compressed data" {
+            self.problem(format!("{what} at offset {off} is not cluster aligned"));
+        }
+        let first = off / cs;
+        let last = (off + bytes.max(1) - 1) / cs;
+        for c in first..=last {
+            match self.counts.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    self.problem(format!(
+                        "{what} at offset {off} lies beyond the end of the file ({len} bytes)"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether entry `i` of `table` points at a cluster `off` (0: at none) that can be read
+    /// and walked: a misaligned one or one beyond the end of the file is a problem naming it
+    /// `pointee`. A cluster that can be read is counted as `what`.
+    fn follows(&mut self, table: &str, i: usize, off: u64, pointee: &str, what: &str) -> bool {
+        if off == 0 {
+            return false;
+        }
+        if off % self.cs != 0 || off + self.cs > self.len {
+            self.problem(format!(
+                "{table} entry {i}: {pointee} offset {off} is misaligned or beyond the end of the file"
+            ));
+            return false;
+        }
+        self.add(off, self.cs, what);
+        true
+    }
+}
+
 /// Walk all metadata and compare reference counts, like `qemu-img check`.
 pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     let file = util::open_ro(path)?;
@@ -16,45 +75,15 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     let len = util::file_len(&file, path)?;
     let cs = 1u64 << hdr.cluster_bits;
     let nclusters = len.div_ceil(cs) as usize;
-    let mut problems: Vec<String> = Vec::new();
-    let mut refs = vec![0u32; nclusters];
-    let push = |problems: &mut Vec<String>, m: String| {
-        if problems.len() < 50 {
-            problems.push(m);
-        }
+    let mut refs = Refs {
+        cs,
+        len,
+        counts: vec![0u32; nclusters],
+        problems: Vec::new(),
     };
-    let mut add = |problems: &mut Vec<String>, off: u64, bytes: u64, what: &str| {
-        if off % cs != 0 && what != "compressed data" {
-            push(
-                problems,
-                format!("{what} at offset {off} is not cluster aligned"),
-            );
-        }
-        let first = off / cs;
-        let last = (off + bytes.max(1) - 1) / cs;
-        for c in first..=last {
-            match refs.get_mut(c as usize) {
-                Some(r) => *r = r.saturating_add(1),
-                None => {
-                    push(
-                        problems,
-                        format!(
-                            "{what} at offset {off} lies beyond the end of the file ({len} bytes)"
-                        ),
-                    );
-                    return;
-                }
-            }
-        }
-    };
-    add(&mut problems, 0, cs, "header");
-    add(&mut problems, hdr.l1_offset, hdr.l1_size * 8, "L1 table");
-    add(
-        &mut problems,
-        hdr.rt_offset,
-        hdr.rt_clusters * cs,
-        "refcount table",
-    );
+    refs.add(0, cs, "header");
+    refs.add(hdr.l1_offset, hdr.l1_size * 8, "L1 table");
+    refs.add(hdr.rt_offset, hdr.rt_clusters * cs, "refcount table");
 
     let mut l1 = vec![0u8; (hdr.l1_size * 8) as usize];
     util::read_exact_at(&file, path, &mut l1, hdr.l1_offset, Format::Qcow2)?;
@@ -62,32 +91,26 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     let csize_shift = 62 - (hdr.cluster_bits - 8);
     for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
         let l2_off = e & OFFSET_MASK;
-        if l2_off == 0 {
+        if !refs.follows("L1", i, l2_off, "L2 table", "L2 table") {
             continue;
         }
-        if l2_off % cs != 0 || l2_off + cs > len {
-            push(&mut problems, format!("L1 entry {i}: L2 table offset {l2_off} is misaligned or beyond the end of the file"));
-            continue;
-        }
-        add(&mut problems, l2_off, cs, "L2 table");
         util::read_exact_at(&file, path, &mut l2, l2_off, Format::Qcow2)?;
         for (j, e) in l2.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
             if e & COMPRESSED != 0 {
                 let coff = e & ((1u64 << csize_shift) - 1);
                 let sectors = ((e >> csize_shift) & ((1u64 << (62 - csize_shift)) - 1)) + 1;
-                add(&mut problems, coff & !511, sectors * 512, "compressed data");
+                refs.add(coff & !511, sectors * 512, "compressed data");
                 continue;
             }
             let off = e & OFFSET_MASK;
             if off != 0 {
                 let guest = ((i as u64 * (cs / 8)) + j as u64) * cs;
                 if guest >= hdr.size {
-                    push(
-                        &mut problems,
-                        format!("L2 entry maps guest offset {guest} beyond the virtual size"),
-                    );
+                    refs.problem(format!(
+                        "L2 entry maps guest offset {guest} beyond the virtual size"
+                    ));
                 }
-                add(&mut problems, off, cs, "data cluster");
+                refs.add(off, cs, "data cluster");
             }
         }
     }
@@ -101,52 +124,43 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     let mut block = vec![0u8; cs as usize];
     for (i, e) in rt.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
         let off = e & !511;
-        if off == 0 {
+        if !refs.follows("refcount table", i, off, "block", "refcount block") {
             continue;
         }
-        if off % cs != 0 || off + cs > len {
-            push(&mut problems, format!("refcount table entry {i}: block offset {off} is misaligned or beyond the end of the file"));
-            continue;
-        }
-        add(&mut problems, off, cs, "refcount block");
         util::read_exact_at(&file, path, &mut block, off, Format::Qcow2)?;
         for k in 0..per_block {
             let cluster = i as u64 * per_block + k;
             let v = read_refcount(&block, k, bits);
             match stored.get_mut(cluster as usize) {
                 Some(s) => *s = v,
-                None if v != 0 => push(
-                    &mut problems,
-                    format!("refcount for cluster {cluster} beyond the end of the file is {v}"),
-                ),
+                None if v != 0 => refs.problem(format!(
+                    "refcount for cluster {cluster} beyond the end of the file is {v}"
+                )),
                 None => {}
             }
         }
     }
     if hdr.nb_snapshots == 0 {
+        let counts = std::mem::take(&mut refs.counts);
         let mut leaked = 0u64;
-        for (c, (&want, &have)) in refs.iter().zip(stored.iter()).enumerate() {
+        for (c, (&want, &have)) in counts.iter().zip(stored.iter()).enumerate() {
             let want = want as u64;
             if have < want {
-                push(
-                    &mut problems,
-                    format!(
-                        "cluster {c} (offset {}) is in use but its refcount is {have}",
-                        c as u64 * cs
-                    ),
-                );
+                refs.problem(format!(
+                    "cluster {c} (offset {}) is in use but its refcount is {have}",
+                    c as u64 * cs
+                ));
             } else if have > want {
                 leaked += 1;
             }
         }
         if leaked > 0 {
-            push(
-                &mut problems,
-                format!("{leaked} leaked clusters (refcount set but unused)"),
-            );
+            refs.problem(format!(
+                "{leaked} leaked clusters (refcount set but unused)"
+            ));
         }
     }
-    Ok(Check::single(path, hdr.size, problems))
+    Ok(Check::single(path, hdr.size, refs.problems))
 }
 
 fn read_refcount(block: &[u8], idx: u64, bits: u64) -> u64 {

@@ -15,7 +15,7 @@ use imago::{
 };
 
 use crate::copy::{check_range, copy, Sink};
-use crate::driver::{Check, Driver};
+use crate::driver::{self, Driver};
 use crate::util::{self, TempOut};
 use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
 use header::{read_header, validate_l1};
@@ -23,39 +23,22 @@ use header::{read_header, validate_l1};
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
+/// Cluster size of the images and overlays written: 64 KiB, as `qemu-img` makes them.
+const CLUSTER_SIZE: usize = 64 << 10;
 /// Largest virtual size we accept (qemu's limit is 2^61 - 1; keep tables bounded).
 const MAX_SIZE: u64 = 1 << 56;
 
 /// QCOW2 v2/v3 without backing file or encryption: read, written in place and written.
-pub(crate) struct Qcow2Driver;
-
-impl Driver for Qcow2Driver {
-    fn format(&self) -> Format {
-        Format::Qcow2
-    }
-    /// `QFI\xfb` at 0.
-    fn probe_magic(&self, head: &[u8]) -> bool {
-        head.starts_with(MAGIC)
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(Qcow2Reader::open_mode(path, false)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Ok(Box::new(Qcow2Reader::open_mode(path, true)?))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
-        check::check(path)
-    }
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
-        write(source, output, opts, progress)
-    }
-}
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Qcow2,
+    // `QFI\xfb` at 0.
+    probe_magic: |head| head.starts_with(MAGIC),
+    probe_hint: driver::no_hint,
+    open: |path| Ok(Box::new(Qcow2Reader::open_mode(path, false)?)),
+    in_place: Some(|path| Ok(Box::new(Qcow2Reader::open_mode(path, true)?))),
+    check: check::check,
+    write,
+};
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> ImageError {
     if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof
@@ -191,7 +174,18 @@ impl Sink for QcowSink<'_> {
     }
 }
 
-/// Write `source` as a new QCOW2 v3 image with 64 KiB clusters.
+/// The temporary file for a new image `output` (see [`TempOut`]), and imago storage on it.
+fn create_output(output: &Path) -> Result<(TempOut, ImagoFile), ImageError> {
+    let out = TempOut::create(output)?;
+    let storage = ImagoFile::from_open_file(
+        out.file_clone()?,
+        StorageOpenOptions::new().write(true).filename(&out.tmp),
+    )
+    .map_err(|e| io_err(output, "cannot open output", e))?;
+    Ok((out, storage))
+}
+
+/// Write `source` as a new QCOW2 v3 image with [`CLUSTER_SIZE`] clusters.
 fn write(
     source: &mut dyn ImageReader,
     output: &Path,
@@ -201,17 +195,10 @@ fn write(
     let size = util::round_up(source.virtual_size(), 512)
         .filter(|s| *s <= MAX_SIZE)
         .ok_or_else(|| ImageError::unsupported(output, "virtual size too large for QCOW2"))?;
-    let out = TempOut::create(output)?;
-    let f = out
-        .file()?
-        .try_clone()
-        .map_err(|e| ImageError::io(output, "cannot duplicate file handle", e))?;
-    let storage =
-        ImagoFile::from_open_file(f, StorageOpenOptions::new().write(true).filename(&out.tmp))
-            .map_err(|e| io_err(output, "cannot open output", e))?;
+    let (out, storage) = create_output(output)?;
     let q = Qcow2::<ImagoFile>::create_builder(storage)
         .size(size)
-        .cluster_size(65536)
+        .cluster_size(CLUSTER_SIZE)
         .create_open(DenyImplicitOpenGate::default(), |s| {
             Ok(Qcow2::<ImagoFile>::builder(s).write(true))
         })
@@ -268,17 +255,10 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<u64, ImageError> {
             std::io::ErrorKind::AlreadyExists.into(),
         ));
     }
-    let out = TempOut::create(overlay)?;
-    let f = out
-        .file()?
-        .try_clone()
-        .map_err(|e| ImageError::io(overlay, "cannot duplicate file handle", e))?;
-    let storage =
-        ImagoFile::from_open_file(f, StorageOpenOptions::new().write(true).filename(&out.tmp))
-            .map_err(|e| io_err(overlay, "cannot open output", e))?;
+    let (out, storage) = create_output(overlay)?;
     Qcow2::<ImagoFile>::create_builder(storage)
         .size(size)
-        .cluster_size(65536)
+        .cluster_size(CLUSTER_SIZE)
         .backing(name.to_string(), "raw".to_string())
         .create()
         .map_err(|e| io_err(overlay, "cannot create QCOW2 overlay", e))?;

@@ -13,46 +13,24 @@ mod sparse;
 use std::path::{Path, PathBuf};
 
 use crate::copy::check_range;
-use crate::driver::{Check, Driver, Sniff};
+use crate::driver::Driver;
 use crate::raw::FileRange;
 use crate::util;
-use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
+use crate::{BlockStatus, Format, ImageError, ImageReader};
 use sparse::{SparseExtent, SPARSE_MAGIC};
 
 /// VMDK: monolithicFlat (read, written in place, written) and sparse extents (read).
-pub(crate) struct VmdkDriver;
-
-impl Driver for VmdkDriver {
-    fn format(&self) -> Format {
-        Format::Vmdk
-    }
-    /// `KDMV` at 0: a monolithicSparse or streamOptimized file.
-    fn probe_magic(&self, head: &[u8]) -> bool {
-        head.starts_with(SPARSE_MAGIC)
-    }
-    /// A text descriptor.
-    fn probe_hint(&self, file: &Sniff<'_>) -> Result<bool, ImageError> {
-        Ok(descriptor::looks_like_descriptor(file.head))
-    }
-    fn open(&self, path: &Path) -> Result<Box<dyn ImageReader>, ImageError> {
-        Ok(Box::new(VmdkReader::open(path)?))
-    }
-    fn open_rw(&self, path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
-        Ok(Box::new(flat::open_flat_rw(path)?))
-    }
-    fn check(&self, path: &Path) -> Result<Check, ImageError> {
-        check::check(path)
-    }
-    fn write(
-        &self,
-        source: &mut dyn ImageReader,
-        output: &Path,
-        opts: &WriteOptions,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), ImageError> {
-        flat::write_flat(source, output, opts, progress)
-    }
-}
+pub(crate) const DRIVER: Driver = Driver {
+    format: Format::Vmdk,
+    // `KDMV` at 0: a monolithicSparse or streamOptimized file.
+    probe_magic: |head| head.starts_with(SPARSE_MAGIC),
+    // A text descriptor.
+    probe_hint: |file| Ok(descriptor::looks_like_descriptor(file.head)),
+    open: |path| Ok(Box::new(VmdkReader::open(path)?)),
+    in_place: Some(|path| Ok(Box::new(flat::open_flat_rw(path)?))),
+    check: check::check,
+    write: flat::write_flat,
+};
 
 /// One extent of the disk, in descriptor order.
 enum Extent {
@@ -191,6 +169,10 @@ impl ImageReader for VmdkReader {
         offset: u64,
         max_len: u64,
     ) -> Result<(BlockStatus, u64), ImageError> {
+        if let Some(past) = util::past_end(offset, self.size, max_len) {
+            return Ok(past);
+        }
+        // The extents cover the whole disk; a gap is answered as unallocated, never a panic.
         let Some((i, within)) = self.locate(offset) else {
             return Ok((BlockStatus::Unallocated, max_len.max(1)));
         };
