@@ -64,8 +64,11 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// end" and "the callback is registered" comes first.
 #[derive(Default)]
 pub struct EndHook {
-    inner: std::sync::Mutex<(bool, Option<Box<dyn FnOnce() + Send>>)>,
+    inner: std::sync::Mutex<HookState>,
 }
+
+/// Whether the end happened, and who to tell when it does.
+type HookState = (bool, Option<Box<dyn FnOnce() + Send>>);
 
 impl EndHook {
     /// Registers `notify`, or runs it now if the end already happened.

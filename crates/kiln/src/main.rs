@@ -263,34 +263,6 @@ fn report(e: &anyhow::Error) -> String {
     line
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_cause_is_printed_once_and_fields_become_flags() {
-        let io = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let e: anyhow::Error = kiln_host::HostError::Io {
-            what: "/x/vm.json: cannot read".into(),
-            source: io,
-        }
-        .into();
-        let line = report(&e.context("kiln vm ls"));
-        assert_eq!(line.matches("Too many open files").count(), 1, "{line}");
-        assert!(
-            line.starts_with("kiln vm ls: /x/vm.json: cannot read"),
-            "{line}"
-        );
-        let e: anyhow::Error = kiln_host::HostError::InvalidValue {
-            field: "vcpus",
-            value: "0".into(),
-            why: "must be between 1 and 16".into(),
-        }
-        .into();
-        assert_eq!(report(&e), "--vcpu 0: must be between 1 and 16");
-    }
-}
-
 /// The command-line flag for a request field of kiln-host.
 fn flag_of(field: &str) -> String {
     match field {
@@ -520,5 +492,33 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once_and_fields_become_flags() {
+        let io = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let e: anyhow::Error = kiln_host::HostError::Io {
+            what: "/x/vm.json: cannot read".into(),
+            source: io,
+        }
+        .into();
+        let line = report(&e.context("kiln vm ls"));
+        assert_eq!(line.matches("Too many open files").count(), 1, "{line}");
+        assert!(
+            line.starts_with("kiln vm ls: /x/vm.json: cannot read"),
+            "{line}"
+        );
+        let e: anyhow::Error = kiln_host::HostError::InvalidValue {
+            field: "vcpus",
+            value: "0".into(),
+            why: "must be between 1 and 16".into(),
+        }
+        .into();
+        assert_eq!(report(&e), "--vcpu 0: must be between 1 and 16");
     }
 }

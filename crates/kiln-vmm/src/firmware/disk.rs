@@ -68,8 +68,6 @@ pub(super) fn load_boot(fw: &mut Firmware, mem: &GuestMem) -> Result<(u16, u16),
     Ok((cs, ip))
 }
 
-/// int 13h status codes.
-
 /// One int 13h drive as the guest addresses it: the boot disk itself, or an El Torito
 /// emulated drive (a window of 512-byte sectors inside the CD image).
 #[derive(Debug, Clone, Copy)]

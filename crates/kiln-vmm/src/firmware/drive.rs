@@ -5,7 +5,7 @@
 use super::Firmware;
 use crate::{BootDevice, VmmError};
 
-/// int 13h status codes (AH on return).
+// int 13h status codes (AH on return).
 pub(crate) const ST_OK: u8 = 0x00;
 pub(crate) const ST_BAD_CMD: u8 = 0x01;
 pub(crate) const ST_WRITE_PROTECTED: u8 = 0x03;
