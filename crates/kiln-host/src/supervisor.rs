@@ -187,13 +187,19 @@ pub(crate) fn supervise(
             }
             break end;
         }
+        let mut ended = false;
         for event in first
             .into_iter()
             .chain(std::iter::from_fn(|| events.try_recv().ok()))
         {
             // Everything but a kill presses the button (once) with its timeout.
             let timeout = match event {
-                Event::Ended => continue,
+                // The VM ended while this batch was handled: look right after it (the wake-up
+                // is used up here; waiting for another would cost the full safety-net second).
+                Event::Ended => {
+                    ended = true;
+                    continue;
+                }
                 Event::Signal if deadline.is_some() => break 'run vm.kill(),
                 Event::Signal => stop_timeout,
                 Event::Control(incoming) => {
@@ -224,6 +230,11 @@ pub(crate) fn supervise(
                     tracing::warn!("power button: {e}");
                 }
                 deadline = Some((Instant::now() + timeout, timeout));
+            }
+        }
+        if ended {
+            if let Some(end) = vm.wait_timeout(Duration::from_millis(100)) {
+                break end;
             }
         }
         if let Some((at, timeout)) = deadline {

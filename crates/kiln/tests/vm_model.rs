@@ -41,6 +41,21 @@ fn start_disk_vm(home: &Path, name: &str, engine: &str) -> VmRecord {
     Host::new(home.to_path_buf()).get(name).unwrap()
 }
 
+/// Kills every VM under `home` when a test ends, passing or failing: background VMs outlive
+/// their creator by design, so a failed assertion must not leave them running.
+struct KillOnDrop(std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let host = Host::new(self.0.clone()).with_supervisor(KILN);
+        for rec in host.list().unwrap_or_default() {
+            if rec.is_alive() {
+                let _ = host.kill(&rec.meta.name);
+            }
+        }
+    }
+}
+
 fn kiln_in(home: &Path, args: &[&str]) -> Output {
     std::process::Command::new(KILN)
         .env("KILN_HOME", home)
@@ -59,6 +74,7 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 
 fn firmware_vm_in_background(engine: &str) {
     let home = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(home.path().to_path_buf());
     let name = format!("fw-{engine}");
     let rec = start_disk_vm(home.path(), &name, engine);
     assert_eq!(rec.meta.state, VmState::Running);
@@ -124,6 +140,7 @@ fn firmware_vm_in_background_on_builtin() {
 
 fn supervisor_killed(engine: &str) {
     let home = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(home.path().to_path_buf());
     let name = format!("orphan-{engine}");
     let rec = start_disk_vm(home.path(), &name, engine);
     let supervisor = rec.meta.supervisor_pid.expect("supervisor pid");
@@ -172,6 +189,7 @@ fn killed_supervisor_leaves_no_builtin_vm() {
 fn vms_start_from_many_threads() {
     require_tool("qemu-system-x86_64");
     let home = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(home.path().to_path_buf());
     let host = Arc::new(Host::new(home.path().to_path_buf()).with_supervisor(KILN));
     let names = ["t-0", "t-1", "t-2", "racer", "racer"];
     let handles: Vec<_> = names
@@ -251,6 +269,7 @@ fn vms_start_from_many_threads() {
 fn kill_and_rm_any_vm_by_name() {
     require_tool("qemu-system-x86_64");
     let home = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(home.path().to_path_buf());
     start_disk_vm(home.path(), "victim", "qemu");
     let out = kiln_in(home.path(), &["rm", "victim"]);
     assert!(!out.status.success());
