@@ -42,8 +42,6 @@ pub enum HostError {
     Start { name: String, detail: String },
     #[error("VM '{name}': {detail}")]
     Control { name: String, detail: String },
-    #[error("the builtin engine cannot run here: {0}")]
-    NoKvm(String),
     #[error(transparent)]
     Qemu(#[from] kiln_qemu::QemuError),
     #[error(transparent)]
