@@ -276,7 +276,7 @@ impl Host {
             let spec = self.disk_spec(req, &claim.name, &claim.dir, true)?;
             let rec = new_record(spec, VmKind::Firmware, Some(req.image.clone()), false);
             rec.save(&record_path(&claim.dir))?;
-            self.launch_background(&claim.dir, &claim.name)
+            self.spawn_supervisor(&claim.dir, &claim.name)?.go()
         })();
         claim.finish(result)
     }
@@ -312,8 +312,9 @@ impl Host {
     }
 
     /// Starts the supervisor of the VM recorded in `dir`: a re-executed kiln in a session of
-    /// its own, so it outlives this process. Returns once the VM runs (or failed to start).
-    pub(crate) fn launch_background(&self, dir: &Path, name: &str) -> Result<VmRecord, HostError> {
+    /// its own, so it outlives this process. It waits for [`Supervisor::go`] before it reads the
+    /// record, so its start-up overlaps whatever the caller still prepares (the VM's disks).
+    pub(crate) fn spawn_supervisor(&self, dir: &Path, name: &str) -> Result<Supervisor, HostError> {
         let log_path = dir.join("engine.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -325,7 +326,7 @@ impl Host {
             .arg(SUPERVISE_COMMAND)
             .arg(&self.home)
             .arg(name)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
         process::configure(
@@ -335,27 +336,16 @@ impl Host {
                 new_session: true,
             },
         );
-        let mut child = command.spawn().map_err(|e| HostError::Start {
+        let child = command.spawn().map_err(|e| HostError::Start {
             name: name.to_string(),
             detail: format!("cannot run {}: {e}", self.supervisor.display()),
         })?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out.take(4096)).read_line(&mut line);
-        }
-        // The supervisor is our child until we exit: reap it whenever it ends.
-        std::thread::spawn(move || child.wait());
-        let line = line.trim();
-        match line.strip_prefix("ok ") {
-            Some(_) => VmRecord::load(&record_path(dir)),
-            None => Err(HostError::Start {
-                name: name.to_string(),
-                detail: match line.strip_prefix("err ") {
-                    Some(why) => why.to_string(),
-                    None => format!("its supervisor died (see {})", log_path.display()),
-                },
-            }),
-        }
+        Ok(Supervisor {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            log: log_path,
+        })
     }
 
     /// The VM named `name`.
@@ -522,6 +512,57 @@ impl Host {
     }
 }
 
+/// A background VM's supervisor that has started but waits for the word to run the VM.
+/// Dropped without [`Supervisor::go`], it exits without doing anything.
+pub(crate) struct Supervisor {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+    name: String,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    /// Lets the supervisor run the VM; returns once the VM runs (or failed to start).
+    pub(crate) fn go(mut self) -> Result<VmRecord, HostError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(HostError::Start {
+                name: self.name.clone(),
+                detail: "its supervisor is gone".into(),
+            });
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out.take(4096)).read_line(&mut line);
+        }
+        // The supervisor is our child until we exit: reap it whenever it ends.
+        std::thread::spawn(move || child.wait());
+        let line = line.trim();
+        match line.strip_prefix("ok ") {
+            Some(_) => VmRecord::load(&record_path(&self.dir)),
+            None => Err(HostError::Start {
+                name: self.name.clone(),
+                detail: match line.strip_prefix("err ") {
+                    Some(why) => why.to_string(),
+                    None => format!("its supervisor died (see {})", self.log.display()),
+                },
+            }),
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Closing its stdin tells it not to run anything; it exits at once.
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A claimed name: its directory is removed on drop unless the VM was created.
 pub(crate) struct Claim {
     pub(crate) name: String,
@@ -601,6 +642,11 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
     process::cloexec_from(3);
     if validate_name(name).is_err() {
         println!("err invalid VM name");
+        return 1;
+    }
+    // Wait for the word: the VM's creator may still be making its disks.
+    let mut word = String::new();
+    if std::io::stdin().read_line(&mut word).is_err() || word.trim() != "go" {
         return 1;
     }
     let dir = home.join("vms").join(name);

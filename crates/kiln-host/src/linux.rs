@@ -76,8 +76,9 @@ impl Host {
     pub fn run(&self, req: &RunRequest) -> Result<VmRecord, HostError> {
         let inputs = validate(req)?;
         let claim = self.claim(req.name.as_deref())?;
-        let result = self.create(&claim.name, &claim.dir, req, &inputs);
-        let result = result.and_then(|()| self.launch_background(&claim.dir, &claim.name));
+        let result = self
+            .create(&claim.name, &claim.dir, req, &inputs)
+            .and_then(|supervisor| supervisor.go());
         claim.finish(result)
     }
 
@@ -87,7 +88,7 @@ impl Host {
         dir: &Path,
         req: &RunRequest,
         inputs: &Inputs,
-    ) -> Result<(), HostError> {
+    ) -> Result<crate::host::Supervisor, HostError> {
         let t0 = Instant::now();
         let overlay = dir.join("root.qcow2");
         let home_disk = dir.join("home.ext4");
@@ -161,6 +162,8 @@ impl Host {
         let json = record_path(dir);
         rec.save(&json)?;
         tracing::debug!("{name}: vm.json written after {:?}", t0.elapsed());
+        // The supervisor starts now and waits: its start-up overlaps making the disks.
+        let supervisor = self.spawn_supervisor(dir, name)?;
 
         kiln_image::create_overlay(&inputs.rootfs, &overlay)?;
         tracing::debug!("{name}: overlay made after {:?}", t0.elapsed());
@@ -196,7 +199,7 @@ impl Host {
         home?;
         var?;
         tracing::debug!("{name}: /home and /var disks made after {:?}", t0.elapsed());
-        Ok(())
+        Ok(supervisor)
     }
 }
 

@@ -109,7 +109,8 @@ pub fn serve(
     if !opts.addr.ip().is_loopback() && !opts.public {
         return Err(WebError::Listen {
             addr: addr_s,
-            msg: "not a loopback address; pass --public to serve other machines".into(),
+            msg: "not a loopback address; other machines are served only when `public` is set"
+                .into(),
         });
     }
     let (files, save_path) = match &source {

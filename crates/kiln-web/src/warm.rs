@@ -26,7 +26,7 @@ pub(crate) fn warm_state(
         msg,
     };
     if marker.is_empty() {
-        return Err(err("the --warm marker is empty".into()));
+        return Err(err("the `warm` marker is empty".into()));
     }
     let libv86 = assets.libv86_mjs();
     if !libv86.is_file() {
@@ -75,7 +75,7 @@ pub(crate) fn warm_state(
         .spawn()
         .map_err(|e| {
             err(format!(
-                "cannot run {}: {e}; --warm boots the image in v86 under Node.js (apt-get install nodejs)",
+                "cannot run {}: {e}; `warm` boots the image in v86 under Node.js (apt-get install nodejs)",
                 node.to_string_lossy()
             ))
         })?;

@@ -162,7 +162,7 @@ fn serve_port_in_use_and_public_address() {
         ..Default::default()
     };
     let e = serve(ServeSource::Image(img), opts, |_| panic!("must not start")).unwrap_err();
-    assert!(one_line(&e).contains("--public"), "{e}");
+    assert!(one_line(&e).contains("`public`"), "{e}");
     let e = ServeSource::from_path(tmp.path()).unwrap_err();
     assert!(one_line(&e).contains("not a kiln site"), "{e}");
 }

@@ -250,7 +250,7 @@ fn report(e: &anyhow::Error) -> String {
             Some(kiln_host::HostError::InvalidValue { field, value, why }) => {
                 format!("{} {value}: {why}", flag_of(field))
             }
-            _ => cause.to_string(),
+            _ => fields_as_flags(&cause.to_string()),
         };
         if line.contains(&text) {
             continue;
@@ -261,6 +261,22 @@ fn report(e: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
+}
+
+/// Library messages name option fields in backticks (`public`); people see the flags.
+fn fields_as_flags(text: &str) -> String {
+    let mut out = text.to_string();
+    for field in [
+        "public",
+        "warm",
+        "vcpus",
+        "ram_mib",
+        "home_size",
+        "var_size",
+    ] {
+        out = out.replace(&format!("`{field}`"), &flag_of(field));
+    }
+    out
 }
 
 /// The command-line flag for a request field of kiln-host.
@@ -520,5 +536,7 @@ mod tests {
         }
         .into();
         assert_eq!(report(&e), "--vcpu 0: must be between 1 and 16");
+        let e = anyhow::anyhow!("0.0.0.0:0: served only when `public` is set");
+        assert_eq!(report(&e), "0.0.0.0:0: served only when --public is set");
     }
 }
