@@ -196,3 +196,30 @@ fn unknown_output_extension_asks_for_a_format() {
     assert!(err.contains("--format"), "{err}");
     assert_only(tmp.path(), &[]);
 }
+
+/// A closed stdout (`kiln inspect IMAGE | head -0`) ends kiln quietly: no panic, no message.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let image = common::built().join("boot.qcow2");
+    for args in [
+        vec!["inspect", image.to_str().unwrap()],
+        vec!["ps", "--json"],
+        vec!["size"],
+    ] {
+        let mut child = common::kiln_command()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the reading end before kiln writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && err.is_empty(),
+            "{args:?}: {err}"
+        );
+        assert_ne!(out.status.code(), Some(101), "{args:?} panicked");
+    }
+}
