@@ -14,7 +14,7 @@ use kiln_sys::lock::FileLock;
 use kiln_sys::process::{self, ChildSetup};
 
 use crate::spec::control_socket;
-use crate::state::{record_path, VmKind, CREATE_LOCK, LOCK, VM_JSON};
+use crate::state::{record_path, VmKind, CREATE_LOCK, LOCK};
 use crate::supervisor::{self, Request};
 use crate::{
     default_firmware_engine, generate_name, validate_name, Boot, ConsoleSpec, End, EngineKind,
@@ -32,6 +32,8 @@ pub struct DiskRequest {
     /// Generated in the style `calm-otter` when `None`.
     pub name: Option<String>,
     pub image: PathBuf,
+    /// vCPUs: 1 when `None` (the only count a firmware VM may have today).
+    pub vcpu: Option<u32>,
     /// How the guest sees the image; decided by [`kiln_image::boot_media`] when `None`.
     pub media: Option<BootMedia>,
     /// Guest memory; 16 MiB on the builtin VMM, 128 MiB on QEMU when `None`.
@@ -239,9 +241,9 @@ impl Host {
                 },
             }
         };
-        let mut spec = VmSpec {
+        let spec = VmSpec {
             name: name.to_string(),
-            vcpu: 1,
+            vcpu: req.vcpu.unwrap_or(1),
             ram_mib,
             engine,
             accelerator,
@@ -264,9 +266,7 @@ impl Host {
             dir: dir.to_path_buf(),
             command: Vec::new(),
         };
-        spec.validate()?;
-        spec.command = crate::engine::engine(engine).command_line(&spec);
-        Ok(spec)
+        spec.checked()
     }
 
     /// Starts a firmware VM booting `req.image` in the background; returns once it runs.
@@ -274,7 +274,7 @@ impl Host {
         let claim = self.claim(req.name.as_deref())?;
         let result = (|| {
             let spec = self.disk_spec(req, &claim.name, &claim.dir, true)?;
-            let rec = new_record(spec, VmKind::Firmware, Some(req.image.clone()), false);
+            let rec = new_record(spec, Some(req.image.clone()), false);
             rec.save(&record_path(&claim.dir))?;
             self.spawn_supervisor(&claim.dir, &claim.name)?.go()
         })();
@@ -293,14 +293,11 @@ impl Host {
         let claim = self.claim(req.name.as_deref())?;
         let result = (|| {
             let spec = self.disk_spec(req, &claim.name, &claim.dir, false)?;
-            let rec = new_record(spec, VmKind::Firmware, Some(req.image.clone()), true);
+            let rec = new_record(spec, Some(req.image.clone()), true);
             rec.save(&record_path(&claim.dir))?;
-            let dir = claim.dir.clone();
-            let mut ready = |r: Result<u32, String>| {
-                if r.is_ok() {
-                    if let Ok(rec) = VmRecord::load(&record_path(&dir)) {
-                        on_start(&rec);
-                    }
+            let mut ready = |r: Result<&VmRecord, String>| {
+                if let Ok(rec) = r {
+                    on_start(rec);
                 }
             };
             supervisor::run_vm(&claim.dir, stop_timeout, &mut ready)
@@ -351,7 +348,7 @@ impl Host {
     /// The VM named `name`.
     pub fn get(&self, name: &str) -> Result<VmRecord, HostError> {
         validate_name(name)?;
-        let json = self.vm_dir(name).join(VM_JSON);
+        let json = record_path(&self.vm_dir(name));
         if !json.exists() {
             return Err(HostError::NoSuchVm(name.to_string()));
         }
@@ -368,7 +365,7 @@ impl Host {
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
-            let json = entry.path().join(VM_JSON);
+            let json = record_path(&entry.path());
             if json.exists() {
                 match VmRecord::load(&json) {
                     Ok(rec) => out.push(rec),
@@ -588,12 +585,11 @@ impl Drop for Claim {
 }
 
 /// A new record in state `creating` for `spec`.
-pub(crate) fn new_record(
-    spec: VmSpec,
-    kind: VmKind,
-    image: Option<PathBuf>,
-    foreground: bool,
-) -> VmRecord {
+pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool) -> VmRecord {
+    let kind = match spec.boot {
+        Boot::Firmware { .. } => VmKind::Firmware,
+        Boot::Linux { .. } => VmKind::Linux,
+    };
     let (net, ssh_port, guest_ip) = match spec.net {
         NetSpec::None => ("none", None, None),
         NetSpec::User { ssh_port } => ("user", Some(ssh_port), Some("10.0.2.15".to_string())),
@@ -650,10 +646,10 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
         return 1;
     }
     let dir = home.join("vms").join(name);
-    let mut ready = |r: Result<u32, String>| {
+    let mut ready = |r: Result<&VmRecord, String>| {
         let mut out = std::io::stdout().lock();
         let _ = match r {
-            Ok(pid) => writeln!(out, "ok {pid}"),
+            Ok(rec) => writeln!(out, "ok {}", rec.meta.pid.unwrap_or(0)),
             Err(why) => writeln!(out, "err {}", why.replace('\n', " ")),
         };
         let _ = out.flush();

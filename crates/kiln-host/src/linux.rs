@@ -10,7 +10,7 @@ use kiln_qemu::Accel;
 use kiln_rootfs::{ImageManifest, Seed, DEFAULT_DISK_SIZE};
 
 use crate::host::new_record;
-use crate::state::{record_path, VmKind};
+use crate::state::record_path;
 use crate::{Boot, ConsoleSpec, EngineKind, Host, HostError, NetSpec, VmDisk, VmRecord, VmSpec};
 
 /// Default vCPUs of a Linux VM.
@@ -122,7 +122,7 @@ impl Host {
             size,
             read_only: false,
         };
-        let mut spec = VmSpec {
+        let spec = VmSpec {
             name: name.to_string(),
             vcpu: req.vcpu,
             ram_mib: req.ram_mib,
@@ -149,10 +149,9 @@ impl Host {
             },
             dir: dir.to_path_buf(),
             command: Vec::new(),
-        };
-        spec.validate()?;
-        spec.command = crate::engine::engine(spec.engine).command_line(&spec);
-        let mut rec = new_record(spec, VmKind::Linux, inputs.image.clone(), false);
+        }
+        .checked()?;
+        let mut rec = new_record(spec, inputs.image.clone(), false);
         rec.meta.rootfs = Some(inputs.rootfs.clone());
         rec.meta.kernel = Some(inputs.kernel.clone());
         rec.meta.initrd = inputs.initrd.clone();
@@ -210,7 +209,7 @@ fn validate(req: &RunRequest) -> Result<Inputs, HostError> {
     // vCPUs and memory are checked with the rest of the spec (`VmSpec::validate`), before
     // anything is made.
     for (field, size) in [("home_size", req.home_size), ("var_size", req.var_size)] {
-        if !(16 << 20..=16 << 40).contains(&size) {
+        if !kiln_rootfs::DISK_SIZES.contains(&size) {
             return Err(HostError::invalid(
                 field,
                 size,

@@ -232,6 +232,14 @@ impl VmSpec {
         Ok(())
     }
 
+    /// Validates the spec and records the engine's command line in it: what every request
+    /// does last before its VM is recorded.
+    pub fn checked(mut self) -> Result<VmSpec, HostError> {
+        self.validate()?;
+        self.command = crate::engine::engine(self.engine).command_line(&self);
+        Ok(self)
+    }
+
     /// The VM's control socket (`kiln stop`, `kill`, console quit).
     pub fn control_socket(&self) -> PathBuf {
         control_socket(&self.dir)

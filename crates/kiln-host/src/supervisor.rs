@@ -269,12 +269,12 @@ pub(crate) fn update(dir: &Path, f: impl FnOnce(&mut VmRecord)) -> Result<VmReco
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the VM recorded in `dir` to its end: the body of every supervisor. `ready` is told
-/// once, with the engine's pid or why the VM could not start. Returns how the VM ended; an
+/// once, with the record as it runs or why the VM could not start. Returns how the VM ended; an
 /// error means it never ran (and `dir`'s record says so).
 pub(crate) fn run_vm(
     dir: &Path,
     stop_timeout: Duration,
-    ready: &mut dyn FnMut(Result<u32, String>),
+    ready: &mut dyn FnMut(Result<&VmRecord, String>),
 ) -> Result<End, HostError> {
     let result = start_and_run(dir, stop_timeout, ready);
     if let Err(e) = &result {
@@ -286,7 +286,7 @@ pub(crate) fn run_vm(
 fn start_and_run(
     dir: &Path,
     stop_timeout: Duration,
-    ready: &mut dyn FnMut(Result<u32, String>),
+    ready: &mut dyn FnMut(Result<&VmRecord, String>),
 ) -> Result<End, HostError> {
     let lock_path = dir.join(SUPERVISOR_LOCK);
     let _held = FileLock::try_exclusive(&lock_path)
@@ -333,12 +333,15 @@ fn start_and_run(
         r.meta.started_at = Some(kiln_sys::now_rfc3339());
         r.meta.state = VmState::Running;
     });
-    if let Err(e) = recorded {
-        vm.kill();
-        cleanup(&spec);
-        return Err(e);
-    }
-    ready(Ok(pid));
+    let running = match recorded {
+        Ok(rec) => rec,
+        Err(e) => {
+            vm.kill();
+            cleanup(&spec);
+            return Err(e);
+        }
+    };
+    ready(Ok(&running));
     vm.settle();
     let (end, waiting) = supervise(vm.as_mut(), &events, stop_timeout);
     if let Some(stats) = vm.statistics() {
@@ -361,10 +364,10 @@ fn start_and_run(
     Ok(end)
 }
 
-/// Removes a VM's sockets once nothing serves them.
+/// Removes the sockets the supervisor served once nothing serves them (an engine removes its
+/// own, e.g. QEMU's QMP socket, when it is dropped).
 pub(crate) fn cleanup(spec: &crate::VmSpec) {
     let _ = fs::remove_file(spec.control_socket());
-    let _ = fs::remove_file(spec.dir.join("qmp.sock"));
     if let Some(c) = spec.console_socket() {
         let _ = fs::remove_file(c);
     }

@@ -26,7 +26,7 @@ pub mod size;
 
 pub use ext4::{extract_dir, make_ext4_disk, make_seeded_disk, Seed};
 pub use manifest::{ImageManifest, IMAGE_MANIFEST};
-pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE};
+pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE, DISK_SIZES};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
 const BUILDER_VERSION: u32 = 2;

@@ -7,6 +7,8 @@ pub const DEFAULT_DISK_SIZE: u64 = 2 << 30;
 /// The smallest disk kiln makes: mkfs.ext4 needs room for its metadata and the seed files.
 const MIN_SIZE: u64 = 16 << 20;
 const MAX_SIZE: u64 = 16 << 40;
+/// The sizes a disk kiln makes may have: 16 MiB to 16 TiB.
+pub const DISK_SIZES: std::ops::RangeInclusive<u64> = MIN_SIZE..=MAX_SIZE;
 
 /// Parses `512M`, `2G` (binary units; `MiB`/`GiB`, lower case and a plain byte count also
 /// accepted) into bytes, between 16 MiB and 16 TiB.

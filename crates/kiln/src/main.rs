@@ -115,8 +115,8 @@ struct RunArgs {
     /// How the guest sees the image (detected when absent).
     #[arg(long, value_enum)]
     media: Option<MediaArg>,
-    /// Guest memory in MiB (default: 16 on builtin, 128 on qemu).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3584))]
+    /// Guest memory in MiB, 2 to 3584 (default: 16 on builtin, 128 on qemu).
+    #[arg(long)]
     ram: Option<u32>,
     /// Seconds to wait for the guest to power off after SIGTERM presses the power button.
     #[arg(long, default_value_t = 30.0)]
@@ -431,6 +431,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let request = kiln_host::DiskRequest {
         name: args.name,
         image: args.image,
+        vcpu: None,
         media: args.media.map(MediaArg::media),
         ram_mib: args.ram,
         engine,

@@ -132,16 +132,11 @@ pub fn dispatch(cmd: VmCommand) -> anyhow::Result<ExitCode> {
 fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
     let rec = match &args.disk {
         Some(disk) => {
-            if args.vcpu.is_some_and(|v| v != 1) {
-                anyhow::bail!(
-                    "--vcpu {}: firmware VMs have exactly 1 vCPU",
-                    args.vcpu.unwrap_or(1)
-                );
-            }
             let (engine, accel) = crate::engine_choice(args.engine, args.machine, None)?;
             host.run_disk(&DiskRequest {
                 name: args.name,
                 image: disk.clone(),
+                vcpu: args.vcpu,
                 media: args.media.map(MediaArg::media),
                 ram_mib: args.ram,
                 engine,
