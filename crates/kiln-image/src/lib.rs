@@ -349,13 +349,14 @@ pub fn open_rw(path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
 pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
     let format = detect(path)?;
     let driver = driver::driver(format);
+    // Opening validates every table and mapping (what converting relies on); the check then
+    // looks deeper at an image known to be bounded by its file's size.
+    (driver.open)(path)?;
     let driver::Check {
         virtual_size,
         files,
         problems,
     } = (driver.check)(path)?;
-    // Every format must also open through the normal reader.
-    (driver.open)(path)?;
     let mut allocated_size = 0;
     for f in &files {
         allocated_size += util::allocated_bytes(f)?;

@@ -317,3 +317,135 @@ pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)
 }
+
+/// The byte ranges of one file that an image's metadata says hold distinct things (tables,
+/// blocks, grains, clusters). Every range must lie inside the file and no two may overlap:
+/// that is what bounds a reader's work and output by the file's real size, whatever its header
+/// claims. Two table entries naming the same block (which would multiply it in the output) or a
+/// table pointing into another table are refused.
+pub(crate) struct Claims<'a> {
+    path: &'a Path,
+    format: Format,
+    file_len: u64,
+    spans: Vec<Span>,
+}
+
+/// One claimed range `[start, end)`, with what claimed it for error messages.
+struct Span {
+    start: u64,
+    end: u64,
+    what: &'static str,
+    index: u64,
+}
+
+impl<'a> Claims<'a> {
+    pub(crate) fn new(path: &'a Path, format: Format, file_len: u64) -> Self {
+        Claims {
+            path,
+            format,
+            file_len,
+            spans: Vec::new(),
+        }
+    }
+
+    /// Claim `[start, start + len)` for `what` number `index`; it must lie inside the file
+    /// (`slack` bytes past its end are allowed, for formats that let the last block end
+    /// short).
+    pub(crate) fn claim_with_slack(
+        &mut self,
+        start: u64,
+        len: u64,
+        slack: u64,
+        what: &'static str,
+        index: u64,
+    ) -> Result<(), ImageError> {
+        let end = start.checked_add(len).filter(|e| {
+            *e <= self.file_len.saturating_add(slack) && (len > 0 || start <= self.file_len)
+        });
+        let Some(end) = end else {
+            return Err(ImageError::corrupt(
+                self.path,
+                self.format,
+                format!(
+                    "{what} {index} ({len} bytes at offset {start}) lies beyond the end of the file ({} bytes)",
+                    self.file_len
+                ),
+            ));
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // Images are usually laid out in order: extend the previous span when this one
+        // continues it, so memory stays small for large, well-formed images.
+        if let Some(last) = self.spans.last_mut() {
+            if last.end == start && last.what == what {
+                last.end = end;
+                return Ok(());
+            }
+        }
+        self.spans.push(Span {
+            start,
+            end,
+            what,
+            index,
+        });
+        Ok(())
+    }
+
+    /// [`Claims::claim_with_slack`] without slack.
+    pub(crate) fn claim(
+        &mut self,
+        start: u64,
+        len: u64,
+        what: &'static str,
+        index: u64,
+    ) -> Result<(), ImageError> {
+        self.claim_with_slack(start, len, 0, what, index)
+    }
+
+    /// Refuse the image if any two claimed ranges overlap.
+    pub(crate) fn finish(mut self) -> Result<(), ImageError> {
+        self.spans.sort_unstable_by_key(|s| (s.start, s.end));
+        for w in self.spans.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            if b.start < a.end {
+                return Err(ImageError::corrupt(
+                    self.path,
+                    self.format,
+                    format!(
+                        "{} {} (offset {}) overlaps {} {} (offset {}): two entries claim the same bytes",
+                        b.what, b.index, b.start, a.what, a.index, a.start
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod claims_tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_and_out_of_file_claims_are_refused() {
+        let p = Path::new("x.img");
+        let mut c = Claims::new(p, Format::Vdi, 4096);
+        c.claim(0, 512, "header", 0).unwrap();
+        c.claim(512, 512, "block", 0).unwrap();
+        c.claim(1024, 512, "block", 1).unwrap();
+        c.finish().unwrap();
+
+        let mut c = Claims::new(p, Format::Vdi, 4096);
+        c.claim(1024, 512, "block", 0).unwrap();
+        c.claim(0, 512, "header", 0).unwrap();
+        c.claim(1024, 512, "block", 7).unwrap();
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("block 7 (offset 1024) overlaps block 0"), "{e}");
+
+        let mut c = Claims::new(p, Format::Vdi, 4096);
+        let e = c.claim(4000, 512, "block", 3).unwrap_err().to_string();
+        assert!(e.contains("block 3 (512 bytes at offset 4000) lies beyond"), "{e}");
+        assert!(c.claim(u64::MAX, 2, "block", 4).is_err());
+    }
+}

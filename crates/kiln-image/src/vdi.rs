@@ -250,8 +250,17 @@ impl VdiReader {
         let mut raw = vec![0u8; (hdr.blocks_in_image * 4) as usize];
         util::read_exact_at(&file, path, &mut raw, hdr.offset_bmap, Format::Vdi)?;
         let map: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        // Every allocated block inside the file and used once: copying costs no more than
+        // the file's size (see util::Claims).
+        let mut claims = util::Claims::new(path, Format::Vdi, len);
+        claims.claim(0, 0x190, "header", 0)?;
+        claims.claim(hdr.offset_bmap, hdr.blocks_in_image * 4, "block map", 0)?;
+        let stride = hdr.block_size + hdr.block_extra;
         for (i, &e) in map.iter().enumerate() {
-            if e < ZEROED && e as u64 >= hdr.blocks_allocated {
+            if e >= ZEROED {
+                continue;
+            }
+            if e as u64 >= hdr.blocks_allocated {
                 return Err(ImageError::corrupt(
                     path,
                     Format::Vdi,
@@ -261,7 +270,9 @@ impl VdiReader {
                     ),
                 ));
             }
+            claims.claim(hdr.offset_data + e as u64 * stride, stride, "block", i as u64)?;
         }
+        claims.finish()?;
         Ok(VdiReader {
             file,
             path: path.to_path_buf(),

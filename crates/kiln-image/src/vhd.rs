@@ -180,7 +180,8 @@ impl VhdReader {
         }
         let mut f = [0u8; FOOTER];
         util::read_exact_at(&file, path, &mut f, len - FOOTER as u64, Format::Vhd)?;
-        if &f[0..8] != COOKIE {
+        let tail_footer = &f[0..8] == COOKIE;
+        if !tail_footer {
             // Dynamic disks keep a footer copy at offset 0; use it if the tail is damaged.
             util::read_exact_at(&file, path, &mut f, 0, Format::Vhd)?;
         }
@@ -241,8 +242,28 @@ impl VhdReader {
                 }
                 let mut raw = vec![0u8; (entries * 4) as usize];
                 util::read_exact_at(&file, path, &mut raw, table, Format::Vhd)?;
-                let bat = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
+                let bat: Vec<u32> = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
                 let bitmap_bytes = util::round_up(block_size / 512 / 8, 512).unwrap_or(512);
+                // Every allocated block (bitmap and data) inside the file, before the footer,
+                // and used once: copying costs no more than the file's size.
+                let mut claims = util::Claims::new(path, Format::Vhd, len);
+                claims.claim(0, FOOTER as u64, "footer copy", 0)?;
+                if tail_footer {
+                    claims.claim(len - FOOTER as u64, FOOTER as u64, "footer", 0)?;
+                }
+                claims.claim(ft.data_offset, 1024, "dynamic header", 0)?;
+                claims.claim(table, entries * 4, "block allocation table", 0)?;
+                for (i, &e) in bat.iter().enumerate() {
+                    if e != u32::MAX {
+                        claims.claim(
+                            e as u64 * 512,
+                            bitmap_bytes + block_size,
+                            "block",
+                            i as u64,
+                        )?;
+                    }
+                }
+                claims.finish()?;
                 Ok(VhdReader::Dynamic(Box::new(Dynamic {
                     range: FileRange {
                         file,

@@ -256,10 +256,26 @@ fn vmdk_extent_escapes_are_refused() {
         matches!(err, ImageError::ExtentOutsideDirectory { .. }),
         "{err}"
     );
-    // A symlink staying inside is fine.
+    // A symlink staying inside is refused too: it is not the image's own file.
     std::fs::write(inner.join("real.raw"), vec![1u8; 1 << 20]).unwrap();
     std::os::unix::fs::symlink("real.raw", inner.join("ok-flat.vmdk")).unwrap();
     let p = desc("ok.vmdk", "ok-flat.vmdk");
+    let err = open(&p).err().unwrap();
+    assert!(
+        matches!(err, ImageError::ExtentOutsideDirectory { .. }),
+        "{err}"
+    );
+    // So is a file in a subdirectory (a descriptor in a home directory naming .ssh/id_rsa).
+    std::fs::create_dir(inner.join(".ssh")).unwrap();
+    std::fs::write(inner.join(".ssh/id_rsa"), vec![1u8; 1 << 20]).unwrap();
+    let p = desc("key.vmdk", ".ssh/id_rsa");
+    let err = open(&p).err().unwrap();
+    assert!(
+        matches!(err, ImageError::ExtentOutsideDirectory { .. }),
+        "{err}"
+    );
+    // The plain file itself, named directly, is the image's own extent.
+    let p = desc("real.vmdk", "real.raw");
     assert_eq!(open(&p).unwrap().virtual_size(), 1 << 20);
     // A FIFO extent must not hang the reader.
     let fifo = inner.join("fifo-flat.vmdk");

@@ -89,6 +89,7 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     util::read_exact_at(&file, path, &mut l1, hdr.l1_offset, Format::Qcow2)?;
     let mut l2 = vec![0u8; cs as usize];
     let csize_shift = 62 - (hdr.cluster_bits - 8);
+    let mut compressed_guest = Vec::new();
     for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
         let l2_off = e & OFFSET_MASK;
         if !refs.follows("L1", i, l2_off, "L2 table", "L2 table") {
@@ -100,6 +101,7 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
                 let coff = e & ((1u64 << csize_shift) - 1);
                 let sectors = ((e >> csize_shift) & ((1u64 << (62 - csize_shift)) - 1)) + 1;
                 refs.add(coff & !511, sectors * 512, "compressed data");
+                compressed_guest.push((i as u64 * (cs / 8) + j as u64) * cs);
                 continue;
             }
             let off = e & OFFSET_MASK;
@@ -111,6 +113,20 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
                     ));
                 }
                 refs.add(off, cs, "data cluster");
+            }
+        }
+    }
+
+    // Compressed clusters must inflate, as converting would find out: read each through the
+    // reader (the tables were validated when it opened, so there are at most as many as the
+    // file has L2 entries).
+    if !compressed_guest.is_empty() {
+        let mut reader = super::Qcow2Reader::open_mode(path, false)?;
+        let mut buf = vec![0u8; cs as usize];
+        for guest in compressed_guest {
+            let n = cs.min(hdr.size.saturating_sub(guest)) as usize;
+            if let Err(e) = crate::ImageReader::read_at(&mut reader, &mut buf[..n], guest) {
+                refs.problem(format!("compressed cluster at guest offset {guest}: {e}"));
             }
         }
     }

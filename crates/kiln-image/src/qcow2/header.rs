@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{MAGIC, MAX_SIZE, OFFSET_MASK};
+use super::{COMPRESSED, MAGIC, MAX_SIZE, OFFSET_MASK};
 use crate::util::{self, be32, be64};
 use crate::{Format, ImageError};
 
@@ -123,25 +123,103 @@ pub(crate) fn read_header(path: &Path, file: &std::fs::File) -> Result<Header, I
     })
 }
 
-/// Every L2 table referenced by the L1 table must be aligned and inside the file.
-pub(crate) fn validate_l1(
+/// L1 entry bits that must be zero (0-8 and 56-62).
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 entry bits that must be zero (1-8 and 56-61).
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// Walk the active L1 and L2 tables and the refcount table before anything reads through
+/// them: every entry must be well formed (no reserved bits, aligned), and every table, refcount
+/// block and data cluster must lie inside the file without overlapping any other (a cluster
+/// named by two entries would be copied twice). The walk reads each table once, so its cost is
+/// bounded by the file's size, whatever the header claims.
+pub(crate) fn validate_tables(
     path: &Path,
     file: &std::fs::File,
     hdr: &Header,
     len: u64,
 ) -> Result<(), ImageError> {
+    let bad = |m: String| ImageError::corrupt(path, Format::Qcow2, m);
     let cs = 1u64 << hdr.cluster_bits;
+    let mut claims = util::Claims::new(path, Format::Qcow2, len);
+    claims.claim(0, cs.min(len), "header", 0)?;
+    claims.claim(hdr.l1_offset, hdr.l1_size * 8, "L1 table", 0)?;
+    claims.claim(hdr.rt_offset, hdr.rt_clusters * cs, "refcount table", 0)?;
+
+    let mut rt = vec![0u8; (hdr.rt_clusters * cs) as usize];
+    util::read_exact_at(file, path, &mut rt, hdr.rt_offset, Format::Qcow2)?;
+    for (i, e) in rt.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+        if e == 0 {
+            continue;
+        }
+        if e % cs != 0 {
+            return Err(bad(format!(
+                "refcount table entry {i}: block offset {e} is not cluster aligned"
+            )));
+        }
+        claims.claim(e, cs, "refcount block", i as u64)?;
+    }
+
     let mut l1 = vec![0u8; (hdr.l1_size * 8) as usize];
     util::read_exact_at(file, path, &mut l1, hdr.l1_offset, Format::Qcow2)?;
+    let l2_entries = cs / 8;
+    let csize_shift = 62 - (hdr.cluster_bits - 8);
+    let mut compressed = std::collections::HashSet::new();
+    let mut l2 = vec![0u8; cs as usize];
     for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
-        let off = e & OFFSET_MASK;
-        if off != 0 && (off % cs != 0 || off.saturating_add(cs) > len) {
-            return Err(ImageError::corrupt(
-                path,
-                Format::Qcow2,
-                format!("L1 entry {i}: L2 table offset {off} is misaligned or beyond the end of the file ({len} bytes)"),
-            ));
+        if e & L1_RESERVED != 0 {
+            return Err(bad(format!("L1 entry {i} has reserved bits set ({e:#x})")));
+        }
+        let l2_off = e & OFFSET_MASK;
+        if l2_off == 0 {
+            continue;
+        }
+        if l2_off % cs != 0 {
+            return Err(bad(format!(
+                "L1 entry {i}: L2 table offset {l2_off} is not cluster aligned"
+            )));
+        }
+        claims.claim(l2_off, cs, "L2 table", i as u64)?;
+        util::read_exact_at(file, path, &mut l2, l2_off, Format::Qcow2)?;
+        for (j, e) in l2.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+            let guest = (i as u64 * l2_entries + j as u64) * cs;
+            let entry = i as u64 * l2_entries + j as u64;
+            if e & COMPRESSED != 0 {
+                let host = e & ((1u64 << csize_shift) - 1);
+                if host >= len {
+                    return Err(bad(format!(
+                        "compressed cluster at guest offset {guest} is stored at {host}, beyond the end of the file ({len} bytes)"
+                    )));
+                }
+                if !compressed.insert(host) {
+                    return Err(bad(format!(
+                        "compressed cluster at guest offset {guest} is stored at {host}, like another one"
+                    )));
+                }
+                continue;
+            }
+            if e & L2_RESERVED != 0 {
+                return Err(bad(format!(
+                    "L2 entry for guest offset {guest} has reserved bits set ({e:#x})"
+                )));
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                return Err(bad(format!(
+                    "L2 entry for guest offset {guest}: cluster offset {off} is not cluster aligned"
+                )));
+            }
+            if guest >= hdr.size {
+                return Err(bad(format!(
+                    "L2 entry maps guest offset {guest} beyond the virtual size {}",
+                    hdr.size
+                )));
+            }
+            claims.claim(off, cs, "data cluster", entry)?;
         }
     }
-    Ok(())
+    claims.finish()
 }

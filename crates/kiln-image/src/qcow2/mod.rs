@@ -18,7 +18,7 @@ use crate::copy::{check_range, copy, Sink};
 use crate::driver::{self, Driver};
 use crate::util::{self, TempOut};
 use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
-use header::{read_header, validate_l1};
+use header::{read_header, validate_tables};
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -69,7 +69,7 @@ impl Qcow2Reader {
         };
         let hdr = read_header(path, &file)?;
         let file_len = util::file_len(&file, path)?;
-        validate_l1(path, &file, &hdr, file_len)?;
+        validate_tables(path, &file, &hdr, file_len)?;
         let storage = ImagoFile::from_open_file(
             file,
             StorageOpenOptions::new().write(writable).filename(path),

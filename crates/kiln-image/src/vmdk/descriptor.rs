@@ -39,6 +39,19 @@ pub(super) struct Descriptor {
 
 /// Read and parse the text descriptor `file` (`len` bytes long) at `path`.
 pub(super) fn read(path: &Path, file: &File, len: u64) -> Result<Descriptor, ImageError> {
+    read_at(path, file, 0, len)?
+        .ok_or_else(|| ImageError::corrupt(path, Format::Vmdk, "descriptor is empty"))
+}
+
+/// Read and parse the `len`-byte text descriptor at byte `start` of `file` (a separate
+/// descriptor file, or the one embedded in a monolithicSparse file, NUL padded); `None` when it
+/// is all NUL bytes.
+pub(super) fn read_at(
+    path: &Path,
+    file: &File,
+    start: u64,
+    len: u64,
+) -> Result<Option<Descriptor>, ImageError> {
     if len > MAX_DESCRIPTOR {
         return Err(ImageError::corrupt(
             path,
@@ -49,16 +62,38 @@ pub(super) fn read(path: &Path, file: &File, len: u64) -> Result<Descriptor, Ima
         ));
     }
     let mut raw = vec![0u8; len as usize];
-    util::read_exact_at(file, path, &mut raw, 0, Format::Vmdk)?;
+    util::read_exact_at(file, path, &mut raw, start, Format::Vmdk)?;
+    if raw.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
     let text = String::from_utf8(raw).map_err(|_| {
         ImageError::corrupt(path, Format::Vmdk, "descriptor is not valid UTF-8 text")
     })?;
-    parse(path, &text)
+    parse(path, &text).map(Some)
 }
 
-/// Parse descriptor text; a parent (differencing disk) is refused as unsupported.
+/// The access modes an extent line starts with.
+const ACCESS: [&str; 3] = ["RW", "RDONLY", "NOACCESS"];
+
+/// Whether `k` is a descriptor key (`createType`, `ddb.geometry.heads`, …).
+fn is_key(k: &str) -> bool {
+    let mut chars = k.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+}
+
+/// Parse descriptor text strictly: every line is blank, a comment, an extent line or
+/// `key = value`; anything else is refused, so no other reader can find something in the text
+/// that kiln did not see. A parent (differencing disk), named anywhere in the text (even in a
+/// comment, where other readers still look), is refused as unsupported.
 fn parse(path: &Path, text: &str) -> Result<Descriptor, ImageError> {
     let bad = |m: String| ImageError::corrupt(path, Format::Vmdk, m);
+    if text.contains("parentFileNameHint") {
+        return Err(ImageError::unsupported(
+            path,
+            "VMDK with a parent (differencing disk) is not supported",
+        ));
+    }
     let mut create_type = String::new();
     let mut extents = Vec::new();
     for (no, line) in text.lines().enumerate() {
@@ -67,18 +102,19 @@ fn parse(path: &Path, text: &str) -> Result<Descriptor, ImageError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if let Some((k, v)) = line.split_once('=') {
+        if line.contains('\0') {
+            return Err(bad(format!("line {}: contains a NUL byte", no + 1)));
+        }
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !ACCESS.contains(&first) {
+            let Some((k, v)) = line.split_once('=').filter(|(k, _)| is_key(k.trim())) else {
+                return Err(bad(format!("line {}: cannot parse \"{line}\"", no + 1)));
+            };
             let k = k.trim();
             let v = v.trim().trim_matches('"');
             match k {
                 "createType" => create_type = v.to_string(),
                 "parentCID" if !v.eq_ignore_ascii_case("ffffffff") => {
-                    return Err(ImageError::unsupported(
-                        path,
-                        "VMDK with a parent (differencing disk) is not supported",
-                    ))
-                }
-                "parentFileNameHint" => {
                     return Err(ImageError::unsupported(
                         path,
                         "VMDK with a parent (differencing disk) is not supported",
@@ -94,7 +130,7 @@ fn parse(path: &Path, text: &str) -> Result<Descriptor, ImageError> {
             None => (line, None),
         };
         let words: Vec<&str> = before.split_whitespace().collect();
-        if words.len() != 3 || !["RW", "RDONLY", "NOACCESS"].contains(&words[0]) {
+        if words.len() != 3 || !ACCESS.contains(&words[0]) {
             return Err(bad(format!("line {}: cannot parse \"{line}\"", no + 1)));
         }
         let sectors: u64 = words[1]
@@ -140,42 +176,50 @@ fn parse(path: &Path, text: &str) -> Result<Descriptor, ImageError> {
     })
 }
 
-/// Resolve an extent file name relative to the descriptor, refusing anything that escapes the
-/// descriptor's directory (absolute paths, `..`, symlinks pointing elsewhere).
-pub(super) fn resolve_extent(descriptor: &Path, name: &str) -> Result<PathBuf, ImageError> {
+/// Open an extent file named in `descriptor`: a plain file name in the descriptor's own
+/// directory, nothing else. Paths with a directory part (absolute, `..`, or a subdirectory, so
+/// a descriptor saved in a home directory cannot name `.ssh/id_rsa`), symlinks and anything
+/// but a regular file are refused.
+pub(super) fn resolve_extent(descriptor: &Path, name: &str) -> Result<(PathBuf, File), ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let outside = || ImageError::ExtentOutsideDirectory {
         path: descriptor.to_path_buf(),
         extent: name.to_string(),
     };
     let rel = Path::new(name);
-    if name.is_empty()
-        || rel
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    let mut parts = rel.components();
+    if !matches!(
+        (parts.next(), parts.next()),
+        (Some(Component::Normal(_)), None)
+    ) || name.contains('/')
     {
         return Err(outside());
     }
-    let dir = util::parent_dir(descriptor);
-    let candidate = dir.join(rel);
-    let canon_dir = dir
-        .canonicalize()
-        .map_err(|e| ImageError::io(&dir, "cannot resolve directory", e))?;
-    let canon = candidate.canonicalize().map_err(|e| {
-        ImageError::io(
-            &candidate,
-            format!(
-                "cannot open VMDK extent referenced by {}",
-                descriptor.display()
-            ),
-            e,
-        )
-    })?;
-    if !canon.starts_with(&canon_dir) {
-        return Err(outside());
-    }
-    // Opening a FIFO or device would block or read endlessly; extents are regular files.
-    let meta =
-        std::fs::metadata(&canon).map_err(|e| ImageError::io(&candidate, "cannot stat", e))?;
+    let candidate = util::parent_dir(descriptor).join(rel);
+    // O_NOFOLLOW: a symlink (which could point anywhere) fails to open instead of being
+    // followed, with no window between a check and the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&candidate)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                outside()
+            } else {
+                ImageError::io(
+                    &candidate,
+                    format!(
+                        "cannot open VMDK extent referenced by {}",
+                        descriptor.display()
+                    ),
+                    e,
+                )
+            }
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ImageError::io(&candidate, "cannot stat", e))?;
+    // A FIFO or device would block or read endlessly; extents are regular files.
     if !meta.is_file() {
         return Err(ImageError::corrupt(
             descriptor,
@@ -183,7 +227,7 @@ pub(super) fn resolve_extent(descriptor: &Path, name: &str) -> Result<PathBuf, I
             format!("extent \"{name}\" is not a regular file"),
         ));
     }
-    Ok(candidate)
+    Ok((candidate, file))
 }
 
 /// A monolithicFlat descriptor for a `size`-byte disk in the flat extent `extent_name`.

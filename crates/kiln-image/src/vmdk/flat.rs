@@ -16,8 +16,7 @@ pub(super) fn open_listed(
     line: &ExtentLine,
     bytes: u64,
 ) -> Result<FileRange, ImageError> {
-    let p = resolve_extent(descriptor, &line.file)?;
-    let f = util::open_ro(&p)?;
+    let (p, f) = resolve_extent(descriptor, &line.file)?;
     let flen = util::file_len(&f, &p)?;
     let base = line
         .offset

@@ -52,6 +52,58 @@ impl Extent {
     }
 }
 
+/// The bytes `[start, end)` of one file (by device and inode, so two names of one file are one
+/// file) that the descriptor or an extent uses.
+struct FileUse {
+    id: (u64, u64),
+    start: u64,
+    end: u64,
+    what: &'static str,
+    path: PathBuf,
+}
+
+impl FileUse {
+    fn of(
+        path: &Path,
+        file: &std::fs::File,
+        start: u64,
+        len: u64,
+        what: &'static str,
+    ) -> Result<Self, ImageError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file
+            .metadata()
+            .map_err(|e| ImageError::io(path, "cannot stat", e))?;
+        Ok(FileUse {
+            id: (m.dev(), m.ino()),
+            start,
+            end: start.saturating_add(len),
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Refuse `descriptor` if two uses of one file overlap.
+    fn refuse_overlaps(descriptor: &Path, mut uses: Vec<FileUse>) -> Result<(), ImageError> {
+        uses.sort_by_key(|u| (u.id, u.start));
+        for w in uses.windows(2) {
+            if w[0].id == w[1].id && w[1].start < w[0].end.max(w[0].start + 1) {
+                return Err(ImageError::corrupt(
+                    descriptor,
+                    Format::Vmdk,
+                    format!(
+                        "{} uses bytes of {} that {} already uses",
+                        w[1].what,
+                        w[1].path.display(),
+                        w[0].what
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reader over the extents of a VMDK.
 struct VmdkReader {
     path: PathBuf,
@@ -84,6 +136,9 @@ impl VmdkReader {
         let mut extents = Vec::new();
         let mut files = vec![path.to_path_buf()];
         let mut size = 0u64;
+        // The bytes of each file the extents use, to refuse two extents over the same bytes
+        // (which would multiply them in the output) and an extent over the descriptor.
+        let mut uses = vec![FileUse::of(path, &file, 0, len, "the descriptor")?];
         for e in &desc.extents {
             let bytes = e
                 .sectors
@@ -108,11 +163,21 @@ impl VmdkReader {
                     ))
                 }
             };
+            match &ext {
+                Extent::Flat(r) => {
+                    uses.push(FileUse::of(&r.path, &r.file, r.base, r.size, "an extent")?)
+                }
+                Extent::Sparse(s) => {
+                    uses.push(FileUse::of(&s.path, s.file(), 0, s.file_len, "an extent")?)
+                }
+                Extent::Zero { .. } => {}
+            }
             size = size
                 .checked_add(ext.size())
                 .ok_or_else(|| ImageError::corrupt(path, Format::Vmdk, "total size overflows"))?;
             extents.push(ext);
         }
+        FileUse::refuse_overlaps(path, uses)?;
         Ok(VmdkReader {
             path: path.to_path_buf(),
             extents,

@@ -42,8 +42,7 @@ impl SparseExtent {
         name: &str,
         bytes: u64,
     ) -> Result<Self, ImageError> {
-        let p = resolve_extent(descriptor, name)?;
-        let f = util::open_ro(&p)?;
+        let (p, f) = resolve_extent(descriptor, name)?;
         let mut s = SparseExtent::open(&p, f)?;
         if s.size < bytes {
             return Err(ImageError::corrupt(
@@ -73,7 +72,8 @@ impl SparseExtent {
         if &h[0..4] != SPARSE_MAGIC {
             return Err(bad("sparse extent magic \"KDMV\" not found".into()));
         }
-        if le64(&h, 56) == GD_AT_END {
+        let stream = le64(&h, 56) == GD_AT_END;
+        if stream {
             // streamOptimized: the real header is the footer, 1024 bytes before the end.
             if len < 1536 {
                 return Err(bad(
@@ -139,7 +139,24 @@ impl SparseExtent {
         let mut raw = vec![0u8; gd_bytes as usize];
         util::read_exact_at(&file, path, &mut raw, gd_offset * 512, Format::Vmdk)?;
         let gd = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
-        Ok(SparseExtent {
+        let mut claims = util::Claims::new(path, Format::Vmdk, len);
+        claims.claim(0, 512, "header", 0)?;
+        if stream {
+            // streamOptimized: the footer (and the end-of-stream marker after it).
+            claims.claim(len - 1024, 1024, "footer", 0)?;
+        }
+        claims.claim(gd_offset * 512, gd_bytes, "grain directory", 0)?;
+        let (desc_sector, desc_sectors) = (le64(&h, 28), le64(&h, 36));
+        if desc_sector != 0 || desc_sectors != 0 {
+            let start = desc_sector.checked_mul(512);
+            let bytes = desc_sectors.checked_mul(512);
+            let (Some(start), Some(bytes)) = (start, bytes) else {
+                return Err(bad("embedded descriptor offset overflows".into()));
+            };
+            claims.claim(start, bytes, "embedded descriptor", 0)?;
+            embedded_descriptor(path, &file, start, bytes, capacity)?;
+        }
+        let mut s = SparseExtent {
             file,
             path: path.to_path_buf(),
             size,
@@ -151,7 +168,66 @@ impl SparseExtent {
             cached_gt: None,
             compressed,
             cached_grain: None,
-        })
+        };
+        s.claim_tables(&mut claims)?;
+        claims.finish()?;
+        Ok(s)
+    }
+
+    /// Claim every grain table and every allocated grain (see [`util::Claims`]): none may lie
+    /// outside the file or overlap anything else, so walking the tables and copying the grains
+    /// costs no more than the file's size. A compressed grain claims its marker and stream.
+    fn claim_tables(&mut self, claims: &mut util::Claims<'_>) -> Result<(), ImageError> {
+        let gt_bytes = self.gt_entries * 4;
+        for (i, &sector) in self.gd.iter().enumerate() {
+            if sector != 0 {
+                claims.claim(sector as u64 * 512, gt_bytes, "grain table", i as u64)?;
+            }
+        }
+        let mut marker = [0u8; 12];
+        for gt_idx in 0..self.gd.len() {
+            let Some(gt) = self.load_gt(gt_idx)? else {
+                continue;
+            };
+            let gt = gt.to_vec();
+            for (j, &g) in gt.iter().enumerate() {
+                if g == 0 || (g == 1 && self.zero_grains) {
+                    continue;
+                }
+                let index = gt_idx as u64 * self.gt_entries + j as u64;
+                let off = g as u64 * 512;
+                let bytes = if self.compressed {
+                    if off + 12 > self.file_len {
+                        claims.claim(off, 12, "compressed grain", index)?;
+                    }
+                    util::read_exact_at(&self.file, &self.path, &mut marker, off, Format::Vmdk)?;
+                    12 + self.compressed_size(off, &marker)?
+                } else {
+                    self.grain
+                };
+                claims.claim(off, bytes, "grain", index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream size a compressed grain's `marker` (at file offset `at`) gives, checked.
+    fn compressed_size(&self, at: u64, marker: &[u8; 12]) -> Result<u64, ImageError> {
+        let size = le32(marker, 8) as u64;
+        // Deflate never expands much; anything bigger is corrupt (and bounds the allocation).
+        if size == 0 || size > self.grain * 2 + 4096 || at + 12 + size > self.file_len {
+            return Err(ImageError::corrupt(
+                &self.path,
+                Format::Vmdk,
+                format!("compressed grain at offset {at} has invalid size {size}"),
+            ));
+        }
+        Ok(size)
+    }
+
+    /// The extent's open file.
+    pub(super) fn file(&self) -> &File {
+        &self.file
     }
 
     /// Grain table `gt_idx` (cached), or None when the directory has none for it.
@@ -222,17 +298,11 @@ impl SparseExtent {
 
     /// Read and decompress the grain whose marker is at file offset `at` (a full grain, zero
     /// padded when the compressed stream is shorter).
-    fn inflate_grain(&self, at: u64) -> Result<Vec<u8>, ImageError> {
+    pub(super) fn inflate_grain(&self, at: u64) -> Result<Vec<u8>, ImageError> {
         let bad = |m: String| ImageError::corrupt(&self.path, Format::Vmdk, m);
         let mut marker = [0u8; 12];
         util::read_exact_at(&self.file, &self.path, &mut marker, at, Format::Vmdk)?;
-        let size = le32(&marker, 8) as u64;
-        // Deflate never expands much; anything bigger is corrupt (and bounds the allocation).
-        if size == 0 || size > self.grain * 2 + 4096 || at + 12 + size > self.file_len {
-            return Err(bad(format!(
-                "compressed grain at offset {at} has invalid size {size}"
-            )));
-        }
+        let size = self.compressed_size(at, &marker)?;
         let mut comp = vec![0u8; size as usize];
         util::read_exact_at(&self.file, &self.path, &mut comp, at + 12, Format::Vmdk)?;
         let mut data =
@@ -291,5 +361,31 @@ impl SparseExtent {
             pos = (pos / self.grain + 1) * self.grain;
         }
         Ok((first, (pos.min(end) - offset).max(1)))
+    }
+}
+
+/// The descriptor embedded in a monolithicSparse file (`bytes` at `start`): parsed strictly,
+/// like a separate one, and it must describe exactly this file: one `SPARSE` extent of the
+/// header's `capacity` sectors (a parent or any other extent is refused).
+fn embedded_descriptor(
+    path: &Path,
+    file: &File,
+    start: u64,
+    bytes: u64,
+    capacity: u64,
+) -> Result<(), ImageError> {
+    let Some(desc) = super::descriptor::read_at(path, file, start, bytes)? else {
+        // qemu-img leaves the descriptor area of each extent of a split image empty.
+        return Ok(());
+    };
+    match desc.extents.as_slice() {
+        [e] if e.kind == "SPARSE" && e.sectors == capacity => Ok(()),
+        _ => Err(ImageError::corrupt(
+            path,
+            Format::Vmdk,
+            format!(
+                "the embedded descriptor does not describe this file (one SPARSE extent of {capacity} sectors)"
+            ),
+        )),
     }
 }
