@@ -405,6 +405,13 @@ impl<'a> Claims<'a> {
 
     /// Refuse the image if any two claimed ranges overlap.
     pub(crate) fn finish(mut self) -> Result<(), ImageError> {
+        self.check()
+    }
+
+    /// Refuse the image if any two ranges claimed so far overlap: call it after claiming a
+    /// level of tables and before walking them, so a table named a million times is refused
+    /// before it is read a million times.
+    pub(crate) fn check(&mut self) -> Result<(), ImageError> {
         self.spans.sort_unstable_by_key(|s| (s.start, s.end));
         for w in self.spans.windows(2) {
             let (a, b) = (&w[0], &w[1]);

@@ -166,6 +166,7 @@ pub(crate) fn validate_tables(
     let csize_shift = 62 - (hdr.cluster_bits - 8);
     let mut compressed = std::collections::HashSet::new();
     let mut l2 = vec![0u8; cs as usize];
+    let mut l2_tables = Vec::new();
     for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
         if e & L1_RESERVED != 0 {
             return Err(bad(format!("L1 entry {i} has reserved bits set ({e:#x})")));
@@ -180,6 +181,11 @@ pub(crate) fn validate_tables(
             )));
         }
         claims.claim(l2_off, cs, "L2 table", i as u64)?;
+        l2_tables.push((i, l2_off));
+    }
+    // Tables named twice are refused before any is read.
+    claims.check()?;
+    for (i, l2_off) in l2_tables {
         util::read_exact_at(file, path, &mut l2, l2_off, Format::Qcow2)?;
         for (j, e) in l2.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
             let guest = (i as u64 * l2_entries + j as u64) * cs;

@@ -63,7 +63,11 @@ pub(super) fn read_at(
     }
     let mut raw = vec![0u8; len as usize];
     util::read_exact_at(file, path, &mut raw, start, Format::Vmdk)?;
-    if raw.iter().all(|&b| b == 0) {
+    // The text ends at the first NUL (embedded descriptors are NUL padded).
+    if let Some(nul) = raw.iter().position(|&b| b == 0) {
+        raw.truncate(nul);
+    }
+    if raw.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(None);
     }
     let text = String::from_utf8(raw).map_err(|_| {

@@ -184,6 +184,7 @@ impl SparseExtent {
                 claims.claim(sector as u64 * 512, gt_bytes, "grain table", i as u64)?;
             }
         }
+        claims.check()?;
         let mut marker = [0u8; 12];
         for gt_idx in 0..self.gd.len() {
             let Some(gt) = self.load_gt(gt_idx)? else {
