@@ -260,6 +260,7 @@ impl Host {
                 format,
                 size,
                 read_only: format == kiln_image::Format::Iso,
+                backing: None,
             }],
             console,
             net: NetSpec::None,

@@ -111,6 +111,9 @@ impl Host {
         extra.extend(req.cmdline.clone());
         let cmdline =
             kiln_qemu::default_kernel_cmdline(kiln_qemu::host_tsc_khz(), &extra.join(" "));
+        let base = inputs.rootfs.canonicalize().map_err(|e| {
+            HostError::io(format!("{}: cannot resolve", inputs.rootfs.display()), e)
+        })?;
         let root_size = fs::metadata(&inputs.rootfs)
             .map_err(|e| HostError::io(format!("{}: cannot read", inputs.rootfs.display()), e))?
             .len();
@@ -121,6 +124,7 @@ impl Host {
             format,
             size,
             read_only: false,
+            backing: None,
         };
         let spec = VmSpec {
             name: name.to_string(),
@@ -134,7 +138,10 @@ impl Host {
                 cmdline,
             },
             disks: vec![
-                disk("/dev/vda", "/", &overlay, Format::Qcow2, root_size),
+                VmDisk {
+                    backing: Some(base.clone()),
+                    ..disk("/dev/vda", "/", &overlay, Format::Qcow2, root_size)
+                },
                 disk("/dev/vdb", "/home", &home_disk, Format::Raw, req.home_size),
                 disk("/dev/vdc", "/var", &var_disk, Format::Raw, req.var_size),
             ],

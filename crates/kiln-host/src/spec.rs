@@ -87,6 +87,10 @@ pub struct VmDisk {
     /// Virtual size in bytes.
     pub size: u64,
     pub read_only: bool,
+    /// For a QCOW2 overlay: its raw base image, handed to the engine by this path (never by
+    /// the name recorded in the overlay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 /// Where the guest's serial console goes.
@@ -213,12 +217,15 @@ impl VmSpec {
                 ));
             }
             for d in &self.disks {
-                if !matches!(d.format, Format::Raw | Format::Qcow2) {
-                    return Err(HostError::invalid(
-                        "disks",
-                        d.path.display(),
-                        "a Linux VM's disks are raw or qcow2",
-                    ));
+                match (d.format, &d.backing) {
+                    (Format::Raw, None) | (Format::Qcow2, Some(_)) => {}
+                    _ => {
+                        return Err(HostError::invalid(
+                            "disks",
+                            d.path.display(),
+                            "a Linux VM's disks are raw, or qcow2 overlays over a raw base",
+                        ))
+                    }
                 }
             }
         }

@@ -25,7 +25,7 @@ mod vhd;
 mod vmdk;
 
 pub use iso::{write_boot_iso, BOOT_CATALOG_PATH, BOOT_IMAGE_PATH};
-pub use qcow2::create_overlay;
+pub use qcow2::{create_overlay, validate_overlay};
 
 /// A disk image format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

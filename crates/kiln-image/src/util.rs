@@ -452,7 +452,10 @@ mod claims_tests {
 
         let mut c = Claims::new(p, Format::Vdi, 4096);
         let e = c.claim(4000, 512, "block", 3).unwrap_err().to_string();
-        assert!(e.contains("block 3 (512 bytes at offset 4000) lies beyond"), "{e}");
+        assert!(
+            e.contains("block 3 (512 bytes at offset 4000) lies beyond"),
+            "{e}"
+        );
         assert!(c.claim(u64::MAX, 2, "block", 4).is_err());
     }
 }

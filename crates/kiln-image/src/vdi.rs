@@ -270,7 +270,12 @@ impl VdiReader {
                     ),
                 ));
             }
-            claims.claim(hdr.offset_data + e as u64 * stride, stride, "block", i as u64)?;
+            claims.claim(
+                hdr.offset_data + e as u64 * stride,
+                stride,
+                "block",
+                i as u64,
+            )?;
         }
         claims.finish()?;
         Ok(VdiReader {

@@ -30,7 +30,9 @@ fn be64(v: u64) -> [u8; 8] {
 /// `image`: both within [`LIMIT`]; returns their errors (the test decides what it expects).
 fn both(image: &Path, out_dir: &Path) -> (Result<bool, String>, Result<u64, String>) {
     let t = Instant::now();
-    let inspected = inspect(image).map(|i| i.consistent).map_err(|e| e.to_string());
+    let inspected = inspect(image)
+        .map(|i| i.consistent)
+        .map_err(|e| e.to_string());
     let took = t.elapsed();
     assert!(took < LIMIT, "inspect {} took {took:?}", image.display());
     let out = out_dir.join("out.qcow2");
@@ -239,7 +241,15 @@ fn vhd_block_table_naming_one_block_is_refused() {
     let raw = dir.path().join("one.raw");
     make_sparse(&raw, 64 << 30, &[(0, 4096)]);
     let img = dir.path().join("blocks.vhd");
-    qemu_img_ok(&["convert", "-O", "vpc", "-o", "subformat=dynamic", p(&raw), p(&img)]);
+    qemu_img_ok(&[
+        "convert",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        p(&raw),
+        p(&img),
+    ]);
     let mut dh = [0u8; 1024];
     let f = std::fs::File::open(&img).unwrap();
     f.read_exact_at(&mut dh, 512).unwrap();
@@ -290,7 +300,10 @@ fn vmdk_extents_repeating_one_file_are_refused() {
     assert_eq!(i, Ok(true));
     c.expect("converts");
     // An extent over the descriptor itself is refused.
-    descriptor(&img, "RW 0 FLAT \"repeat.vmdk\" 0\nRW 2048 FLAT \"data.raw\" 0\n");
+    descriptor(
+        &img,
+        "RW 0 FLAT \"repeat.vmdk\" 0\nRW 2048 FLAT \"data.raw\" 0\n",
+    );
     refused(&img, "already uses");
 }
 
@@ -365,6 +378,9 @@ fn refusals_are_one_line_errors() {
     let img = dir.path().join("x.vmdk");
     descriptor(&img, "RW 2048 FLAT \"../x\" 0\n");
     let e = kiln_image::open(&img).err().unwrap();
-    assert!(matches!(e, ImageError::ExtentOutsideDirectory { .. }), "{e}");
+    assert!(
+        matches!(e, ImageError::ExtentOutsideDirectory { .. }),
+        "{e}"
+    );
     assert!(!e.to_string().contains('\n'));
 }

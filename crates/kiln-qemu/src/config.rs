@@ -40,15 +40,14 @@ impl std::str::FromStr for Machine {
     }
 }
 
-/// A drive's container format, in QEMU's block-driver names.
+/// A drive's container format, in QEMU's block-driver names. Only formats that cannot name
+/// another file: QEMU is never handed an image whose references it might resolve differently
+/// from kiln (a VMDK descriptor, a QCOW2 backing file name). kiln gives it raw data, or a
+/// QCOW2 overlay kiln made whose backing file is passed explicitly ([`crate::MicrovmDisk`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DriveFormat {
     Raw,
     Qcow2,
-    Vmdk,
-    /// Microsoft VHD (QEMU calls the driver `vpc`).
-    Vpc,
-    Vdi,
 }
 
 impl DriveFormat {
@@ -56,9 +55,6 @@ impl DriveFormat {
         match self {
             DriveFormat::Raw => "raw",
             DriveFormat::Qcow2 => "qcow2",
-            DriveFormat::Vmdk => "vmdk",
-            DriveFormat::Vpc => "vpc",
-            DriveFormat::Vdi => "vdi",
         }
     }
 }

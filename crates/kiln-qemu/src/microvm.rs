@@ -17,6 +17,9 @@ pub struct MicrovmDisk {
     pub path: PathBuf,
     pub format: DriveFormat,
     pub read_only: bool,
+    /// A QCOW2 overlay's raw base, opened read-only from this path: the name recorded in the
+    /// overlay is never used, and a QCOW2 disk without one is opened with no backing file.
+    pub backing: Option<PathBuf>,
 }
 
 /// User-mode (slirp) networking with SSH forwarded from a host port.
@@ -93,6 +96,18 @@ impl MicrovmConfig {
             ));
             if d.read_only {
                 spec.push(",readonly=on");
+            }
+            if d.format == DriveFormat::Qcow2 {
+                match &d.backing {
+                    Some(base) => {
+                        spec.push(
+                            ",backing.driver=raw,backing.read-only=on,backing.file.driver=file",
+                        );
+                        spec.push(prefixed(",backing.file.filename=", base));
+                    }
+                    // QEMU's spelling of "no backing file, whatever the image says".
+                    None => spec.push(",backing="),
+                }
             }
             opt("-drive", spec);
             opt("-device", format!("virtio-blk-device,drive=disk{i}").into());
@@ -204,11 +219,13 @@ mod tests {
                     path: "/v/root,1.qcow2".into(),
                     format: DriveFormat::Qcow2,
                     read_only: false,
+                    backing: Some("/b/root,.ext4".into()),
                 },
                 MicrovmDisk {
                     path: "/v/home.ext4".into(),
                     format: DriveFormat::Raw,
                     read_only: false,
+                    backing: None,
                 },
             ],
             serial_socket: "/v/serial.sock".into(),
@@ -230,7 +247,13 @@ mod tests {
         ));
         assert!(pair(
             "-drive",
-            "file=/v/root,,1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback,discard=unmap"
+            "file=/v/root,,1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback,discard=unmap,\
+             backing.driver=raw,backing.read-only=on,backing.file.driver=file,\
+             backing.file.filename=/b/root,,.ext4"
+        ));
+        assert!(pair(
+            "-drive",
+            "file=/v/home.ext4,format=raw,if=none,id=disk1,cache=writeback,discard=unmap"
         ));
         assert!(pair("-device", "virtio-blk-device,drive=disk1"));
         assert!(pair("-qmp", "unix:/v/sup.sock,server=on,wait=off"));

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kiln_image::{BootMedia, Format};
@@ -37,8 +38,8 @@ impl QemuEngine {
             Boot::Firmware { media } => {
                 let disk = &spec.disks[0];
                 let drive = Drive {
-                    path: disk.path.clone(),
-                    format: drive_format(disk.format)?,
+                    path: firmware_drive(spec),
+                    format: DriveFormat::Raw,
                     media: match media {
                         BootMedia::Disk => Media::Disk,
                         BootMedia::Cdrom => Media::Cdrom,
@@ -93,8 +94,19 @@ impl QemuEngine {
                     .map(|d| {
                         Ok(MicrovmDisk {
                             path: d.path.clone(),
-                            format: drive_format(d.format)?,
+                            format: match (d.format, &d.backing) {
+                                (Format::Raw, None) => DriveFormat::Raw,
+                                (Format::Qcow2, Some(_)) => DriveFormat::Qcow2,
+                                _ => {
+                                    return Err(HostError::invalid(
+                                        "disks",
+                                        d.path.display(),
+                                        "QEMU is given raw disks and QCOW2 overlays over a raw base only",
+                                    ))
+                                }
+                            },
                             read_only: d.read_only,
+                            backing: d.backing.clone(),
                         })
                     })
                     .collect::<Result<Vec<_>, HostError>>()?;
@@ -130,15 +142,53 @@ fn serial_socket(spec: &VmSpec) -> std::path::PathBuf {
     spec.dir.join("serial.sock")
 }
 
-/// QEMU's block driver for a format kiln has validated.
-fn drive_format(format: Format) -> Result<DriveFormat, HostError> {
-    Ok(match format {
-        Format::Raw | Format::Iso => DriveFormat::Raw,
-        Format::Qcow2 => DriveFormat::Qcow2,
-        Format::Vmdk => DriveFormat::Vmdk,
-        Format::Vhd => DriveFormat::Vpc,
-        Format::Vdi => DriveFormat::Vdi,
-    })
+/// What QEMU boots for a firmware disk: a raw image or ISO as it is (raw data names no other
+/// file), any other format as a private raw copy in the VM's directory, written by kiln's own
+/// reader. QEMU never parses a VMDK descriptor, a VHD, a VDI or a QCOW2 header itself, so no
+/// difference between its parser and kiln's can make it open a file kiln did not check. The
+/// guest's writes to a copy stay in the copy.
+fn firmware_drive(spec: &VmSpec) -> PathBuf {
+    let disk = &spec.disks[0];
+    if needs_copy(disk.format) {
+        spec.dir.join(FIRMWARE_COPY)
+    } else {
+        disk.path.clone()
+    }
+}
+
+/// The private raw copy of a firmware disk in another format.
+const FIRMWARE_COPY: &str = "disk.raw";
+
+fn needs_copy(format: Format) -> bool {
+    !matches!(format, Format::Raw | Format::Iso)
+}
+
+/// Makes the disks QEMU is handed out of what kiln validated: the raw copy of a firmware disk
+/// (see [`firmware_drive`]); a Linux VM's overlays are checked (their backing file is passed
+/// by path, see [`MicrovmDisk::backing`]).
+fn prepare_disks(spec: &VmSpec) -> Result<(), HostError> {
+    match &spec.boot {
+        Boot::Firmware { .. } => {
+            let disk = &spec.disks[0];
+            // Opening validates the image before anything else reads it.
+            let mut reader = kiln_image::open(&disk.path)?;
+            if needs_copy(disk.format) {
+                kiln_image::write_image_with(
+                    reader.as_mut(),
+                    &firmware_drive(spec),
+                    Format::Raw,
+                    &kiln_image::WriteOptions { fsync: false },
+                    &mut |_, _| {},
+                )?;
+            }
+        }
+        Boot::Linux { .. } => {
+            for d in spec.disks.iter().filter(|d| d.backing.is_some()) {
+                kiln_image::validate_overlay(&d.path)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Engine for QemuEngine {
@@ -153,10 +203,7 @@ impl Engine for QemuEngine {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
-        if let Boot::Firmware { .. } = spec.boot {
-            // Opening validates the image (and a VMDK's extents) before QEMU is given it.
-            kiln_image::open(&spec.disks[0].path)?;
-        }
+        prepare_disks(spec)?;
         let (launch, io) = self.launch(spec)?;
         // The console server and the socket QEMU's serial port connects to exist before QEMU.
         let console = match &spec.console {

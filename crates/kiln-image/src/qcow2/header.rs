@@ -20,8 +20,18 @@ pub(crate) struct Header {
     pub(crate) refcount_order: u32,
 }
 
-/// Parse and sanity-check the header against the file size.
+/// Parse and sanity-check the header against the file size (a backing file is refused).
 pub(crate) fn read_header(path: &Path, file: &std::fs::File) -> Result<Header, ImageError> {
+    read_header_with(path, file, false)
+}
+
+/// [`read_header`], accepting a backing file name when `overlay` (its name is never used:
+/// whoever reads an overlay is given its base explicitly).
+pub(crate) fn read_header_with(
+    path: &Path,
+    file: &std::fs::File,
+    overlay: bool,
+) -> Result<Header, ImageError> {
     let bad = |m: String| ImageError::corrupt(path, Format::Qcow2, m);
     let len = util::file_len(file, path)?;
     if len < 72 {
@@ -60,7 +70,7 @@ pub(crate) fn read_header(path: &Path, file: &std::fs::File) -> Result<Header, I
         return Err(bad(format!("invalid cluster_bits {cluster_bits}")));
     }
     let cs = 1u64 << cluster_bits;
-    if backing != 0 {
+    if backing != 0 && !overlay {
         return Err(ImageError::unsupported(
             path,
             "QCOW2 images with a backing file are not supported (use qemu-img convert to flatten)",

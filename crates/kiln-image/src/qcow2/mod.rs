@@ -18,7 +18,7 @@ use crate::copy::{check_range, copy, Sink};
 use crate::driver::{self, Driver};
 use crate::util::{self, TempOut};
 use crate::{BlockStatus, Format, ImageDevice, ImageError, ImageReader, WriteOptions};
-use header::{read_header, validate_tables};
+use header::{read_header, read_header_with, validate_tables};
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -264,4 +264,15 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<u64, ImageError> {
         .map_err(|e| io_err(overlay, "cannot create QCOW2 overlay", e))?;
     util::commit(vec![out], false)?;
     Ok(size)
+}
+
+/// Checks a QCOW2 overlay (one [`create_overlay`] made, then written by a guest) before an
+/// engine is given it: the header and every table are validated like any image's, and only
+/// the features kiln writes are allowed. The backing file name it records is not trusted: the
+/// engine is handed the base by the path kiln holds.
+pub fn validate_overlay(overlay: &Path) -> Result<(), ImageError> {
+    let file = util::open_ro(overlay)?;
+    let hdr = read_header_with(overlay, &file, true)?;
+    let len = util::file_len(&file, overlay)?;
+    validate_tables(overlay, &file, &hdr, len)
 }
