@@ -31,6 +31,12 @@ fn two_vms_from_one_image() {
     let manifest = kiln_rootfs::ImageManifest::load(&image).unwrap();
     let base_before = debian::sha256(&manifest.rootfs);
     let home = tempfile::tempdir().unwrap();
+    // QEMU runs under strace: the proof that it opens the base image read-only by the path
+    // kiln gives it, and writes nothing outside the VMs' directories.
+    let trace = tempfile::tempdir().unwrap();
+    let (qemu, qemu_log) = common::traced_qemu(trace.path());
+    // This file has one test, so no other thread reads the environment meanwhile.
+    std::env::set_var("KILN_QEMU", &qemu);
     let host = Host::new(home.path().to_path_buf()).with_supervisor(common::KILN);
     // VMs outlive their creator by design: a failing assertion must not leave them running.
     let _cleanup = KillOnDrop(&host);
@@ -286,4 +292,22 @@ fn two_vms_from_one_image() {
         "base rootfs changed"
     );
     assert!(manifest.rootfs.exists() && manifest.kernel.exists());
+
+    // QEMU opened the base by kiln's path, and nothing of the shared image for writing.
+    let base = manifest.rootfs.canonicalize().unwrap();
+    let opened = common::opens(&qemu_log);
+    assert!(
+        opened.iter().any(|o| o.path == base),
+        "QEMU never opened the base {} ({} opens logged)",
+        base.display(),
+        opened.len()
+    );
+    let image_dir = image.canonicalize().unwrap();
+    for o in opened.iter().filter(|o| o.path.starts_with(&image_dir)) {
+        assert!(
+            !o.write,
+            "QEMU opened {} (of the shared image) for writing",
+            o.path.display()
+        );
+    }
 }

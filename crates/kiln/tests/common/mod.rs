@@ -239,3 +239,54 @@ pub fn kvm_or_skip(test: &str) -> bool {
         }
     }
 }
+
+/// One file a traced QEMU opened: the path and whether it asked for writing.
+#[derive(Debug)]
+pub struct Open {
+    pub path: PathBuf,
+    pub write: bool,
+}
+
+/// A `qemu-system-x86_64` wrapper in `dir` (for `$KILN_QEMU`) that runs QEMU under
+/// `strace -f`, logging every file each QEMU opens to its own log in `dir`; returns the wrapper
+/// and the directory to give [`opens`].
+pub fn traced_qemu(dir: &Path) -> (PathBuf, PathBuf) {
+    require_tool("strace");
+    let qemu = dir.join("traced-qemu");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\nexec strace --seccomp-bpf -f -qq -e trace=open,openat,openat2,creat -o '{}/strace.'$$'.log' qemu-system-x86_64 \"$@\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (qemu, dir.to_path_buf())
+}
+
+/// The files every [`traced_qemu`] (and its threads) opened, from the logs in `dir`.
+pub fn opens(dir: &Path) -> Vec<Open> {
+    let mut text = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("strace.") && name.ends_with(".log") {
+            text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    text.lines()
+        .filter(|l| l.contains("open"))
+        .filter_map(|l| {
+            let start = l.find('"')? + 1;
+            let end = start + l[start..].find('"')?;
+            let flags = &l[end..];
+            Some(Open {
+                path: PathBuf::from(&l[start..end]),
+                write: flags.contains("O_RDWR")
+                    || flags.contains("O_WRONLY")
+                    || flags.contains("O_CREAT"),
+            })
+        })
+        .collect()
+}
