@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{BlockStatus, Format, ImageError};
 
@@ -171,9 +170,9 @@ pub(crate) fn round_up(v: u64, align: u64) -> Option<u64> {
     v.checked_add(align - 1).map(|x| x / align * align)
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// An output file under a temporary name, removed on drop unless committed by [`commit`].
+/// Creating one first sweeps the directory of temporaries that killed writers left behind
+/// (see [`kiln_sys::temp`]).
 pub(crate) struct TempOut {
     pub(crate) tmp: PathBuf,
     pub(crate) target: PathBuf,
@@ -184,16 +183,14 @@ pub(crate) struct TempOut {
 impl TempOut {
     /// Create a fresh temporary file next to `target`.
     pub(crate) fn create(target: &Path) -> Result<TempOut, ImageError> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| ImageError::unsupported(target, "output path has no file name"))?;
-        let dir = parent_dir(target);
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(
-            ".{}.kiln-tmp-{}-{n}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        if target.file_name().is_none() {
+            return Err(ImageError::unsupported(
+                target,
+                "output path has no file name",
+            ));
+        }
+        kiln_sys::temp::sweep(&parent_dir(target));
+        let tmp = kiln_sys::temp::beside(target);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -232,10 +229,7 @@ impl Drop for TempOut {
 }
 
 pub(crate) fn parent_dir(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    kiln_sys::temp::parent_dir(p)
 }
 
 /// fsync every output (unless `fsync` is false), then rename them into place in order and

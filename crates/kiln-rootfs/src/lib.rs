@@ -168,19 +168,12 @@ pub enum RootfsError {
 /// Writes `bytes` (and a final newline) to `path` through a temporary file in the same
 /// directory and a rename: readers see the old content or the new, never half of it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RootfsError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.write_all(b"\n")?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        RootfsError::Io {
-            what: format!("{}: cannot write", path.display()),
-            source,
-        }
+    let mut text = Vec::with_capacity(bytes.len() + 1);
+    text.extend_from_slice(bytes);
+    text.push(b'\n');
+    kiln_sys::temp::write_atomic(path, &text, None, 0o644).map_err(|source| RootfsError::Io {
+        what: format!("{}: cannot write", path.display()),
+        source,
     })
 }
 
@@ -465,9 +458,13 @@ pub fn cached_debian_image(
     if dir.join(IMAGE_MANIFEST).exists() {
         return Ok(dir);
     }
-    let tmp = cache_root.join(format!("kiln-debian-{}.tmp", opts.fingerprint()));
-    let _ = fs::remove_dir_all(&tmp);
-    build_debian(opts, &tmp, progress)?;
+    // A build killed half-way leaves its temporary directory; the next build sweeps it.
+    kiln_sys::temp::sweep(cache_root);
+    let tmp = kiln_sys::temp::beside(&dir);
+    if let Err(e) = build_debian(opts, &tmp, progress) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     fs::rename(&tmp, &dir).map_err(io(format!("{}: cannot rename into place", dir.display())))?;
     drop(lock);
     Ok(dir)

@@ -1,10 +1,12 @@
 //! kiln's one system-call module: every `unsafe` call into libc that kiln makes for terminals,
-//! file locks, signals and processes lives here, each justified, behind a safe function.
+//! file locks, signals and processes lives here, each justified, behind a safe function; and
+//! the temporary-file discipline every writer shares ([`temp`]).
 //! Everything above it (kiln-host, the CLI, the engines) is safe Rust.
 
 pub mod lock;
 pub mod process;
 pub mod signal;
+pub mod temp;
 pub mod term;
 
 /// Now as RFC 3339 UTC with milliseconds (`2025-01-31T12:34:56.789Z`).
