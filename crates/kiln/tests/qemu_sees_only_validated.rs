@@ -2,7 +2,7 @@
 //! on QEMU under `strace`, which shows QEMU opening nothing of the test's files but the VM's own
 //! directory and a raw image or ISO itself (never a VMDK, VHD, VDI or QCOW2: those reach it as
 //! a raw copy kiln wrote), and writing only what is writable. Hostile VMDKs that used to make
-//! QEMU open a host file are refused before QEMU starts.
+//! QEMU open a host file, and a QCOW2 with a backing file, are refused before QEMU starts.
 
 mod common;
 
@@ -148,7 +148,7 @@ fn qemu_opens_only_raw_images_and_its_own_directory() {
 }
 
 #[test]
-fn hostile_vmdks_never_reach_qemu() {
+fn hostile_images_never_reach_qemu() {
     let w = World::new();
     let shadow = w.path("secret/shadow");
     let dir = w.path("images");
@@ -177,9 +177,23 @@ fn hostile_vmdks_never_reach_qemu() {
             format!("{header}RW 2048 FLAT \"../secret/shadow\" 0\n"),
         ),
     ];
-    for (file, text) in cases {
+    // A QCOW2 whose backing file is the secret (kiln refuses backing files outright).
+    let backed = dir.join("backed.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&shadow)
+        .arg(&backed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-img create");
+    let mut files: Vec<(&str, Option<String>)> =
+        cases.iter().map(|(f, t)| (*f, Some(t.clone()))).collect();
+    files.push(("backed.qcow2", None));
+    for (file, text) in files {
         let image = dir.join(file);
-        std::fs::write(&image, text).unwrap();
+        if let Some(text) = text {
+            std::fs::write(&image, text).unwrap();
+        }
         let out = w.kiln(&[
             "vm",
             "run",
