@@ -249,14 +249,15 @@ pub struct Open {
 
 /// A `qemu-system-x86_64` wrapper in `dir` (for `$KILN_QEMU`) that runs QEMU under
 /// `strace -f`, logging every file each QEMU opens to its own log in `dir`; returns the wrapper
-/// and the directory to give [`opens`].
+/// and the directory to give [`opens`]. QEMU still dies with its parent (strace), as kiln
+/// arranges for an untraced one.
 pub fn traced_qemu(dir: &Path) -> (PathBuf, PathBuf) {
     require_tool("strace");
     let qemu = dir.join("traced-qemu");
     std::fs::write(
         &qemu,
         format!(
-            "#!/bin/sh\nexec strace --seccomp-bpf -f -qq -e trace=open,openat,openat2,creat -o '{}/strace.'$$'.log' qemu-system-x86_64 \"$@\"\n",
+            "#!/bin/sh\nexec strace --seccomp-bpf -f -qq -e trace=open,openat,openat2,creat -o '{}/strace.'$$'.log' setpriv --pdeathsig KILL qemu-system-x86_64 \"$@\"\n",
             dir.display()
         ),
     )
