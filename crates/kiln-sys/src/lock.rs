@@ -93,15 +93,30 @@ impl LockFile {
 }
 
 /// The process holding the lock on `path`, when it can be proven: the lock is held now, the
-/// file names "PID START" (see [`FileLock::record_holder`]), and that pid runs with that very
-/// start time. `None` when nobody holds it or the holder cannot be proven: never signal a pid
-/// this did not return.
+/// file names "PID START" (see [`FileLock::record_holder`]), that pid runs with that very
+/// start time, and it has this very file open. `None` when nobody holds it or the holder
+/// cannot be proven: never signal a pid this did not return.
 pub fn holder(path: &Path) -> Option<u32> {
     if !is_locked(path) {
         return None;
     }
     let (pid, start) = recorded_holder(path)?;
-    (start != 0 && process::alive(pid, Some(start)) && is_locked(path)).then_some(pid)
+    let m = std::fs::metadata(path).ok()?;
+    let proven = start != 0
+        && process::alive(pid, Some(start))
+        && has_open(pid, (m.dev(), m.ino()))
+        && process::alive(pid, Some(start))
+        && is_locked(path);
+    proven.then_some(pid)
+}
+
+/// True when process `pid` has the file `(dev, ino)` open.
+fn has_open(pid: u32, id: (u64, u64)) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == id))
 }
 
 /// The "PID START" recorded in the lock file `path` by its last holder, alive or not.
@@ -182,6 +197,16 @@ mod tests {
         let start = process::start_time(std::process::id()).unwrap();
         std::fs::write(&path, format!("{} {}\n", std::process::id(), start + 1)).unwrap();
         assert_eq!(holder(&path), None);
+        held.record_holder().unwrap();
+        // Held by a process other than the one named (which does not have it open).
+        let other = dir.join("other");
+        let elsewhere = FileLock::exclusive(&other).unwrap();
+        drop(held);
+        let init_start = process::start_time(1).unwrap_or(1);
+        std::fs::write(&other, format!("1 {init_start}\n")).unwrap();
+        assert_eq!(holder(&other), None, "pid 1 does not hold it");
+        drop(elsewhere);
+        let held = FileLock::exclusive(&path).unwrap();
         held.record_holder().unwrap();
         // Not held: nobody to name, whatever the file says.
         drop(held);
