@@ -35,6 +35,8 @@ pub enum HostError {
     NoSuchVm(String),
     #[error("VM '{0}' is running; stop it first or pass --force")]
     Running(String),
+    #[error("VM '{0}' is still being created; wait for it, or pass --force to kill its creator")]
+    Creating(String),
     #[error("no running VM named '{0}' (see `kiln ps`)")]
     NotRunning(String),
     #[error("VM '{0}' is not running (`kiln vm logs {0}` shows its serial log)")]

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -497,22 +498,25 @@ impl Host {
     /// lock file names its pid and start time), and refuses otherwise.
     pub fn remove(&self, name: &str, force: bool) -> Result<(), HostError> {
         let dir = self.vm_dir(name);
-        match self.entry(name)? {
+        let seen = self.entry(name)?;
+        match &seen {
             VmEntry::Vm(rec) => {
-                if matches!(rec.effective_state(), VmState::Running | VmState::Creating) {
-                    if !force {
-                        return Err(HostError::Running(name.to_string()));
-                    }
-                    if rec.is_alive() {
-                        self.kill(name)?;
-                    }
+                let state = rec.effective_state();
+                if !force && state == VmState::Running {
+                    return Err(HostError::Running(name.to_string()));
+                }
+                if !force && state == VmState::Creating {
+                    return Err(HostError::Creating(name.to_string()));
+                }
+                if rec.is_alive() {
+                    self.kill(name)?;
                 }
             }
             VmEntry::Broken(BrokenVm { reason, .. }) => {
                 if let (Some(lock), false) = (held_lock(&dir), force) {
                     return Err(HostError::BrokenHeld {
                         name: name.to_string(),
-                        reason,
+                        reason: reason.clone(),
                         lock,
                     });
                 }
@@ -538,6 +542,24 @@ impl Host {
                 ))
             }
         };
+        // Still the entry looked at? Its lock file may be one of a directory removed meanwhile,
+        // and the name taken again by a new VM that must not be removed.
+        let same_lock = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()))
+            == _lock.file().metadata().ok().map(|m| (m.dev(), m.ino()));
+        if !same_lock {
+            return Ok(());
+        }
+        let same = match (&seen, VmEntry::load(name, &dir)) {
+            (VmEntry::Vm(a), Some(VmEntry::Vm(b))) => a.meta.id == b.meta.id,
+            (VmEntry::Broken(_), Some(VmEntry::Broken(_))) => true,
+            _ => false,
+        };
+        if !same {
+            return Err(HostError::State {
+                path: dir,
+                why: "changed while it was being removed (see `kiln ps`)".into(),
+            });
+        }
         fs::remove_dir_all(&dir)
             .or_else(gone)
             .map_err(|e| HostError::io(format!("{}: cannot remove", dir.display()), e))
