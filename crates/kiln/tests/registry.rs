@@ -317,3 +317,51 @@ fn killed_supervisor_sockets_are_cleaned_up() {
     assert!(kiln_in(home, &["vm", "rm", "crash"]).status.success());
     assert!(!dir.exists());
 }
+
+/// A VM recorded as `creating` whose creator is dead (and that no supervisor runs) shows as
+/// `failed`, naming the creator's pid, in `ls`, `ps` and `--json`; plain `rm` removes it and
+/// the name can be used again.
+#[test]
+fn a_dead_creators_vm_is_failed_and_removable() {
+    require_tool("qemu-system-x86_64");
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let _cleanup = KillOnDrop(home.to_path_buf());
+    let rec = start_disk_vm(home, "orphan", "qemu");
+    assert!(kiln_in(home, &["kill", "orphan"]).status.success());
+    // As a creator killed between recording the VM and starting its supervisor leaves it: the
+    // record says `creating`, the creation lock names a process that is gone.
+    let dir = rec.config.dir.clone();
+    let json = dir.join("vm.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    v["meta"]["state"] = "creating".into();
+    v["meta"]["end"] = serde_json::Value::Null;
+    v["meta"]["exit_reason"] = serde_json::Value::Null;
+    std::fs::write(&json, serde_json::to_string(&v).unwrap()).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(dir.join("create.lock"), format!("{dead} 12345\n")).unwrap();
+    let list = listed(home);
+    assert_eq!(
+        state(&list, "orphan").as_deref(),
+        Some("failed"),
+        "{list:?}"
+    );
+    let why = entry(&list, "orphan").unwrap()["meta"]["exit_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains(&format!("its creator (pid {dead}) died while creating it")),
+        "{why}"
+    );
+    let table = String::from_utf8_lossy(&kiln_in(home, &["ps"]).stdout).into_owned();
+    let row = table.lines().find(|l| l.starts_with("orphan")).unwrap();
+    assert!(row.contains("failed") && row.contains(&why), "{table}");
+    let out = kiln_in(home, &["vm", "rm", "orphan"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    start_disk_vm(home, "orphan", "qemu");
+    assert!(kiln_in(home, &["kill", "orphan"]).status.success());
+}
