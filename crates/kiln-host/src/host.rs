@@ -721,7 +721,7 @@ fn kill_lock_holders(dir: &Path) -> Result<(), HostError> {
         let Some(pid) = lock::holder(&path) else {
             return Err(HostError::State {
                 path,
-                why: "held by a process whose pid and start time it does not record; end that process, then remove the VM".into(),
+                why: "held by a process kiln cannot identify (the file names no live holder of it); end that process, then remove the VM".into(),
             });
         };
         tracing::info!("{}: killing its holder, pid {pid}", path.display());

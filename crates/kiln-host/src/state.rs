@@ -215,13 +215,6 @@ pub struct BrokenVm {
     pub reason: String,
 }
 
-impl BrokenVm {
-    /// True while a process holds its supervisor or creation lock (it may still run a VM).
-    pub fn is_held(&self) -> bool {
-        held_lock(&self.dir).is_some()
-    }
-}
-
 /// The first of a VM directory's liveness locks that some process holds.
 pub(crate) fn held_lock(dir: &Path) -> Option<PathBuf> {
     [SUPERVISOR_LOCK, CREATE_LOCK]

@@ -277,8 +277,12 @@ pub(crate) fn run_vm(
     stop_timeout: Duration,
     ready: &mut dyn FnMut(Result<&VmRecord, String>) -> bool,
 ) -> Result<End, HostError> {
-    let result = start_and_run(dir, stop_timeout, ready);
-    if let Err(e) = &result {
+    let mut told = false;
+    let result = start_and_run(dir, stop_timeout, &mut |r| {
+        told = true;
+        ready(r)
+    });
+    if let (Err(e), false) = (&result, told) {
         ready(Err(e.to_string()));
     }
     result
