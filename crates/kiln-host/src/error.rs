@@ -23,12 +23,24 @@ pub enum HostError {
     },
     #[error("{}", if *running { format!("a VM named '{name}' is already running (see `kiln ps`)") } else { format!("a VM named '{name}' already exists (kiln vm rm {name} to remove it)") })]
     NameInUse { name: String, running: bool },
+    #[error("VM '{name}' is broken ({reason}); remove it with `kiln vm rm --force {name}`")]
+    Broken { name: String, reason: String },
+    #[error("VM '{name}' is broken ({reason}) and a process still holds {}; `kiln vm rm --force {name}` kills it first", lock.display())]
+    BrokenHeld {
+        name: String,
+        reason: String,
+        lock: PathBuf,
+    },
     #[error("no VM named '{0}' (see `kiln ps`)")]
     NoSuchVm(String),
     #[error("VM '{0}' is running; stop it first or pass --force")]
     Running(String),
+    #[error("VM '{0}' is still being created; wait for it, or pass --force to kill its creator")]
+    Creating(String),
     #[error("no running VM named '{0}' (see `kiln ps`)")]
     NotRunning(String),
+    #[error("VM '{0}' is not running (`kiln vm logs {0}` shows its serial log)")]
+    Stopped(String),
     #[error("{path}: {why}")]
     State { path: PathBuf, why: String },
     #[error("{what}: {source}")]

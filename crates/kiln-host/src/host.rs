@@ -4,21 +4,25 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_image::BootMedia;
 use kiln_qemu::Accel;
-use kiln_sys::lock::FileLock;
+use kiln_sys::lock::{self, FileLock, LockFile};
 use kiln_sys::process::{self, ChildSetup};
 
 use crate::spec::control_socket;
-use crate::state::{record_path, VmKind, CREATE_LOCK, LOCK};
+use crate::state::{
+    held_lock, record_path, remove_stale_sockets, VmKind, CONSOLE_SOCKET, CREATE_LOCK, LOCK,
+    SUPERVISOR_LOCK,
+};
 use crate::supervisor::{self, Request};
 use crate::{
-    default_firmware_engine, generate_name, validate_name, Boot, ConsoleSpec, End, EngineKind,
-    HostError, NetSpec, VmDisk, VmMeta, VmRecord, VmSpec, VmState,
+    default_firmware_engine, generate_name, validate_name, Boot, BrokenVm, ConsoleSpec, End,
+    EngineKind, HostError, NetSpec, VmDisk, VmEntry, VmMeta, VmRecord, VmSpec, VmState,
 };
 
 /// The hidden subcommand a re-executed kiln runs a background VM's supervisor with:
@@ -120,9 +124,11 @@ impl Host {
             match fs::create_dir(&dir) {
                 Ok(()) => {
                     let lock_path = dir.join(CREATE_LOCK);
-                    let lock = FileLock::exclusive(&lock_path).map_err(|e| {
-                        HostError::io(format!("{}: cannot lock", lock_path.display()), e)
-                    })?;
+                    let lock = FileLock::exclusive(&lock_path)
+                        .and_then(|l| l.record_holder().map(|()| l))
+                        .map_err(|e| {
+                            HostError::io(format!("{}: cannot lock", lock_path.display()), e)
+                        })?;
                     return Ok(Claim {
                         name,
                         dir,
@@ -133,14 +139,14 @@ impl Host {
                 // A generated name another run took meanwhile: draw again.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && wanted.is_none() => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    match VmRecord::load(&record_path(&dir)) {
-                        Ok(rec) if rec.is_alive() => {
+                    match VmEntry::load(&name, &dir) {
+                        Some(VmEntry::Vm(rec)) if rec.is_alive() => {
                             return Err(HostError::NameInUse {
                                 name,
                                 running: true,
                             })
                         }
-                        Ok(rec)
+                        Some(VmEntry::Vm(rec))
                             if rec.meta.foreground
                                 && matches!(
                                     rec.effective_state(),
@@ -225,7 +231,7 @@ impl Host {
         });
         let console = if background {
             ConsoleSpec::Socket {
-                path: dir.join("console.sock"),
+                path: dir.join(CONSOLE_SOCKET),
                 log: Some(dir.join("serial.log")),
                 bios: req.bios_console,
             }
@@ -274,10 +280,13 @@ impl Host {
     pub fn run_disk(&self, req: &DiskRequest) -> Result<VmRecord, HostError> {
         let claim = self.claim(req.name.as_deref())?;
         let result = (|| {
+            // The supervisor starts first: from now on, if this process dies, it removes the
+            // half-made VM (see [`supervise_main`]).
+            let supervisor = self.spawn_supervisor(&claim.dir, &claim.name)?;
             let spec = self.disk_spec(req, &claim.name, &claim.dir, true)?;
             let rec = new_record(spec, Some(req.image.clone()), false);
             rec.save(&record_path(&claim.dir))?;
-            self.spawn_supervisor(&claim.dir, &claim.name)?.go()
+            supervisor.go()
         })();
         claim.finish(result)
     }
@@ -300,6 +309,7 @@ impl Host {
                 if let Ok(rec) = r {
                     on_start(rec);
                 }
+                true
             };
             supervisor::run_vm(&claim.dir, stop_timeout, &mut ready)
         })();
@@ -346,36 +356,83 @@ impl Host {
         })
     }
 
-    /// The VM named `name`.
+    /// The VM named `name`; a broken one is an error that says so ([`HostError::Broken`]).
     pub fn get(&self, name: &str) -> Result<VmRecord, HostError> {
-        validate_name(name)?;
-        let json = record_path(&self.vm_dir(name));
-        if !json.exists() {
-            return Err(HostError::NoSuchVm(name.to_string()));
+        match self.entry(name)? {
+            VmEntry::Vm(rec) => Ok(*rec),
+            VmEntry::Broken(b) => Err(HostError::Broken {
+                name: b.name,
+                reason: b.reason,
+            }),
         }
-        VmRecord::load(&json)
     }
 
-    /// All VMs, sorted by name. Directories still being claimed are skipped.
-    pub fn list(&self) -> Result<Vec<VmRecord>, HostError> {
+    /// The registry's entry `name`, broken or not. Sockets its dead supervisor left behind are
+    /// removed on the way.
+    pub fn entry(&self, name: &str) -> Result<VmEntry, HostError> {
+        validate_name(name)?;
+        let dir = self.vm_dir(name);
+        if fs::symlink_metadata(&dir).is_err() {
+            return Err(HostError::NoSuchVm(name.to_string()));
+        }
+        let entry =
+            VmEntry::load(name, &dir).ok_or_else(|| HostError::NoSuchVm(name.to_string()))?;
+        tidy(&entry);
+        Ok(entry)
+    }
+
+    /// Every entry of the registry, sorted by name: the VMs and the broken directories (a
+    /// `vm.json` missing, unreadable or invalid). Directories still being claimed and names
+    /// that cannot be VM names (kiln makes none) are skipped.
+    pub fn entries(&self) -> Result<Vec<VmEntry>, HostError> {
         let vms = self.vms_dir();
-        let entries = match fs::read_dir(&vms) {
-            Ok(e) => e,
+        let dir = match fs::read_dir(&vms) {
+            Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(HostError::io(format!("{}: cannot list", vms.display()), e)),
         };
         let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let json = record_path(&entry.path());
-            if json.exists() {
-                match VmRecord::load(&json) {
-                    Ok(rec) => out.push(rec),
-                    Err(e) => tracing::warn!("{e}"),
-                }
+        for item in dir.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            if validate_name(&name).is_err() {
+                tracing::debug!("{}: not a VM name; skipped", item.path().display());
+                continue;
+            }
+            if let Some(entry) = VmEntry::load(&name, &item.path()) {
+                tidy(&entry);
+                out.push(entry);
             }
         }
-        out.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        out.sort_by(|a, b| a.name().cmp(b.name()));
         Ok(out)
+    }
+
+    /// The VMs whose records can be read, sorted by name ([`Host::entries`] also has the
+    /// broken ones).
+    pub fn list(&self) -> Result<Vec<VmRecord>, HostError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter_map(|e| match e {
+                VmEntry::Vm(rec) => Some(*rec),
+                VmEntry::Broken(_) => None,
+            })
+            .collect())
+    }
+
+    /// The serial console socket of the running VM `name`.
+    pub fn console_socket(&self, name: &str) -> Result<PathBuf, HostError> {
+        let rec = self.get(name)?;
+        if !rec.is_alive() {
+            return Err(HostError::Stopped(name.to_string()));
+        }
+        rec.meta.console_socket.ok_or_else(|| {
+            HostError::invalid(
+                "name",
+                name,
+                "its console is the terminal of its `kiln run`",
+            )
+        })
     }
 
     /// Presses the VM's ACPI power button and waits up to `timeout` for the guest to power
@@ -412,9 +469,10 @@ impl Host {
         ) {
             Ok(end) => Ok(end),
             Err(e) => {
-                // A supervisor that cannot answer is killed; its engine dies with it.
+                // A supervisor that cannot answer is killed (if it is proven to be the one
+                // holding the VM's supervisor lock); its engine dies with it.
                 tracing::warn!("{e}; killing its supervisor");
-                if let Some(pid) = rec.meta.supervisor_pid {
+                if let Some(pid) = lock::holder(&rec.config.dir.join(SUPERVISOR_LOCK)) {
                     process::signal(pid, libc::SIGKILL);
                 }
                 let rec = self.wait_stopped(name, Duration::from_secs(10))?;
@@ -435,22 +493,76 @@ impl Host {
     }
 
     /// Deletes the VM's directory (its overlay, disks, logs; never a base image or a disk it
-    /// booted from). Refuses a running VM unless `force`, which kills it first.
+    /// booted from). Refuses a running (or still creating) VM unless `force`, which kills it
+    /// first. A broken VM is removed unless a process still holds its supervisor or creation
+    /// lock; `force` then kills that process first, if it can be proven to be the holder (the
+    /// lock file names its pid and start time), and refuses otherwise.
     pub fn remove(&self, name: &str, force: bool) -> Result<(), HostError> {
-        let rec = self.get(name)?;
-        if matches!(rec.effective_state(), VmState::Running | VmState::Creating) {
-            if !force {
-                return Err(HostError::Running(name.to_string()));
+        let dir = self.vm_dir(name);
+        let seen = self.entry(name)?;
+        match &seen {
+            VmEntry::Vm(rec) => {
+                let state = rec.effective_state();
+                if !force && state == VmState::Running {
+                    return Err(HostError::Running(name.to_string()));
+                }
+                if !force && state == VmState::Creating {
+                    return Err(HostError::Creating(name.to_string()));
+                }
+                if rec.is_alive() {
+                    self.kill(name)?;
+                }
             }
-            if rec.is_alive() {
-                self.kill(name)?;
+            VmEntry::Broken(BrokenVm { reason, .. }) => {
+                if let (Some(lock), false) = (held_lock(&dir), force) {
+                    return Err(HostError::BrokenHeld {
+                        name: name.to_string(),
+                        reason: reason.clone(),
+                        lock,
+                    });
+                }
+                if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                    return fs::remove_file(&dir).or_else(gone).map_err(|e| {
+                        HostError::io(format!("{}: cannot remove", dir.display()), e)
+                    });
+                }
             }
         }
-        let dir = self.vm_dir(name);
+        if force {
+            kill_lock_holders(&dir)?;
+        }
         let lock_path = dir.join(LOCK);
-        let _lock = FileLock::exclusive(&lock_path)
-            .map_err(|e| HostError::io(format!("{}: cannot lock", lock_path.display()), e))?;
+        let _lock = match FileLock::exclusive(&lock_path) {
+            Ok(l) => l,
+            // Removed meanwhile (by the supervisor of a VM whose creator died).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(HostError::io(
+                    format!("{}: cannot lock", lock_path.display()),
+                    e,
+                ))
+            }
+        };
+        // Still the entry looked at? Its lock file may be one of a directory removed meanwhile,
+        // and the name taken again by a new VM that must not be removed.
+        let same_lock = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()))
+            == _lock.file().metadata().ok().map(|m| (m.dev(), m.ino()));
+        if !same_lock {
+            return Ok(());
+        }
+        let same = match (&seen, VmEntry::load(name, &dir)) {
+            (VmEntry::Vm(a), Some(VmEntry::Vm(b))) => a.meta.id == b.meta.id,
+            (VmEntry::Broken(_), Some(VmEntry::Broken(_))) => true,
+            _ => false,
+        };
+        if !same {
+            return Err(HostError::State {
+                path: dir,
+                why: "changed while it was being removed (see `kiln ps`)".into(),
+            });
+        }
         fs::remove_dir_all(&dir)
+            .or_else(gone)
             .map_err(|e| HostError::io(format!("{}: cannot remove", dir.display()), e))
     }
 
@@ -528,8 +640,9 @@ impl Supervisor {
                 detail: "its supervisor is gone".into(),
             });
         };
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(b"go\n");
+        let mut stdin = child.stdin.take();
+        if let Some(stdin) = &mut stdin {
+            let _ = stdin.write_all(GO);
         }
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
@@ -539,7 +652,15 @@ impl Supervisor {
         std::thread::spawn(move || child.wait());
         let line = line.trim();
         match line.strip_prefix("ok ") {
-            Some(_) => VmRecord::load(&record_path(&self.dir)),
+            Some(_) => {
+                let rec = VmRecord::load(&record_path(&self.dir))?;
+                // Heard: the VM is this process's to report now. Without the word (this
+                // process died, or the record is unreadable) the supervisor ends the VM.
+                if let Some(stdin) = &mut stdin {
+                    let _ = stdin.write_all(ACK);
+                }
+                Ok(rec)
+            }
             None => Err(HostError::Start {
                 name: self.name.clone(),
                 detail: match line.strip_prefix("err ") {
@@ -554,11 +675,70 @@ impl Supervisor {
 impl Drop for Supervisor {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // Closing its stdin tells it not to run anything; it exits at once.
-            drop(child.stdin.take());
+            // "no" tells it not to run anything: this process cleans up itself. It exits at
+            // once. (Its stdin closing without a word would mean this process died.)
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(NO);
+            }
             let _ = child.wait();
         }
     }
+}
+
+/// The word that lets a waiting supervisor run its VM.
+const GO: &[u8] = b"go\n";
+/// The word that tells a waiting supervisor its creator gave up (and cleans up itself).
+const NO: &[u8] = b"no\n";
+/// The creator's answer to "ok": it heard that the VM runs, and reports it.
+const ACK: &[u8] = b"ack\n";
+
+/// Treats "already gone" as done.
+fn gone(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Removes the sockets of an entry whose supervisor is gone (see [`remove_stale_sockets`]).
+fn tidy(entry: &VmEntry) {
+    if let VmEntry::Vm(rec) = entry {
+        if matches!(rec.effective_state(), VmState::Stopped | VmState::Failed) {
+            remove_stale_sockets(&rec.config.dir);
+        }
+    }
+}
+
+/// Kills the processes holding `dir`'s supervisor and creation locks, each only if it is
+/// proven to be the holder, and waits for the locks to be free. A lock held by a process that
+/// cannot be proven is an error: nothing is signalled, and the directory stays.
+fn kill_lock_holders(dir: &Path) -> Result<(), HostError> {
+    for name in [SUPERVISOR_LOCK, CREATE_LOCK] {
+        let path = dir.join(name);
+        if !lock::is_locked(&path) {
+            continue;
+        }
+        let Some(pid) = lock::holder(&path) else {
+            return Err(HostError::State {
+                path,
+                why: "held by a process kiln cannot identify (the file names no live holder of it); end that process, then remove the VM".into(),
+            });
+        };
+        tracing::info!("{}: killing its holder, pid {pid}", path.display());
+        process::signal(pid, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock::is_locked(&path) {
+            if Instant::now() >= deadline {
+                return Err(HostError::State {
+                    path,
+                    why: format!("still held 10 s after its holder (pid {pid}) was killed"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
 }
 
 /// A claimed name: its directory is removed on drop unless the VM was created.
@@ -633,6 +813,12 @@ pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool)
 
 /// The body of `kiln __supervise HOME NAME`: runs the VM recorded there to its end, telling
 /// the process that started it "ok PID" or "err WHY" on stdout. Returns the exit code.
+///
+/// It is started while its creator still makes the VM, and waits for the word: "go" runs the
+/// VM, "no" means the creator gave up (and removes the VM itself). A creator that died
+/// instead (Ctrl-C, kill -9) closes the pipe without a word, or is gone when the VM runs and
+/// "ok" cannot be told to it: the supervisor then ends the VM and removes what was created, so
+/// a failed `kiln vm run` leaves no name behind.
 pub fn supervise_main(home: &Path, name: &str) -> u8 {
     // Descriptors inherited from whoever ran `kiln vm run` (a shell's pipes) must not reach
     // the engine, which would keep them open for the VM's lifetime.
@@ -641,21 +827,44 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
         println!("err invalid VM name");
         return 1;
     }
+    let dir = home.join("vms").join(name);
+    // The creation lock of this very creation (a VM made later under the name has another).
+    let creation = LockFile::open(&dir.join(CREATE_LOCK)).ok();
     // Wait for the word: the VM's creator may still be making its disks.
     let mut word = String::new();
-    if std::io::stdin().read_line(&mut word).is_err() || word.trim() != "go" {
-        return 1;
+    let _ = std::io::stdin().read_line(&mut word);
+    match word.trim() {
+        "go" => {}
+        "no" => return 1,
+        _ => {
+            remove_abandoned(&dir, creation);
+            return 1;
+        }
     }
-    let dir = home.join("vms").join(name);
+    let creator_gone = std::cell::Cell::new(false);
     let mut ready = |r: Result<&VmRecord, String>| {
+        let started = r.is_ok();
         let mut out = std::io::stdout().lock();
-        let _ = match r {
+        let told = match r {
             Ok(rec) => writeln!(out, "ok {}", rec.meta.pid.unwrap_or(0)),
             Err(why) => writeln!(out, "err {}", why.replace('\n', " ")),
-        };
-        let _ = out.flush();
+        }
+        .and_then(|()| out.flush())
+        .is_ok();
+        drop(out);
+        // A write fails (EPIPE) only once the reading end is closed: the creator died. A
+        // creator told that the VM runs acknowledges it; one that dies first never does.
+        let heard = told && (!started || heard_ack());
+        if !heard {
+            creator_gone.set(true);
+        }
+        heard
     };
-    match supervisor::run_vm(&dir, supervisor::DEFAULT_STOP_TIMEOUT, &mut ready) {
+    let result = supervisor::run_vm(&dir, supervisor::DEFAULT_STOP_TIMEOUT, &mut ready);
+    if creator_gone.get() {
+        remove_abandoned(&dir, creation);
+    }
+    match result {
         Ok(end) => {
             tracing::info!("{name}: {end}");
             end.exit_code()
@@ -665,6 +874,37 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
             1
         }
     }
+}
+
+/// True when the creator answers "ack" on stdin (see [`Supervisor::go`]).
+fn heard_ack() -> bool {
+    let mut word = String::new();
+    std::io::stdin().read_line(&mut word).is_ok() && word.trim() == "ack"
+}
+
+/// Removes the directory of a VM whose creator died while creating it, once the creator's
+/// lock is free, and only if `dir` is still that creation (its creation lock is the very file
+/// `creation` opened) and no supervisor runs it.
+fn remove_abandoned(dir: &Path, creation: Option<LockFile>) {
+    let Some(creation) = creation else {
+        return;
+    };
+    // Free at once when the creator died; a live creator cleans up itself.
+    if !creation.wait_free(Duration::from_secs(10)) {
+        return;
+    }
+    // Under the record's lock, as `kiln vm rm`: a directory gone meanwhile stays gone.
+    let Ok(_lock) = FileLock::exclusive(&dir.join(LOCK)) else {
+        return;
+    };
+    if !creation.is_at(&dir.join(CREATE_LOCK)) || lock::is_locked(&dir.join(SUPERVISOR_LOCK)) {
+        return;
+    }
+    tracing::info!(
+        "{}: its creator died while creating it; removed",
+        dir.display()
+    );
+    let _ = fs::remove_dir_all(dir);
 }
 
 fn random_id() -> String {

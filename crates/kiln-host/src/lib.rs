@@ -35,7 +35,7 @@ pub use spec::{
     default_firmware_engine, Boot, ConsoleSpec, EngineKind, NetSpec, VmDisk, VmSpec,
     FIRMWARE_RAM_MIB, MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB,
 };
-pub use state::{VmKind, VmMeta, VmRecord, VmState, VM_JSON};
+pub use state::{BrokenVm, VmEntry, VmKind, VmMeta, VmRecord, VmState, VM_JSON};
 pub use supervisor::DEFAULT_STOP_TIMEOUT;
 
 /// Result alias for this crate.

@@ -90,6 +90,9 @@ impl Host {
         inputs: &Inputs,
     ) -> Result<crate::host::Supervisor, HostError> {
         let t0 = Instant::now();
+        // The supervisor starts now and waits: its start-up overlaps making the disks, and if
+        // this process dies from now on, it removes the half-made VM.
+        let supervisor = self.spawn_supervisor(dir, name)?;
         let overlay = dir.join("root.qcow2");
         let home_disk = dir.join("home.ext4");
         let var_disk = dir.join("var.ext4");
@@ -146,7 +149,7 @@ impl Host {
                 disk("/dev/vdc", "/var", &var_disk, Format::Raw, req.var_size),
             ],
             console: ConsoleSpec::Socket {
-                path: dir.join("console.sock"),
+                path: dir.join(crate::state::CONSOLE_SOCKET),
                 log: Some(dir.join("serial.log")),
                 bios: false,
             },
@@ -168,8 +171,6 @@ impl Host {
         let json = record_path(dir);
         rec.save(&json)?;
         tracing::debug!("{name}: vm.json written after {:?}", t0.elapsed());
-        // The supervisor starts now and waits: its start-up overlaps making the disks.
-        let supervisor = self.spawn_supervisor(dir, name)?;
 
         kiln_image::create_overlay(&inputs.rootfs, &overlay)?;
         tracing::debug!("{name}: overlay made after {:?}", t0.elapsed());

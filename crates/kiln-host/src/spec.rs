@@ -263,5 +263,5 @@ impl VmSpec {
 
 /// `DIR/control.sock`.
 pub(crate) fn control_socket(dir: &Path) -> PathBuf {
-    dir.join("control.sock")
+    dir.join(crate::state::CONTROL_SOCKET)
 }

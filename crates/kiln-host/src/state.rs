@@ -1,10 +1,12 @@
-//! `vm.json`: what kiln knows about one VM, written atomically (temp file + rename), and the
-//! locks that say whether anyone still looks after it.
+//! `vm.json`: what kiln knows about one VM, written atomically (temp file + rename), the
+//! locks that say whether anyone still looks after it, and the sockets that are stale once
+//! nobody does.
 
 use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use kiln_sys::lock::is_locked;
+use kiln_sys::lock::{is_locked, recorded_holder, FileLock};
 use serde::{Deserialize, Serialize};
 
 use crate::{End, HostError, VmSpec};
@@ -17,6 +19,16 @@ pub(crate) const LOCK: &str = "lock";
 pub(crate) const CREATE_LOCK: &str = "create.lock";
 /// Held by the VM's supervisor for as long as it runs: the VM is alive exactly while it is.
 pub(crate) const SUPERVISOR_LOCK: &str = "supervisor.lock";
+/// The supervisor's control socket (stop, kill, quit).
+pub(crate) const CONTROL_SOCKET: &str = "control.sock";
+/// The serial console a background VM's supervisor serves (`kiln vm console`).
+pub(crate) const CONSOLE_SOCKET: &str = "console.sock";
+/// Where QEMU's serial port connects to the supervisor (while QEMU starts).
+pub(crate) const SERIAL_SOCKET: &str = "serial.sock";
+/// QEMU's QMP socket.
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
+/// Every socket a VM's processes serve in its directory: stale once its supervisor is gone.
+const SOCKETS: [&str; 4] = [CONTROL_SOCKET, CONSOLE_SOCKET, SERIAL_SOCKET, QMP_SOCKET];
 
 /// A VM's lifecycle state as recorded; [`VmRecord::effective_state`] also checks the locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +38,8 @@ pub enum VmState {
     Creating,
     Running,
     Stopped,
-    /// Its creator died before the VM ran (`kiln vm rm` removes it).
+    /// Its creator died before the VM ran (`kiln vm rm` removes it). Never recorded: a
+    /// `creating` VM whose creator and supervisor are both gone is shown so.
     Failed,
 }
 
@@ -138,9 +151,7 @@ impl VmRecord {
                     self.meta.supervisor_pid.unwrap_or(0)
                 ),
             })),
-            VmState::Failed => Some(End::Crashed {
-                reason: "its creator died before it started".into(),
-            }),
+            VmState::Failed => Some(creator_died(&self.config.dir)),
             _ => None,
         }
     }
@@ -178,7 +189,149 @@ impl VmRecord {
     }
 }
 
+/// How a VM ended whose creator died while creating it (the creator named in `dir`'s
+/// creation lock).
+pub(crate) fn creator_died(dir: &Path) -> End {
+    End::Crashed {
+        reason: match recorded_holder(&dir.join(CREATE_LOCK)) {
+            Some((pid, _)) => format!("its creator (pid {pid}) died while creating it"),
+            None => "its creator died while creating it".into(),
+        },
+    }
+}
+
 /// The path of a VM directory's `vm.json`.
 pub(crate) fn record_path(dir: &Path) -> PathBuf {
     dir.join(VM_JSON)
+}
+
+/// A VM directory whose record cannot be used: `vm.json` missing, unreadable, not valid, or
+/// about another VM. Only `kiln vm rm` acts on it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BrokenVm {
+    pub name: String,
+    pub dir: PathBuf,
+    /// One line: the path and what is wrong with it.
+    pub reason: String,
+}
+
+/// The first of a VM directory's liveness locks that some process holds.
+pub(crate) fn held_lock(dir: &Path) -> Option<PathBuf> {
+    [SUPERVISOR_LOCK, CREATE_LOCK]
+        .iter()
+        .map(|l| dir.join(l))
+        .find(|p| is_locked(p))
+}
+
+/// One entry of the registry: a VM with its record, or a directory whose record is broken.
+#[derive(Clone, Debug)]
+pub enum VmEntry {
+    Vm(Box<VmRecord>),
+    Broken(BrokenVm),
+}
+
+impl VmEntry {
+    /// The VM's name (its directory's name).
+    pub fn name(&self) -> &str {
+        match self {
+            VmEntry::Vm(rec) => &rec.meta.name,
+            VmEntry::Broken(b) => &b.name,
+        }
+    }
+
+    /// The record, unless it is broken.
+    pub fn record(&self) -> Option<&VmRecord> {
+        match self {
+            VmEntry::Vm(rec) => Some(rec),
+            VmEntry::Broken(_) => None,
+        }
+    }
+
+    /// `creating`, `running`, `stopped`, `failed` (locks checked) or `broken`.
+    pub fn state_name(&self) -> &'static str {
+        match self {
+            VmEntry::Vm(rec) => rec.effective_state().name(),
+            VmEntry::Broken(_) => "broken",
+        }
+    }
+
+    /// The entry as `ls --json` shows it: a VM's record with its effective state and end, or
+    /// for a broken one `{"meta": {"name", "state": "broken", "exit_reason"}, "broken": {...}}`
+    /// (so `meta.name` and `meta.state` read the same for every entry).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            VmEntry::Vm(rec) => {
+                serde_json::to_value(rec.clone().effective()).unwrap_or(serde_json::Value::Null)
+            }
+            VmEntry::Broken(b) => serde_json::json!({
+                "meta": { "name": b.name, "state": "broken", "exit_reason": b.reason },
+                "broken": b,
+            }),
+        }
+    }
+
+    /// Reads the entry `dir` (named `name`) of the registry; `None` for a directory whose
+    /// creator is still claiming it (no record yet, its creation lock held).
+    pub(crate) fn load(name: &str, dir: &Path) -> Option<VmEntry> {
+        let broken = |reason: String| {
+            Some(VmEntry::Broken(BrokenVm {
+                name: name.to_string(),
+                dir: dir.to_path_buf(),
+                reason,
+            }))
+        };
+        match fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return broken(format!("{}: not a directory", dir.display())),
+            Err(e) => return broken(format!("{}: {e}", dir.display())),
+        }
+        let json = record_path(dir);
+        if !json.exists() {
+            if is_locked(&dir.join(CREATE_LOCK)) {
+                return None;
+            }
+            return broken(format!("{}: missing", json.display()));
+        }
+        let rec = match VmRecord::load(&json) {
+            Ok(rec) => rec,
+            Err(e) => return broken(e.to_string()),
+        };
+        let same_dir = rec.config.dir == dir
+            || fs::canonicalize(&rec.config.dir).ok() == fs::canonicalize(dir).ok();
+        if rec.meta.name != name || rec.config.name != name || !same_dir {
+            return broken(format!(
+                "{}: records VM '{}' in {}, not this directory",
+                json.display(),
+                rec.meta.name,
+                rec.config.dir.display()
+            ));
+        }
+        Some(VmEntry::Vm(Box::new(rec)))
+    }
+}
+
+/// Removes the sockets left in `dir` by a supervisor that died (kill -9): only while nobody
+/// holds the supervisor lock, and holding it meanwhile so no supervisor can start serving
+/// them. Only sockets are removed, never another kind of file of the same name.
+pub(crate) fn remove_stale_sockets(dir: &Path) {
+    let stale: Vec<PathBuf> = SOCKETS
+        .iter()
+        .map(|s| dir.join(s))
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let lock = dir.join(SUPERVISOR_LOCK);
+    if !lock.exists() {
+        return;
+    }
+    let Ok(Some(_held)) = FileLock::try_exclusive(&lock) else {
+        return;
+    };
+    for path in stale {
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = fs::remove_file(&path);
+        }
+    }
 }

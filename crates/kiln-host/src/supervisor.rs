@@ -18,7 +18,7 @@ use kiln_sys::lock::FileLock;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{engine, Running};
-use crate::state::{record_path, VmState, LOCK, SUPERVISOR_LOCK};
+use crate::state::{creator_died, record_path, VmState, LOCK, SUPERVISOR_LOCK};
 use crate::{End, HostError, VmRecord};
 
 /// A request to a VM's supervisor.
@@ -269,15 +269,20 @@ pub(crate) fn update(dir: &Path, f: impl FnOnce(&mut VmRecord)) -> Result<VmReco
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the VM recorded in `dir` to its end: the body of every supervisor. `ready` is told
-/// once, with the record as it runs or why the VM could not start. Returns how the VM ended; an
-/// error means it never ran (and `dir`'s record says so).
+/// once, with the record as it runs or why the VM could not start; when it answers `false`
+/// (nobody wants the VM any more: its creator died) the VM is ended at once. Returns how the
+/// VM ended; an error means it never ran (and `dir`'s record says so).
 pub(crate) fn run_vm(
     dir: &Path,
     stop_timeout: Duration,
-    ready: &mut dyn FnMut(Result<&VmRecord, String>),
+    ready: &mut dyn FnMut(Result<&VmRecord, String>) -> bool,
 ) -> Result<End, HostError> {
-    let result = start_and_run(dir, stop_timeout, ready);
-    if let Err(e) = &result {
+    let mut told = false;
+    let result = start_and_run(dir, stop_timeout, &mut |r| {
+        told = true;
+        ready(r)
+    });
+    if let (Err(e), false) = (&result, told) {
         ready(Err(e.to_string()));
     }
     result
@@ -286,7 +291,7 @@ pub(crate) fn run_vm(
 fn start_and_run(
     dir: &Path,
     stop_timeout: Duration,
-    ready: &mut dyn FnMut(Result<&VmRecord, String>),
+    ready: &mut dyn FnMut(Result<&VmRecord, String>) -> bool,
 ) -> Result<End, HostError> {
     let lock_path = dir.join(SUPERVISOR_LOCK);
     let _held = FileLock::try_exclusive(&lock_path)
@@ -295,6 +300,11 @@ fn start_and_run(
             path: lock_path.clone(),
             why: "another supervisor already runs this VM".into(),
         })?;
+    // Names this process in the lock, so `kiln vm rm --force` can prove whom to kill even when
+    // vm.json is broken.
+    _held
+        .record_holder()
+        .map_err(|e| HostError::io(format!("{}: cannot write", lock_path.display()), e))?;
     let rec = VmRecord::load(&record_path(dir))?;
     let spec = rec.config.clone();
     // vm.json is data like any other file: check it again before acting on it.
@@ -341,7 +351,23 @@ fn start_and_run(
             return Err(e);
         }
     };
-    ready(Ok(&running));
+    if !ready(Ok(&running)) {
+        // Its creator died before it heard that the VM runs: a failed create, undone.
+        vm.kill();
+        drop(vm);
+        let end = creator_died(dir);
+        let _ = update(dir, |r| {
+            r.meta.state = VmState::Stopped;
+            r.meta.stopped_at = Some(kiln_sys::now_rfc3339());
+            r.meta.exit_reason = Some(end.to_string());
+            r.meta.end = Some(end.clone());
+        });
+        cleanup(&spec);
+        return Err(HostError::Start {
+            name: spec.name.clone(),
+            detail: end.to_string(),
+        });
+    }
     vm.settle();
     let (end, waiting) = supervise(vm.as_mut(), &events, stop_timeout);
     if let Some(stats) = vm.statistics() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kiln_host::{ConsoleEnd, DiskRequest, Host, RunRequest, VmKind, VmRecord, VmState};
+use kiln_host::{ConsoleEnd, DiskRequest, Host, RunRequest, VmEntry, VmKind, VmState};
 
 use crate::{seconds, EngineArg, MediaArg};
 
@@ -177,8 +177,9 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln ps` / `kiln vm ls`.
 pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
-    let vms: Vec<VmRecord> = host.list()?.into_iter().map(VmRecord::effective).collect();
+    let entries = host.entries()?;
     if json {
+        let vms: Vec<serde_json::Value> = entries.iter().map(VmEntry::to_json).collect();
         crate::out(format_args!("{}", serde_json::to_string_pretty(&vms)?));
         return Ok(ExitCode::SUCCESS);
     }
@@ -186,7 +187,17 @@ pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
         "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} END",
         "NAME", "STATE", "KIND", "ENGINE", "PID", "VCPU", "RAM", "ACCEL", "CREATED"
     ));
-    for rec in vms {
+    for entry in entries {
+        let rec = match entry {
+            VmEntry::Vm(rec) => rec.effective(),
+            VmEntry::Broken(b) => {
+                crate::out(format_args!(
+                    "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} {}",
+                    b.name, "broken", "-", "-", "-", "-", "-", "-", "-", b.reason
+                ));
+                continue;
+            }
+        };
         let state = rec.meta.state;
         let pid = match (state, rec.meta.supervisor_pid.or(rec.meta.pid)) {
             (VmState::Running, Some(p)) => p.to_string(),
@@ -243,13 +254,7 @@ pub fn manage(host: &Host, cmd: ManageCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn console(host: &Host, name: &str, linger: f64) -> anyhow::Result<ExitCode> {
-    let rec = host.get(name)?;
-    if !rec.is_alive() {
-        anyhow::bail!("VM '{name}' is not running (kiln vm logs {name} shows its serial log)");
-    }
-    let Some(socket) = rec.meta.console_socket.clone() else {
-        anyhow::bail!("VM '{name}' has its console on the terminal of its `kiln run`");
-    };
+    let socket = host.console_socket(name)?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
@@ -257,7 +262,9 @@ fn console(host: &Host, name: &str, linger: f64) -> anyhow::Result<ExitCode> {
             kiln_host::escape_help(true)
         );
     }
-    let end = kiln_host::attach_console(&socket, interactive, Duration::from_secs_f64(linger))?;
+    let end = kiln_host::attach_console(&socket, interactive, Duration::from_secs_f64(linger))
+        // It may have stopped since: say so rather than what connecting failed with.
+        .map_err(|e| host.console_socket(name).err().unwrap_or(e))?;
     match end {
         ConsoleEnd::VmEnded => {
             let rec = host.wait_stopped(name, Duration::from_secs(3))?;

@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 use common::debian;
 use kiln_host::{Boot, End, Host, HostError, RunRequest, VmState};
 
-/// Kills every VM of a host when the test ends, passing or failing.
-struct KillOnDrop<'a>(&'a Host);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        for rec in self.0.list().unwrap_or_default() {
-            if rec.is_alive() {
-                let _ = self.0.kill(&rec.meta.name);
-            }
-        }
-    }
-}
-
 #[test]
 fn two_vms_from_one_image() {
     let Some(image) = debian::debian_image() else {
@@ -39,7 +26,7 @@ fn two_vms_from_one_image() {
     std::env::set_var("KILN_QEMU", &qemu);
     let host = Host::new(home.path().to_path_buf()).with_supervisor(common::KILN);
     // VMs outlive their creator by design: a failing assertion must not leave them running.
-    let _cleanup = KillOnDrop(&host);
+    let _cleanup = common::KillOnDrop(home.path().to_path_buf());
 
     let mut names = Vec::new();
     for name in ["proof-a", "proof-b"] {

@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{built, opens, require_tool, traced_qemu, KILN};
+use common::{built, opens, require_tool, traced_qemu, KillOnDrop, KILN};
 
 /// A test's world: images, a registry and a secret outside both, and QEMU behind strace.
 struct World {
+    // Declared first, so it runs before the directory goes: background VMs outlive a failed
+    // assertion by design, so they end with the test.
+    _cleanup: KillOnDrop,
     root: tempfile::TempDir,
     qemu: PathBuf,
     log: PathBuf,
@@ -30,7 +33,12 @@ impl World {
         }
         std::fs::write(root.path().join("secret/shadow"), vec![0x42u8; 1 << 20]).unwrap();
         let (qemu, log) = traced_qemu(root.path());
-        World { root, qemu, log }
+        World {
+            _cleanup: KillOnDrop(root.path().join("home")),
+            root,
+            qemu,
+            log,
+        }
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -44,18 +52,6 @@ impl World {
             .args(args)
             .output()
             .unwrap()
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        // Background VMs outlive a failed assertion by design: end them with the test.
-        let host = kiln_host::Host::new(self.path("home")).with_supervisor(KILN);
-        for rec in host.list().unwrap_or_default() {
-            if rec.is_alive() {
-                let _ = host.kill(&rec.meta.name);
-            }
-        }
     }
 }
 

@@ -4,73 +4,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Output;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{built, kiln, require_tool, KILN};
-use kiln_host::{DiskRequest, End, EngineKind, Host, HostError, VmRecord, VmState};
-
-/// A firmware VM started in the background on `engine` (`qemu` or `builtin`).
-fn start_disk_vm(home: &Path, name: &str, engine: &str) -> VmRecord {
-    // A disk of its own: a VM writes to its disk, and QEMU locks it to one writer.
-    let disk = home.join(format!("{name}.img"));
-    std::fs::copy(built().join("boot.img"), &disk).unwrap();
-    let out = kiln_in(
-        home,
-        &[
-            "vm",
-            "run",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--engine",
-            engine,
-            "--name",
-            name,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.starts_with(&format!("{name} ")), "{said}");
-    Host::new(home.to_path_buf()).get(name).unwrap()
-}
-
-/// Kills every VM under `home` when a test ends, passing or failing: background VMs outlive
-/// their creator by design, so a failed assertion must not leave them running.
-struct KillOnDrop(std::path::PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let host = Host::new(self.0.clone()).with_supervisor(KILN);
-        for rec in host.list().unwrap_or_default() {
-            if rec.is_alive() {
-                let _ = host.kill(&rec.meta.name);
-            }
-        }
-    }
-}
-
-fn kiln_in(home: &Path, args: &[&str]) -> Output {
-    std::process::Command::new(KILN)
-        .env("KILN_HOME", home)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{built, kiln, kiln_in, require_tool, start_disk_vm, wait_for, KillOnDrop, KILN};
+use kiln_host::{DiskRequest, End, EngineKind, Host, HostError, VmState};
 
 fn firmware_vm_in_background(engine: &str) {
     let home = tempfile::tempdir().unwrap();

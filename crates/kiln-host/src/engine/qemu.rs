@@ -32,7 +32,7 @@ impl QemuEngine {
     }
 
     fn launch(&self, spec: &VmSpec) -> Result<(Launch, QemuIo), HostError> {
-        let qmp_socket = spec.dir.join("qmp.sock");
+        let qmp_socket = spec.dir.join(crate::state::QMP_SOCKET);
         let engine_log = spec.dir.join("engine.log");
         match &spec.boot {
             Boot::Firmware { media } => {
@@ -139,7 +139,7 @@ impl QemuEngine {
 /// The socket QEMU connects its serial port to: the supervisor listens there and serves the
 /// console (with its backlog and log) to clients itself, the same for every engine.
 fn serial_socket(spec: &VmSpec) -> std::path::PathBuf {
-    spec.dir.join("serial.sock")
+    spec.dir.join(crate::state::SERIAL_SOCKET)
 }
 
 /// What QEMU boots for a firmware disk: a raw image or ISO as it is (raw data names no other

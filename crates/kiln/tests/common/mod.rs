@@ -291,3 +291,94 @@ pub fn opens(dir: &Path) -> Vec<Open> {
         })
         .collect()
 }
+
+/// Runs kiln with `KILN_HOME=home` and returns its output.
+pub fn kiln_in(home: &Path, args: &[&str]) -> Output {
+    Command::new(KILN)
+        .env("KILN_HOME", home)
+        .args(args)
+        .output()
+        .expect("kiln binary runs")
+}
+
+/// A firmware VM started in the background under `home` on `engine` (`qemu` or `builtin`).
+pub fn start_disk_vm(home: &Path, name: &str, engine: &str) -> kiln_host::VmRecord {
+    // A disk of its own: a VM writes to its disk, and QEMU locks it to one writer.
+    let disk = home.join(format!("{name}.img"));
+    std::fs::copy(built().join("boot.img"), &disk).unwrap();
+    let out = kiln_in(
+        home,
+        &[
+            "vm",
+            "run",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--name",
+            name,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with(&format!("{name} ")), "{said}");
+    kiln_host::Host::new(home.to_path_buf()).get(name).unwrap()
+}
+
+/// Kills every VM under its `KILN_HOME` when a test ends, passing or failing: background VMs
+/// outlive their creator by design, so a failed assertion must not leave them running. VMs
+/// still being created and broken ones are removed with `--force` (which kills their proven
+/// supervisors).
+pub struct KillOnDrop(pub PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let host = kiln_host::Host::new(self.0.clone()).with_supervisor(KILN);
+        for entry in host.entries().unwrap_or_default() {
+            match entry.record() {
+                Some(rec) if rec.is_alive() => {
+                    let _ = host.kill(&rec.meta.name);
+                }
+                Some(rec) if rec.effective_state() != kiln_host::VmState::Creating => {}
+                _ => {
+                    let _ = host.remove(entry.name(), true);
+                }
+            }
+        }
+    }
+}
+
+/// Waits up to `timeout` for `ok`, failing the test with `what` otherwise.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live processes whose command line mentions `text` (a VM's directory: its supervisor is
+/// `kiln __supervise HOME NAME`, its QEMU names sockets in it), as (pid, command line).
+pub fn processes_mentioning(text: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || kiln_sys::process::start_time(pid).is_none() {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if line.contains(text) {
+            found.push((pid, line));
+        }
+    }
+    found
+}
