@@ -146,13 +146,7 @@ impl Host {
                                 running: true,
                             })
                         }
-                        Some(VmEntry::Vm(rec))
-                            if rec.meta.foreground
-                                && matches!(
-                                    rec.effective_state(),
-                                    VmState::Stopped | VmState::Failed
-                                ) =>
-                        {
+                        Some(VmEntry::Vm(rec)) if dead_foreground(&rec) => {
                             let _ = fs::remove_dir_all(&dir);
                         }
                         _ => {
@@ -398,9 +392,17 @@ impl Host {
                 tracing::debug!("{}: not a VM name; skipped", item.path().display());
                 continue;
             }
-            if let Some(entry) = VmEntry::load(&name, &item.path()) {
-                tidy(&entry);
-                out.push(entry);
+            match VmEntry::load(&name, &item.path()) {
+                // A foreground VM is removed when it ends; one whose `kiln run` was killed is
+                // removed by the next command that finds it.
+                Some(VmEntry::Vm(rec)) if dead_foreground(&rec) => {
+                    let _ = fs::remove_dir_all(item.path());
+                }
+                Some(entry) => {
+                    tidy(&entry);
+                    out.push(entry);
+                }
+                None => {}
             }
         }
         out.sort_by(|a, b| a.name().cmp(b.name()));
@@ -766,6 +768,11 @@ impl Drop for Claim {
 }
 
 /// A new record in state `creating` for `spec`.
+/// Whether `rec` is a foreground VM whose `kiln run` is gone without removing it.
+fn dead_foreground(rec: &VmRecord) -> bool {
+    rec.meta.foreground && matches!(rec.effective_state(), VmState::Stopped | VmState::Failed)
+}
+
 pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool) -> VmRecord {
     let kind = match spec.boot {
         Boot::Firmware { .. } => VmKind::Firmware,

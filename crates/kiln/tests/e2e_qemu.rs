@@ -283,6 +283,8 @@ fn qemu_dies_with_a_killed_kiln() {
         "--engine",
         "qemu",
         "--serial-only",
+        "--name",
+        "killed-run",
         image.to_str().unwrap(),
     ]);
     s.expect("ClientAPI", BOOT);
@@ -311,6 +313,12 @@ fn qemu_dies_with_a_killed_kiln() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its registry entry is stranded only until the next command looks: `kiln ps` removes it.
+    let dir = common::kiln_home().join("vms/killed-run");
+    assert!(dir.exists(), "no registry entry for the killed run");
+    let ps = kiln(&["ps", "--json"]);
+    assert!(ps.status.success());
+    assert!(!dir.exists(), "kiln ps left the killed run's directory");
 }
 
 /// `--console-socket`: the serial console on a Unix socket, on both engines.
