@@ -113,6 +113,29 @@ pub fn write_atomic(
     result
 }
 
+/// A temporary directory beside `target` ([`beside`]), removed with everything in it when
+/// dropped; creating one sweeps its parent first.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn beside(target: &Path) -> std::io::Result<TempDir> {
+        sweep(&parent_dir(target));
+        let dir = beside(target);
+        fs::create_dir(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,49 +90,26 @@ impl Site {
         };
         std::fs::create_dir_all(&parent)
             .map_err(|e| WebError::io(&parent, "create output's parent directory", e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".kiln-site-")
-            .tempdir_in(&parent)
-            .map_err(|e| {
-                WebError::io(
-                    out,
-                    "create the site (in a temporary directory beside it)",
-                    e,
-                )
-            })?;
-        for (rel, content) in &self.files {
-            let p = tmp.path().join(rel);
-            if let Some(d) = p.parent() {
-                std::fs::create_dir_all(d).map_err(|e| WebError::io(d, "create directory", e))?;
-            }
-            std::fs::write(&p, content).map_err(|e| WebError::io(out.join(rel), "write", e))?;
+        // Written beside `out` under a name that records this process, so a prepare killed
+        // half-way is swept by the next one (kiln_sys::temp).
+        kiln_sys::temp::sweep(&parent);
+        let tmp = kiln_sys::temp::beside(out);
+        std::fs::create_dir(&tmp).map_err(|e| {
+            WebError::io(
+                out,
+                "create the site (in a temporary directory beside it)",
+                e,
+            )
+        })?;
+        let written = self.write_files(&tmp, out);
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
         }
-        // Every asset the page needs must be there before we claim success: a missing BIOS
-        // makes v86 hang silently.
-        for (rel, content) in &self.files {
-            let p = tmp.path().join(rel);
-            let len = std::fs::metadata(&p)
-                .map_err(|e| WebError::io(out.join(rel), "verify written file", e))?
-                .len();
-            if len != content.len() as u64 {
-                return Err(WebError::io(
-                    out.join(rel),
-                    "verify written file",
-                    std::io::Error::other(format!(
-                        "{len} bytes on disk, expected {}",
-                        content.len()
-                    )),
-                ));
-            }
-        }
-        let tmp = tmp.keep();
+        written?;
         let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755));
         let result = (|| {
             if replace_old {
-                let old = parent.join(format!(
-                    ".kiln-old-{}",
-                    tmp.file_name().and_then(|s| s.to_str()).unwrap_or("site")
-                ));
+                let old = kiln_sys::temp::beside(out);
                 std::fs::rename(out, &old)
                     .map_err(|e| WebError::io(out, "move the previous site aside", e))?;
                 std::fs::rename(&tmp, out).map_err(|e| {
@@ -152,6 +129,37 @@ impl Site {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         result
+    }
+
+    /// Writes every file of the site under `tmp` and checks each is complete (`out` names them
+    /// in errors).
+    fn write_files(&self, tmp: &Path, out: &Path) -> Result<(), WebError> {
+        for (rel, content) in &self.files {
+            let p = tmp.join(rel);
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).map_err(|e| WebError::io(d, "create directory", e))?;
+            }
+            std::fs::write(&p, content).map_err(|e| WebError::io(out.join(rel), "write", e))?;
+        }
+        // Every asset the page needs must be there before we claim success: a missing BIOS
+        // makes v86 hang silently.
+        for (rel, content) in &self.files {
+            let p = tmp.join(rel);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| WebError::io(out.join(rel), "verify written file", e))?
+                .len();
+            if len != content.len() as u64 {
+                return Err(WebError::io(
+                    out.join(rel),
+                    "verify written file",
+                    std::io::Error::other(format!(
+                        "{len} bytes on disk, expected {}",
+                        content.len()
+                    )),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -36,8 +36,11 @@ pub(crate) fn warm_state(
             hint: "install the page's npm packages with `npm ci` in kiln's web/ directory".into(),
         });
     }
-    let tmp = tempfile::tempdir()
-        .map_err(|e| WebError::io(std::env::temp_dir(), "create temp dir", e))?;
+    // In the temp directory under a name recording this process: a warm boot killed half-way
+    // (it holds a copy of the disk) is swept by the next one.
+    let scratch = std::env::temp_dir().join("kiln-warm");
+    let tmp = kiln_sys::temp::TempDir::beside(&scratch)
+        .map_err(|e| WebError::io(&scratch, "create temp dir", e))?;
     let script = tmp.path().join("warm.mjs");
     let disk_file = tmp.path().join("disk");
     let state_file = tmp.path().join("state.bin");

@@ -132,6 +132,36 @@ fn killed_builds_strand_nothing() {
 }
 
 #[test]
+fn killed_prepares_strand_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("boot.img");
+    std::fs::copy(common::built().join("boot.img"), &image).unwrap();
+    let site = dir.path().join("site");
+    let (image_s, site_s) = (
+        image.to_str().unwrap().to_string(),
+        site.to_str().unwrap().to_string(),
+    );
+    kill_throughout(
+        dir.path(),
+        || {
+            let mut c = kiln_command();
+            c.args(["prepare", &image_s, &site_s]);
+            c
+        },
+        || {
+            let r = kiln(&["prepare", &image_s, &site_s]);
+            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        },
+        || {
+            // The site is absent or whole (its page and the disk it boots).
+            if site.exists() {
+                assert!(site.join("index.html").is_file(), "half-written site");
+            }
+        },
+    );
+}
+
+#[test]
 fn a_stale_temporary_of_a_live_process_is_kept() {
     // Sweeping must never take the file another running kiln is writing.
     let dir = tempfile::tempdir().unwrap();
