@@ -4,7 +4,7 @@
 //! floppy-emulation or hard-disk-emulation boot images) in
 //! milliseconds, without QEMU or SeaBIOS. A tiny BIOS is generated in Rust at VM start:
 //! the interrupt vectors point at 4-byte stubs (`out 0xEF, al; iret`) and the VMM performs
-//! the BIOS service (int 10h/13h/15h/16h/1Ah/11h/12h/19h) on the vCPU registers while the
+//! the BIOS service (int 10h/13h/14h/15h/16h/1Ah/11h/12h/19h) on the vCPU registers while the
 //! vCPU is stopped on that port exit.
 //!
 //! Layout follows Firecracker's split: [`vstate`] (memory, vm, vcpu), [`devices`],
@@ -12,8 +12,8 @@
 //!
 //! The host KVM may be `kvm_pvm` (no VT-x/SVM; every guest instruction is emulated and
 //! each VM exit costs several microseconds), so the design keeps exits few: no in-kernel
-//! irqchip (so `hlt` exits to us and can end the VM), guest RAM covers the VGA text
-//! buffer, and every exit is counted ([`ExitCounters`]).
+//! irqchip (so `hlt` exits to us and can end the VM), guest RAM covers the whole VGA
+//! window (0xA0000-0xBFFFF), and every exit is counted ([`ExitCounters`]).
 //!
 //! ```no_run
 //! use kiln_vmm::{BootDevice, MemDisk, Vm, VmConfig, ExitReason};

@@ -18,6 +18,11 @@ use crate::vstate::vcpu::{register_kick_handler, Vcpu};
 use crate::vstate::vm::KvmVm;
 use crate::{BootDevice, Disk, VmConfig, VmHandle, VmmError};
 
+/// Unclaimed ports are logged once per block of 16.
+const PIO_REGION_SHIFT: u32 = 4;
+/// Unclaimed MMIO is logged once per 4 KiB page.
+const MMIO_REGION_SHIFT: u32 = 12;
+
 /// Why [`Vm::run`] returned normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
@@ -94,17 +99,18 @@ impl Vm {
         let shared = Arc::new(Shared::default());
         let console = ConsoleOut::new(console_out);
 
-        let mut pio = Bus::new("pio");
+        let mut pio = Bus::new("pio", PIO_REGION_SHIFT);
         let pm = Arc::new(Mutex::new(AcpiPm::new(shared.clone())));
         let mut add = |base: u16, len: u16, d: Arc<Mutex<dyn BusDevice>>| {
             pio.insert(u64::from(base), u64::from(len), d)
                 .map_err(VmmError::Config)
         };
-        add(
-            COM1_BASE,
-            8,
-            dev(SerialDevice::new(Box::new(console.clone()), shared.clone())),
-        )?;
+        // int 14h sends and receives through the same UART the guest's port I/O reaches.
+        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+            Box::new(console.clone()),
+            shared.clone(),
+        )));
+        add(COM1_BASE, 8, com1.clone())?;
         add(PM_BASE, PM_LEN, pm.clone())?;
         add(SMI_CMD_PORT, 1, dev(SmiCmd(pm)))?;
         add(0x60, 5, dev(I8042::default()))?;
@@ -126,12 +132,13 @@ impl Vm {
             console,
             config.video,
             shared.clone(),
+            com1,
         );
         let mut vm = Vm {
             vcpu,
             _kvm: kvm,
             pio,
-            mmio: Bus::new("mmio"),
+            mmio: Bus::new("mmio", MMIO_REGION_SHIFT),
             firmware: {
                 firmware.install(&mem)?;
                 firmware
@@ -162,28 +169,11 @@ impl Vm {
         self.shared.counters.snapshot()
     }
 
-    /// The 80x25 VGA text screen as text (one line per row, trailing blanks trimmed).
+    /// The VGA text screen as text: one line per row (25 rows of 80 or 40 columns, as the
+    /// current mode has them), code page 437 shown as Unicode, trailing blanks trimmed;
+    /// empty while a graphics mode (13h) is set.
     pub fn screen_text(&self) -> String {
-        use vm_memory::{Bytes, GuestAddress};
-        let mut buf = vec![0u8; 80 * 25 * 2];
-        let _ = self.mem.read_slice(
-            &mut buf,
-            GuestAddress(crate::vstate::memory::VGA_TEXT_START),
-        );
-        buf.chunks(160)
-            .map(|row| {
-                let line: String = row
-                    .chunks(2)
-                    .map(|c| match c[0] {
-                        0x20..=0x7e => c[0] as char,
-                        0 => ' ',
-                        _ => '.',
-                    })
-                    .collect();
-                line.trim_end().to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        crate::firmware::screen_text(&self.mem)
     }
 
     /// Runs the guest on the calling thread until it powers off, resets, halts for good,

@@ -28,12 +28,19 @@ struct Entry {
     dev: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// A bus: sorted, non-overlapping ranges of devices. Accesses nobody claims are logged
-/// once per address and ignored; reads of them return all-ones.
+/// Distinct unclaimed regions a bus logs before it stops logging them (a hostile guest
+/// can touch millions of pages; the log and the set of logged regions stay bounded).
+pub const MAX_LOGGED_REGIONS: usize = 64;
+
+/// A bus: sorted, non-overlapping ranges of devices. Accesses nobody claims are ignored
+/// (reads return all-ones) and logged once per region of `1 << region_shift` addresses
+/// (16 ports, a 4 KiB MMIO page), for at most [`MAX_LOGGED_REGIONS`] regions.
 pub struct Bus {
     name: &'static str,
     entries: Vec<Entry>,
+    region_shift: u32,
     logged: HashSet<u64>,
+    unknown_accesses: u64,
 }
 
 impl std::fmt::Debug for Bus {
@@ -47,13 +54,21 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// An empty bus; `name` ("pio"/"mmio") appears in log lines.
-    pub fn new(name: &'static str) -> Bus {
+    /// An empty bus; `name` ("pio"/"mmio") appears in log lines. Unclaimed accesses are
+    /// logged once per block of `1 << region_shift` addresses.
+    pub fn new(name: &'static str, region_shift: u32) -> Bus {
         Bus {
             name,
             entries: Vec::new(),
+            region_shift: region_shift.min(63),
             logged: HashSet::new(),
+            unknown_accesses: 0,
         }
+    }
+
+    /// Unclaimed accesses so far, and how many regions were logged (one warning each).
+    pub fn unknown_stats(&self) -> (u64, usize) {
+        (self.unknown_accesses, self.logged.len())
     }
 
     /// Claims `[base, base + len)` for `dev`. Fails if the range overlaps another device.
@@ -88,9 +103,25 @@ impl Bus {
     }
 
     fn log_unknown(&mut self, kind: &str, addr: u64, len: usize) {
-        if self.logged.insert(addr) {
+        self.unknown_accesses = self.unknown_accesses.saturating_add(1);
+        if self.logged.len() >= MAX_LOGGED_REGIONS {
+            return;
+        }
+        let region = addr >> self.region_shift;
+        if !self.logged.insert(region) {
+            return;
+        }
+        let start = region << self.region_shift;
+        let end = start.saturating_add((1u64 << self.region_shift) - 1);
+        if self.logged.len() == MAX_LOGGED_REGIONS {
             tracing::warn!(
-                "unhandled {} {kind} at {addr:#x} ({len} bytes); ignored (logged once)",
+                "unhandled {} {kind} at {addr:#x} ({len} bytes); ignored; {MAX_LOGGED_REGIONS} regions logged, further unhandled {} accesses are not logged",
+                self.name,
+                self.name
+            );
+        } else {
+            tracing::warn!(
+                "unhandled {} {kind} at {addr:#x} ({len} bytes); ignored (logged once for {start:#x}-{end:#x})",
                 self.name
             );
         }
@@ -135,7 +166,7 @@ mod tests {
 
     #[test]
     fn dispatch_and_unknown() {
-        let mut bus = Bus::new("pio");
+        let mut bus = Bus::new("pio", 4);
         bus.insert(0x10, 4, Arc::new(Mutex::new(Reg(1)))).unwrap();
         bus.insert(0x20, 1, Arc::new(Mutex::new(Reg(7)))).unwrap();
         assert!(bus.insert(0x12, 8, Arc::new(Mutex::new(Reg(0)))).is_err());
@@ -151,5 +182,21 @@ mod tests {
         assert_eq!(bus.write(0x10, &[9]), DeviceAction::None);
         bus.read(0x10, &mut b);
         assert_eq!(b, [9]);
+    }
+
+    #[test]
+    fn unknown_accesses_are_logged_once_per_region_and_bounded() {
+        let mut bus = Bus::new("pio", 4);
+        let mut b = [0u8; 2];
+        for port in 0x100..0x200 {
+            bus.read(port, &mut b);
+            bus.write(port, &b);
+        }
+        assert_eq!(bus.unknown_stats(), (512, 16));
+        let mut mmio = Bus::new("mmio", 12);
+        for page in 0..100_000u64 {
+            mmio.write(0xe000_0000 + page * 0x800, &[0]);
+        }
+        assert_eq!(mmio.unknown_stats(), (100_000, MAX_LOGGED_REGIONS));
     }
 }

@@ -85,7 +85,7 @@ pub fn install(mem: &GuestMem, boot: BootDevice) -> Result<(), VmmError> {
     bda[0x1c..0x1e].copy_from_slice(&0x1eu16.to_le_bytes()); // keyboard buffer tail
     bda[0x49] = 0x03; // video mode 3
     bda[0x4a..0x4c].copy_from_slice(&80u16.to_le_bytes());
-    bda[0x4c..0x4e].copy_from_slice(&4000u16.to_le_bytes());
+    bda[0x4c..0x4e].copy_from_slice(&4096u16.to_le_bytes()); // page size
     bda[0x60..0x62].copy_from_slice(&0x0607u16.to_le_bytes()); // cursor shape
     bda[0x63..0x65].copy_from_slice(&0x3d4u16.to_le_bytes()); // CRTC base
     bda[0x75] = u8::from(boot == BootDevice::HardDisk); // hard disks

@@ -151,6 +151,10 @@ fn key_word(byte: u8) -> u16 {
 
 pub(super) fn int16(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
     let r = ctx.r;
+    if matches!(r.ah(), 0x00 | 0x01 | 0x10 | 0x11) {
+        // The guest looks for a key: show the terminal's cursor where the BIOS has it.
+        fw.sync_terminal_cursor(ctx);
+    }
     match r.ah() {
         0x00 | 0x10 => loop {
             // Block (no polling) until a key arrives or the VM is killed.

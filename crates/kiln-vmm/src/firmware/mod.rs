@@ -18,17 +18,20 @@ mod drive;
 mod eltorito;
 mod misc;
 mod regs;
+mod serial;
 mod video;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use bios::{BDA_BASE, EBDA_SEGMENT};
 pub use drive::Geometry;
+pub use video::cp437;
 
+use crate::devices::serial::SerialDevice;
 use crate::devices::ConsoleOut;
 use crate::shared::Shared;
 use crate::vstate::memory::GuestMem;
@@ -126,7 +129,11 @@ pub struct Firmware {
     pub(crate) cd_boot: Option<eltorito::CdBoot>,
     /// El Torito floppy/hard-disk emulation in effect (until int 13h AX=4B00h ends it).
     pub(crate) emulation: Option<eltorito::Emulation>,
-    logged: HashSet<(u8, u16)>,
+    /// COM1, shared with the port bus, for int 14h.
+    pub(crate) com1: Arc<Mutex<SerialDevice>>,
+    /// Where int 10h text has left the console's terminal cursor.
+    pub(crate) mirror: video::Mirror,
+    logged: HashSet<u32>,
 }
 
 impl std::fmt::Debug for Firmware {
@@ -147,6 +154,7 @@ impl Firmware {
         console: ConsoleOut,
         video: VideoOutput,
         shared: Arc<Shared>,
+        com1: Arc<Mutex<SerialDevice>>,
     ) -> Firmware {
         let geometry = Geometry::for_disk(boot, disk.size());
         Firmware {
@@ -160,6 +168,8 @@ impl Firmware {
             disk_status: 0,
             cd_boot: None,
             emulation: None,
+            com1,
+            mirror: video::Mirror::default(),
             logged: HashSet::new(),
         }
     }
@@ -167,6 +177,9 @@ impl Firmware {
     /// Writes IVT, BDA, EBDA, stubs, VGA text buffer and ACPI tables into guest memory.
     pub fn install(&mut self, mem: &GuestMem) -> Result<(), VmmError> {
         bios::install(mem, self.boot)?;
+        // A (re)boot starts a fresh, blank BIOS screen.
+        self.mirror.new_origin();
+        self.flush_mirror();
         crate::acpi::install(mem)?;
         Ok(())
     }
@@ -184,11 +197,20 @@ impl Firmware {
 
     /// Logs an unsupported BIOS function once.
     pub(crate) fn unsupported(&mut self, vector: u8, ax: u16) {
-        if self.logged.insert((vector, ax & 0xff00)) {
-            tracing::warn!(
+        self.warn_once(
+            (u32::from(vector) << 8) | u32::from(ax >> 8),
+            format_args!(
                 "unsupported BIOS call int {vector:02x}h AH={:02x}h (AX={ax:04x}); returning CF=1",
                 ax >> 8
-            );
+            ),
+        );
+    }
+
+    /// Logs `msg` the first time `key` is seen (keys: `vector << 8 | AH` for unsupported
+    /// calls, `0x0100_0000 | mode` for video modes; bounded, so the set stays small).
+    pub(crate) fn warn_once(&mut self, key: u32, msg: std::fmt::Arguments<'_>) {
+        if self.logged.insert(key) {
+            tracing::warn!("{msg}");
         }
     }
 
@@ -260,6 +282,7 @@ impl Firmware {
             0x11 => ctx.r.set_ax(ctx.read_u16(BDA_BASE + 0x10)),
             0x12 => ctx.r.set_ax(ctx.read_u16(BDA_BASE + 0x13)),
             0x13 => disk::int13(self, ctx),
+            0x14 => return Ok(serial::int14(self, ctx)),
             0x15 => misc::int15(self, ctx),
             0x16 => return Ok(misc::int16(self, ctx)),
             0x18 => return Err(VmmError::BootFailed),
@@ -297,4 +320,9 @@ impl Firmware {
 
 fn mem_of<'a>(ctx: &Ctx<'a>) -> &'a GuestMem {
     ctx.mem
+}
+
+/// The current text screen as text (see [`crate::Vm::screen_text`]).
+pub(crate) fn screen_text(mem: &GuestMem) -> String {
+    video::screen_text(mem)
 }

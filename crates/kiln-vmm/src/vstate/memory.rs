@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! 0x00000 - 0x9FFFF  RAM (IVT, BDA, boot sector, EBDA at 0x9FC00)
-//! 0xA0000 - 0xB7FFF  hole: VGA graphics window, MMIO (unhandled, reads all-ones)
-//! 0xB8000 - 0xBFFFF  RAM: VGA text buffer (guest writes cost no exit)
+//! 0xA0000 - 0xBFFFF  RAM: the VGA window (mode 13h pixels at 0xA0000, mode 07h text at
+//!                    0xB0000, colour text at 0xB8000); guest writes cost no exit
 //! 0xC0000 - end      RAM (0xE0000 ACPI tables, 0xF0000 BIOS, 0x100000 high memory)
 //! ```
+//!
+//! All of it is one contiguous memory slot; MMIO exits only happen above the end of RAM.
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -14,11 +16,13 @@ use crate::VmmError;
 /// Guest memory type used throughout the VMM.
 pub type GuestMem = GuestMemoryMmap<()>;
 
-/// Start of the VGA graphics hole.
-pub const VGA_HOLE_START: u64 = 0xA_0000;
-/// Start of the VGA text buffer (RAM).
+/// Start of the VGA window (RAM): mode 13h's 320x200 pixels.
+pub const VGA_GRAPHICS_START: u64 = 0xA_0000;
+/// Start of the monochrome (mode 07h) text buffer.
+pub const VGA_MONO_TEXT_START: u64 = 0xB_0000;
+/// Start of the colour text buffer.
 pub const VGA_TEXT_START: u64 = 0xB_8000;
-/// Size of the VGA text buffer region.
+/// Size of the colour text buffer region.
 pub const VGA_TEXT_SIZE: u64 = 0x8000;
 /// Start of RAM above the VGA area.
 pub const UPPER_START: u64 = 0xC_0000;
@@ -35,10 +39,6 @@ pub fn create_guest_memory(ram_mib: u32) -> Result<GuestMem, VmmError> {
         )));
     }
     let size = u64::from(ram_mib) << 20;
-    let ranges = [
-        (GuestAddress(0), VGA_HOLE_START as usize),
-        (GuestAddress(VGA_TEXT_START), VGA_TEXT_SIZE as usize),
-        (GuestAddress(UPPER_START), (size - UPPER_START) as usize),
-    ];
+    let ranges = [(GuestAddress(0), size as usize)];
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory(e.to_string()))
 }

@@ -201,3 +201,164 @@ pub fn hard_disk_vm(sector: &[u8]) -> (kiln_vmm::Vm, Capture) {
     .expect("create VM");
     (vm, out)
 }
+
+/// A small terminal: renders console bytes (UTF-8 text, CR, LF, BS and the ANSI cursor
+/// moves, erase and colour sequences SeaBIOS and kiln-vmm send) into the screen a
+/// `width`-column terminal would show, with xterm's deferred wrap at the last column.
+pub struct Term {
+    width: usize,
+    rows: Vec<Vec<char>>,
+    /// Cursor (row, col).
+    pub cursor: (usize, usize),
+    wrap_pending: bool,
+}
+
+impl Term {
+    pub fn new(width: usize) -> Term {
+        Term {
+            width,
+            rows: vec![Vec::new()],
+            cursor: (0, 0),
+            wrap_pending: false,
+        }
+    }
+
+    /// Renders `bytes` on a fresh terminal `width` columns wide.
+    pub fn render(bytes: &[u8], width: usize) -> Term {
+        let mut t = Term::new(width);
+        t.feed(bytes);
+        t
+    }
+
+    fn row_mut(&mut self, row: usize) -> &mut Vec<char> {
+        while self.rows.len() <= row {
+            self.rows.push(Vec::new());
+        }
+        &mut self.rows[row]
+    }
+
+    fn put(&mut self, c: char) {
+        if self.wrap_pending {
+            self.cursor = (self.cursor.0 + 1, 0);
+            self.wrap_pending = false;
+        }
+        let (r, col) = self.cursor;
+        let row = self.row_mut(r);
+        while row.len() <= col {
+            row.push(' ');
+        }
+        row[col] = c;
+        if col + 1 == self.width {
+            self.wrap_pending = true;
+        } else {
+            self.cursor.1 += 1;
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\r' => {
+                    self.cursor.1 = 0;
+                    self.wrap_pending = false;
+                }
+                '\n' => {
+                    self.cursor.0 += 1;
+                    self.wrap_pending = false;
+                }
+                '\x08' => {
+                    self.cursor.1 = self.cursor.1.saturating_sub(1);
+                    self.wrap_pending = false;
+                }
+                '\x07' => {}
+                '\x1b' => {
+                    assert_eq!(chars.next(), Some('['), "unknown escape in {text:?}");
+                    let mut params = String::new();
+                    let cmd = loop {
+                        match chars.next() {
+                            Some(c @ ('0'..='9' | ';' | '?')) => params.push(c),
+                            Some(c) => break c,
+                            None => panic!("unterminated escape in {text:?}"),
+                        }
+                    };
+                    let nums: Vec<usize> =
+                        params.split(';').map(|p| p.parse().unwrap_or(0)).collect();
+                    let n = nums.first().copied().unwrap_or(0).max(1);
+                    self.wrap_pending = false;
+                    match cmd {
+                        'A' => self.cursor.0 = self.cursor.0.saturating_sub(n),
+                        'B' => self.cursor.0 += n,
+                        'C' => self.cursor.1 = (self.cursor.1 + n).min(self.width - 1),
+                        'D' => self.cursor.1 = self.cursor.1.saturating_sub(n),
+                        'H' => {
+                            let col = nums.get(1).copied().unwrap_or(1).max(1);
+                            self.cursor = (n - 1, col - 1);
+                        }
+                        'J' if nums.first() == Some(&2) => {
+                            self.rows.iter_mut().for_each(|r| r.clear());
+                        }
+                        'm' => {}
+                        other => panic!("unexpected escape {params:?}{other} in {text:?}"),
+                    }
+                }
+                c if (c as u32) < 0x20 => panic!("raw control {:#x} in {text:?}", c as u32),
+                c => self.put(c),
+            }
+        }
+    }
+
+    /// The screen: rows joined by newlines, trailing blanks and blank last rows trimmed.
+    pub fn text(&self) -> String {
+        let mut lines: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .collect::<String>()
+                    .trim_end_matches(' ')
+                    .to_string()
+            })
+            .collect();
+        while lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop();
+        }
+        lines.join("\n")
+    }
+}
+
+/// A tracing subscriber that keeps WARN messages (and nothing else), for checking how
+/// much the VMM logs; use with `tracing::subscriber::with_default` on the vCPU thread.
+#[derive(Clone, Default)]
+pub struct Warnings(pub Arc<Mutex<Vec<String>>>);
+
+struct MessageVisitor(String);
+
+impl tracing::field::Visit for MessageVisitor {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut v = MessageVisitor(String::new());
+            event.record(&mut v);
+            self.0.lock().unwrap().push(v.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
