@@ -67,8 +67,9 @@ impl BootDevice {
 /// What to do with text the guest prints through int 10h.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VideoOutput {
-    /// Copy int 10h teletype/write-char output to the console sink as well as the VGA
-    /// text buffer (useful for boot sectors that only print through the BIOS).
+    /// Mirror int 10h text (teletype, AH=09h/0Ah, AH=13h) to the console sink as a
+    /// terminal shows it, as well as the VGA text buffer (useful for boot sectors that
+    /// only print through the BIOS): code page 437 as UTF-8, relative cursor moves.
     #[default]
     Console,
     /// Only update the VGA text buffer (console then shows COM1 output only, like

@@ -47,9 +47,16 @@ const TEXT_SCREEN: &str = concat!(
     "end"
 );
 
-fn text_program() -> Vec<u8> {
+/// Where the QEMU variant of a program marks that it is done (first byte after the BDA).
+const DONE_FLAG: u32 = 0x500;
+
+/// The text program; it powers off, or (for QEMU, whose monitor then reads the screen)
+/// sets [`DONE_FLAG`] and halts.
+fn text_program(power_off: bool) -> Vec<u8> {
     boot_sector(
         |a| {
+            a.xor(ax, ax)?;
+            a.mov(ds, ax)?;
             a.mov(ax, 0x0003)?;
             a.int(0x10)?;
             // Row 0: teletype, then five x's in place (the cursor stays), then "AB" over them.
@@ -73,7 +80,13 @@ fn text_program() -> Vec<u8> {
             tty(a, b'<')?;
             goto(a, 5, 0)?;
             tty_str(a, b"end")?;
-            s5(a)
+            if power_off {
+                s5(a)
+            } else {
+                a.mov(byte_ptr(DONE_FLAG), 0xaa)?;
+                a.cli()?;
+                a.hlt()
+            }
         },
         0x1f0,
         &[],
@@ -85,14 +98,13 @@ fn text_program_terminal_shows_the_screen() {
     if !kvm_or_skip("text_program_terminal_shows_the_screen") {
         return;
     }
-    let (mut vm, out) = hard_disk_vm(&text_program());
+    let (mut vm, out) = hard_disk_vm(&text_program(true));
     let watchdog = vm.handle();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
         watchdog.kill();
     });
     assert_eq!(vm.run().unwrap(), ExitReason::PoweredOff);
-    assert_eq!(vm.screen_text().trim_end_matches('\n'), TEXT_SCREEN);
     let bytes = out.0.lock().unwrap().clone();
     // Exactly that on a terminal of 80 columns and on a wider one, with the terminal's
     // cursor where the BIOS cursor ended (row 5, column 3).
@@ -109,6 +121,102 @@ fn text_program_terminal_shows_the_screen() {
     // No NUL and no raw code page 437 bytes reach the terminal.
     assert!(std::str::from_utf8(&bytes).is_ok(), "{bytes:?}");
     assert!(!bytes.contains(&0));
+    // And the VGA screen holds the same.
+    assert_eq!(vm.screen_text().trim_end_matches('\n'), TEXT_SCREEN);
+}
+
+/// Kills a child process when dropped (a failing test leaks no QEMU).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The 80x25 text screen in `vga` (character/attribute pairs) as text, like
+/// `Vm::screen_text`.
+fn decode_screen(vga: &[u8]) -> String {
+    let rows: Vec<String> = vga
+        .chunks(160)
+        .map(|row| {
+            let line: String = row
+                .chunks(2)
+                .map(|c| match c[0] {
+                    0 => ' ',
+                    b => kiln_vmm::firmware::cp437(b),
+                })
+                .collect();
+            line.trim_end_matches(' ').to_string()
+        })
+        .collect();
+    rows.join("\n").trim_end_matches('\n').to_string()
+}
+
+/// The same text program on QEMU with SeaBIOS and its VGA BIOS: the screen and cursor the
+/// real VGA BIOS leaves must be the ones the builtin VMM shows (on its screen and, by the
+/// test above, on the terminal).
+#[test]
+fn text_program_screen_matches_qemu_seabios() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let qemu = "qemu-system-x86_64";
+    let found = Command::new(qemu).arg("--version").output().is_ok();
+    assert!(
+        found,
+        "{qemu} is not installed: run .ci/run's setup (apt-get install qemu-system-x86)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("text.img");
+    std::fs::write(&img, disk_image(&text_program(false), 1 << 20)).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(qemu)
+            .args(["-machine", "pc", "-accel", "tcg", "-m", "16", "-nodefaults"])
+            .args(["-vga", "std", "-display", "none", "-serial", "none"])
+            .args(["-no-reboot", "-monitor", "stdio", "-drive"])
+            .arg(format!("file={},format=raw,if=ide", img.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start QEMU"),
+    );
+    let mut monitor = child.0.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    'wait: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the program did not finish on QEMU"
+        );
+        writeln!(monitor, "xp /1bx {DONE_FLAG:#x}").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        while let Ok(line) = rx.try_recv() {
+            if line.contains(&format!("{DONE_FLAG:x}: 0xaa")) {
+                break 'wait;
+            }
+        }
+    }
+    let vga = dir.path().join("vga.bin");
+    let bda = dir.path().join("bda.bin");
+    writeln!(monitor, "pmemsave 0xb8000 4000 \"{}\"", vga.display()).unwrap();
+    writeln!(monitor, "pmemsave 0x450 2 \"{}\"", bda.display()).unwrap();
+    writeln!(monitor, "quit").unwrap();
+    let _ = child.0.wait();
+    let vga = std::fs::read(vga).expect("QEMU saved the screen");
+    let cursor = std::fs::read(bda).expect("QEMU saved the cursor");
+    assert_eq!(decode_screen(&vga), TEXT_SCREEN);
+    assert_eq!((cursor[1], cursor[0]), (5, 3), "cursor row, column");
 }
 
 /// (b): mode 13h, `rep stosw` into A0000, an unsupported mode refused, back to text.

@@ -341,7 +341,7 @@ fn set_mode(fw: &mut Firmware, ctx: &mut Ctx<'_>) {
         match m.text {
             Some(_) => scroll(ctx, m, 0, 0x07, (0, 0), (ROWS - 1, m.cols - 1), true),
             None => {
-                ctx.write_bytes(VGA_GRAPHICS_START, &[0u8; MODE13_BYTES]);
+                ctx.write_bytes(VGA_GRAPHICS_START, &vec![0u8; MODE13_BYTES]);
             }
         }
         fw.mirror.new_origin();
