@@ -135,7 +135,7 @@ fn require_qemu() -> &'static str {
         .is_ok_and(|o| o.status.success());
     assert!(
         found,
-        "{qemu} is not installed: run .ci/run's setup (apt-get install qemu-system-x86)"
+        "{qemu} is not installed: run scripts/setup (apt-get install qemu-system-x86)"
     );
     qemu
 }
@@ -170,8 +170,8 @@ fn decode_screen(vga: &[u8]) -> String {
 }
 
 /// The same text program on QEMU with SeaBIOS and its VGA BIOS: the screen and cursor the
-/// real VGA BIOS leaves must be the ones the builtin VMM shows (on its screen and, by the
-/// test above, on the terminal).
+/// real VGA BIOS leaves must be the ones the builtin VMM shows (on its screen, checked side
+/// by side here, and by the test above on the terminal).
 #[test]
 fn text_program_screen_matches_qemu_seabios() {
     use std::io::{BufRead, Write};
@@ -225,8 +225,15 @@ fn text_program_screen_matches_qemu_seabios() {
     let _ = child.0.wait();
     let vga = std::fs::read(vga).expect("QEMU saved the screen");
     let cursor = std::fs::read(bda).expect("QEMU saved the cursor");
-    assert_eq!(decode_screen(&vga), TEXT_SCREEN);
+    let seabios = decode_screen(&vga);
+    assert_eq!(seabios, TEXT_SCREEN);
     assert_eq!((cursor[1], cursor[0]), (5, 3), "cursor row, column");
+    // Side by side: the same program (halting, too) on the builtin VMM.
+    if kvm_or_skip("text_program_screen_matches_qemu_seabios (builtin side)") {
+        let (mut vm, _) = hard_disk_vm(&text_program(false));
+        assert_eq!(vm.run().unwrap(), ExitReason::Halted);
+        assert_eq!(vm.screen_text().trim_end_matches('\n'), seabios);
+    }
 }
 
 /// Writes `s` straight to COM1's THR.
@@ -335,12 +342,15 @@ fn mode13h_program_draws_and_returns_to_text() {
     assert_eq!(text, "pre\r\nmode 13h ok\r\nOK");
 }
 
-/// (b) on QEMU + SeaBIOS's VGA BIOS passes the same checks (refusing mode 14h, which the
-/// VGA BIOS lacks too).
+/// (b) passes the same checks on QEMU + SeaBIOS's VGA BIOS as on the builtin VMM, side by
+/// side (refusing mode 14h, which the VGA BIOS lacks too).
 #[test]
 fn mode13h_program_passes_on_qemu_seabios() {
-    let out = run_on_qemu(&mode13h_program(0x14), None);
-    assert_eq!(out, "OK");
+    let sector = mode13h_program(0x14);
+    assert_eq!(run_on_qemu(&sector, None), "OK");
+    if kvm_or_skip("mode13h_program_passes_on_qemu_seabios (builtin side)") {
+        assert_eq!(run_on_builtin(&sector, None), "OK");
+    }
 }
 
 /// (c): int 14h on COM1: AH=00h at 1200 baud (checked in the UART's registers), a banner
@@ -620,10 +630,45 @@ fn run_on_qemu(sector: &[u8], answer: Option<(&str, u8)>) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// (c) on QEMU + SeaBIOS prints the same on its serial port (SeaBIOS's AH=02h gives up
-/// after about half a second, so the byte is sent as soon as the banner is out).
+/// (c) prints the same on COM1 on QEMU + SeaBIOS as on the builtin VMM, side by side
+/// (SeaBIOS's AH=02h gives up after about half a second, so the byte is sent as soon as the
+/// banner is out).
 #[test]
 fn int14_program_matches_qemu_seabios() {
-    let out = run_on_qemu(&int14_program(false), Some(("int14 hi\r\n", b'k')));
-    assert_eq!(out, "int14 hi\r\n[k].");
+    let sector = int14_program(false);
+    let answer = Some(("int14 hi\r\n", b'k'));
+    let seabios = run_on_qemu(&sector, answer);
+    assert_eq!(seabios, "int14 hi\r\n[k].");
+    if kvm_or_skip("int14_program_matches_qemu_seabios (builtin side)") {
+        assert_eq!(run_on_builtin(&sector, answer), seabios);
+    }
+}
+
+/// Boots `sector` on the builtin VMM (console: COM1 only) until it powers off and returns
+/// its COM1 output, answering like [`run_on_qemu`].
+fn run_on_builtin(sector: &[u8], answer: Option<(&str, u8)>) -> String {
+    let out = Capture::default();
+    let config = VmConfig {
+        video: VideoOutput::VgaOnly,
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(
+        config,
+        Box::new(MemDisk::new(disk_image(sector, 1 << 20))),
+        Box::new(out.clone()),
+    )
+    .expect("create VM");
+    let h = vm.handle();
+    let watchdog = h.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        watchdog.kill();
+    });
+    let runner = std::thread::spawn(move || vm.run());
+    if let Some((after, byte)) = answer {
+        out.wait_for(after, Duration::from_secs(10));
+        h.send_input(&[byte]);
+    }
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::PoweredOff);
+    out.text()
 }
