@@ -137,7 +137,8 @@ impl Guest {
         };
         assert_eq!(reg("EBP"), 0x600, "PM1a_EVT_BLK");
         assert_eq!(reg("ESI"), 0x604, "PM1a_CNT_BLK");
-        assert_eq!(reg("EBX"), 0x2000, "SLP_EN | SLP_TYP(S5 = 0)");
+        // BL holds the high byte of the PM1a_CNT word; BH stays 0 (the video page).
+        assert_eq!(reg("EBX"), 0x20, "SLP_EN | SLP_TYP(S5 = 0) >> 8");
         let s5 = hmp(&format!("xp /4bx {:#x}", reg("EDI")));
         assert!(
             s5.contains("0x5f 0x53 0x35 0x5f"),
@@ -189,28 +190,34 @@ fn disk_image(dir: &Path) -> PathBuf {
     path
 }
 
+/// What the program prints for a typed line whose kept characters are `kept`: the echo,
+/// CR LF, the line reversed, CR LF and the prompt.
+fn answer(kept: &[u8]) -> Vec<u8> {
+    let mut want = kept.to_vec();
+    want.extend_from_slice(b"\r\n");
+    want.extend(kept.iter().rev());
+    want.extend_from_slice(b"\r\n$ ");
+    want
+}
+
 fn exercise(dir: &Path, machine: &str, media: &[String]) {
     let mut g = Guest::boot(dir, machine, media);
-    let banner = g.expect(b"\r\n", Duration::from_secs(30));
-    assert_eq!(banner, format!("{}\r\n", kiln_boot::BANNER).as_bytes());
-    g.roundtrip(b"hello\r", b"olleh\r\n");
-    g.roundtrip(b"hello\n", b"olleh\r\n");
+    let banner = g.expect(b"$ ", Duration::from_secs(30));
+    assert_eq!(banner, format!("{}\r\n$ ", kiln_boot::BANNER).as_bytes());
+    g.roundtrip(b"hello\r", &answer(b"hello"));
+    g.roundtrip(b"hello\n", &answer(b"hello"));
     // The LF of a CR LF pair is an empty line and prints nothing.
-    g.roundtrip(b"hello\r\n", b"olleh\r\n");
-    g.roundtrip(b"\r\n\nab\r", b"ba\r\n");
+    g.roundtrip(b"hello\r\n", &answer(b"hello"));
+    g.roundtrip(b"\r\n\nab\r", &answer(b"ab"));
     let line80: Vec<u8> = (0..80u32).map(|i| b'!' + ((i * 7) % 90) as u8).collect();
     let mut input = line80.clone();
     input.push(b'\r');
-    let mut want: Vec<u8> = line80.iter().rev().copied().collect();
-    want.extend_from_slice(b"\r\n");
-    g.roundtrip(&input, &want);
-    // 100 characters: only the first 80 are kept.
+    g.roundtrip(&input, &answer(&line80));
+    // 100 characters: only the first 80 are kept (and echoed).
     let line100: Vec<u8> = (0..100u32).map(|i| b'0' + ((i * 11) % 70) as u8).collect();
     let mut input = line100.clone();
     input.push(b'\n');
-    let mut want: Vec<u8> = line100[..80].iter().rev().copied().collect();
-    want.extend_from_slice(b"\r\n");
-    g.roundtrip(&input, &want);
+    g.roundtrip(&input, &answer(&line100[..80]));
 
     let (event, took) = g.powerdown();
     assert_eq!(event["data"]["guest"], true, "{event}");
