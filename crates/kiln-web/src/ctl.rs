@@ -315,8 +315,19 @@ pub(crate) async fn vm_conn(ws: WebSocket, hub: Arc<Hub>) {
         serde_json::json!({"ev": "vm", "connected": hub.vm_connected()}),
     ));
     if let Some(frame) = close {
-        let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Message::Close(Some(frame))))
-            .await;
+        // Say why, and give the peer a moment to answer the close (dropping a socket with
+        // unread input resets it, which can lose the reason); a peer that does not read
+        // gets a second at most.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if tx.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(m)) = rx.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
     }
 }
 
