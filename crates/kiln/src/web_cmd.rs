@@ -114,7 +114,10 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                 max_relays,
             };
             kiln_web::serve(src, opts, |s| {
-                println!("kiln serve: {} (debug console {} ; keep it private: it drives the VM); Ctrl-C stops", s.url, s.console_url);
+                println!(
+                    "kiln serve: {}; debug console {} (keep it private: it drives the VM); Ctrl-C stops",
+                    s.url, s.console_url
+                );
             })?;
             Ok(ExitCode::SUCCESS)
         }
