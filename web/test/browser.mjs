@@ -1,6 +1,6 @@
 // kiln's browser test: real headless Chromium against sites made by `kiln prepare` and a running
 // `kiln serve`. Run by crates/kiln-web/tests/browser.rs (cargo test), or by hand:
-//   node web/test/browser.mjs --site DIR [--warm-site DIR] [--serve URL --save-path FILE]
+//   node web/test/browser.mjs --site DIR [--warm-site DIR] [--serve URL --console WS-URL --save-path FILE]
 // The boot image must print "ClientAPI\r\n" and answer each serial line reversed.
 // Prints one line per check and "N passed, 0 failed"; exits non-zero on the first failure.
 import fs from "node:fs";
@@ -9,7 +9,7 @@ import { staticServer, launchChromium, waitIn } from "./lib.mjs";
 const args = {};
 for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].replace(/^--/, "")] = process.argv[i + 1];
 if (!args.site) {
-  console.error("usage: browser.mjs --site DIR [--warm-site DIR] [--serve URL --save-path FILE]");
+  console.error("usage: browser.mjs --site DIR [--warm-site DIR] [--serve URL --console WS-URL --save-path FILE]");
   process.exit(2);
 }
 
@@ -121,7 +121,20 @@ try {
     await p.page.evaluate(() => window.vm.sendSerial("hello\r"));
     await waitIn(p.page, hasSerial, "olleh\r\n", "olleh at kiln serve's root");
     ok("kiln serve: the page boots and answers at the root");
-    const ws = new WebSocket(root.replace(/^http/, "ws") + "ctl");
+    // The page got its VM key from kiln.json; the console needs the key kiln serve printed.
+    const cfg = await (await fetch(root + "kiln.json")).json();
+    if (!/^ctl\?key=[0-9a-f]{64}$/.test(cfg.ctl) || !/^net\?key=[0-9a-f]{64}$/.test(cfg.net))
+      throw new Error(`kiln.json from kiln serve has no keyed ctl/net URLs: ${cfg.ctl} ${cfg.net}`);
+    const consoleUrl = args.console;
+    if (!consoleUrl) throw new Error("--serve needs --console WS-URL (with its key)");
+    const unkeyed = await new Promise((res) => {
+      const s = new WebSocket(root.replace(/^http/, "ws") + "ctl");
+      s.onopen = () => res(false);
+      s.onerror = () => res(true);
+    });
+    if (!unkeyed) throw new Error("/ctl accepted a console without its key");
+    ok("/ctl refuses a console without the key");
+    const ws = new WebSocket(consoleUrl);
     let got = "";
     const events = [];
     ws.onmessage = (m) => {
@@ -162,7 +175,7 @@ try {
     ws.close();
     await p.page.close();
 
-    // A cross-origin page must not get the console.
+    // A cross-origin page must not get the console, even with the key.
     const evil = await staticServer({ "/": args.site });
     const e = await openPage(evil.base + "/");
     const refused = await e.page.evaluate(
@@ -172,14 +185,14 @@ try {
           s.onopen = () => res(false);
           s.onerror = () => res(true);
         }),
-      root.replace(/^http/, "ws") + "ctl",
+      consoleUrl,
     );
     if (!refused) throw new Error("/ctl accepted a WebSocket from another origin");
     ok("/ctl refuses other origins");
     await e.page.close();
     evil.server.close();
 
-    const offer = await dhcp(root.replace(/^http/, "ws") + "net");
+    const offer = await dhcp(new URL(cfg.net, root).href.replace(/^http/, "ws"));
     ok(`/net: DHCP DISCOVER answered with an OFFER of ${offer}`);
   }
   if (errors.length) throw new Error(`page errors: ${errors.join("; ")}`);

@@ -57,6 +57,14 @@ pub enum WebError {
         /// Why.
         msg: String,
     },
+    /// An option given to serve is invalid.
+    #[error("`{field}`: {msg}")]
+    BadOption {
+        /// The option's field name.
+        field: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
     /// A SITE directory given to serve is not a kiln site.
     #[error("{}: not a kiln site (no kiln.json) and not a disk image", path.display())]
     NotASite {

@@ -13,18 +13,21 @@
 //! [`Assets::locate`]) and Debian's seabios package; a missing one is an error naming it and
 //! how to install it.
 
+mod access;
 mod assets;
+mod ctl;
 mod disk;
 mod error;
 mod net;
 mod serve;
 mod site;
+mod sitefs;
 mod warm;
 
 pub use assets::Assets;
 pub use disk::{load_disk, Disk, DiskKind};
 pub use error::WebError;
-pub use serve::{serve, ServeOptions, ServeSource};
+pub use serve::{serve, ServeOptions, ServeSource, Serving, DEFAULT_MAX_RELAYS};
 pub use site::{build_site, prepare, PrepareOptions, PrepareReport, Site};
 pub use warm::STATE_PART_SIZE;
 

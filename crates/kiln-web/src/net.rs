@@ -2,6 +2,11 @@
 //! bridged to passt, a user-mode network stack, over QEMU's stream protocol (each frame
 //! preceded by its length as a 4-byte big-endian integer). One passt per connection, so each
 //! page gets its own network with DHCP, DNS and NAT to the host.
+//!
+//! Each relay holds one of `max_relays` slots (taken before the upgrade, so the rest are
+//! refused with a 503) until it ends; its passt is killed and reaped when the connection ends,
+//! and dies with the server: passt exits when its end of the socket pair closes, and it gets
+//! SIGKILL when the thread that started it dies (`PR_SET_PDEATHSIG`).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -9,11 +14,15 @@ use std::path::PathBuf;
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 
-/// Largest frame relayed (jumbo frames are not used by v86's NICs).
-const MAX_FRAME: usize = 65536;
+/// Largest frame relayed (jumbo frames are not used by v86's NICs); also the largest
+/// WebSocket message `/net` accepts.
+pub(crate) const MAX_FRAME: usize = 65536;
 
-pub(crate) async fn relay(ws: WebSocket, passt: PathBuf) {
+/// Relay `ws` through a new passt until either side ends; `slot` is held until then.
+pub(crate) async fn relay(ws: WebSocket, passt: PathBuf, slot: OwnedSemaphorePermit) {
+    let _slot = slot;
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
         Ok(p) => p,
@@ -31,9 +40,15 @@ pub(crate) async fn relay(ws: WebSocket, passt: PathBuf) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
-    // SAFETY: between fork and exec we only call fcntl, which is async-signal-safe.
+    // SAFETY: between fork and exec we only call fcntl and prctl, which are
+    // async-signal-safe system calls, and touch no memory shared with the parent.
     unsafe {
         cmd.pre_exec(move || {
+            // Die with the server even if it is killed (passt also exits when the socket
+            // closes; this covers a passt that ignores it).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Let passt inherit its end of the socket pair.
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {

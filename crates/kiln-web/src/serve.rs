@@ -1,32 +1,41 @@
 //! `kiln serve`: the site over HTTP, a `/ctl` debug console and a `/net` network relay.
 //!
-//! `/ctl` protocol (JSON text messages). The page connects with `?role=vm` and drives its VM;
-//! any other client is a console:
-//! - console → server: `{"cmd":"serial","data":"hello\r"}`, `{"cmd":"pause"}`,
-//!   `{"cmd":"resume"}`, `{"cmd":"save"}`, `{"cmd":"reset"}`;
-//! - server → console: `{"ev":"serial","data":"..."}` (all serial output so far on connect, then
-//!   as it comes), `{"ev":"vm","connected":bool}`, `{"ev":"saved","path":"...","bytes":N}`,
-//!   `{"ev":"paused"}`, `{"ev":"resumed"}`, `{"ev":"reset"}`, `{"ev":"error","message":"..."}`.
+//! Safe on loopback and on a network:
+//! - every request's Host must be a name this server answers to (else 421), and a WebSocket's
+//!   Origin must be that same origin (else 403): see [`crate::access`];
+//! - the served `kiln.json` carries a per-server random key in its `ctl` and `net` URLs; only
+//!   it lets a client act as the VM or open a relay. Debug consoles need a second key, given
+//!   to the caller (printed by the CLI) in [`Serving::console_url`]. Keys are compared in
+//!   constant time;
+//! - WebSocket messages, queues and the serial backlog are bounded (see [`crate::ctl`]), and
+//!   at most [`ServeOptions::max_relays`] relays (each a passt process) run at once; the rest
+//!   get a 503 before the upgrade;
+//! - a site directory is served without following symlinks (see [`crate::sitefs`]).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::Semaphore;
 
+use crate::access::{key_matches, origin_ok, random_key, Hosts};
+use crate::ctl::{self, Hub, CONSOLE_MSG_MAX};
+use crate::sitefs::{self, Refused};
 use crate::{build_site, PrepareOptions, Result, Site, WebError};
 
-/// Serial output kept for consoles that connect late.
-const LOG_MAX: usize = 1 << 20;
+/// Default for [`ServeOptions::max_relays`].
+pub const DEFAULT_MAX_RELAYS: usize = 4;
+/// Largest kiln.json read from a site directory.
+const CONFIG_MAX: u64 = 1 << 20;
 
 /// What to serve.
 #[derive(Clone, Debug)]
@@ -65,6 +74,11 @@ pub struct ServeOptions {
     pub prepare: PrepareOptions,
     /// The passt binary for `/net` (default: `passt` on PATH).
     pub passt: PathBuf,
+    /// Host names (no port) the server also answers to, besides its address (and `localhost`
+    /// on loopback): e.g. the name of a reverse proxy in front of it.
+    pub allow_hosts: Vec<String>,
+    /// Network relays (one passt each) at once; more get HTTP 503. 0 turns `/net` off.
+    pub max_relays: usize,
 }
 
 impl Default for ServeOptions {
@@ -74,8 +88,22 @@ impl Default for ServeOptions {
             public: false,
             prepare: PrepareOptions::default(),
             passt: PathBuf::from("passt"),
+            allow_hosts: Vec::new(),
+            max_relays: DEFAULT_MAX_RELAYS,
         }
     }
+}
+
+/// A running server, as handed to `on_ready`.
+#[derive(Clone, Debug)]
+pub struct Serving {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The page: `http://ADDR/`.
+    pub url: String,
+    /// The debug console, with its key: `ws://ADDR/ctl?key=CONSOLE_KEY`. Whoever has it can
+    /// type into the VM, pause, reset and save it.
+    pub console_url: String,
 }
 
 enum Files {
@@ -85,25 +113,47 @@ enum Files {
 
 struct App {
     files: Files,
-    /// Where `/ctl` save writes the state.
-    save_path: PathBuf,
     passt: PathBuf,
-    hub: Hub,
+    hub: Arc<Hub>,
+    hosts: Hosts,
+    /// Lets the served page act as the VM (`/ctl?role=vm`) and open relays (`/net`).
+    vm_key: String,
+    /// Lets a debug console connect to `/ctl`.
+    console_key: String,
+    relays: Arc<Semaphore>,
+    max_relays: usize,
 }
 
-struct Hub {
-    vm: Mutex<Option<(u64, mpsc::UnboundedSender<Message>)>>,
-    events: broadcast::Sender<String>,
-    /// Serial output so far; its lock also orders backlog vs. live events for new consoles.
-    log: Mutex<String>,
-    next_id: AtomicU64,
+fn listen_err(addr: &str) -> impl Fn(std::io::Error) -> WebError + '_ {
+    move |e| WebError::Listen {
+        addr: addr.to_string(),
+        msg: e.to_string(),
+    }
 }
 
-/// Serve `source` until Ctrl-C (or SIGTERM). `on_ready` gets the bound address once listening.
+/// The largest state the page's machine can produce: v86 saves guest RAM, VGA memory and a
+/// synchronously loaded disk, plus a little device state; 16 MiB covers that and the header.
+fn state_max(config: &serde_json::Value) -> usize {
+    let field = |k: &str, default: u64| config[k].as_u64().unwrap_or(default);
+    let total = field("memory_size", 64 << 20)
+        .saturating_add(field("vga_memory_size", 8 << 20))
+        .saturating_add(config["disk"]["size"].as_u64().unwrap_or(0))
+        .saturating_add(16 << 20);
+    usize::try_from(total).unwrap_or(usize::MAX)
+}
+
+fn read_small(file: std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, max), &mut v)?;
+    Ok(v)
+}
+
+/// Serve `source` until Ctrl-C (or SIGTERM). `on_ready` gets the address and the console URL
+/// once listening.
 pub fn serve(
     source: ServeSource,
     opts: ServeOptions,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&Serving),
 ) -> Result<()> {
     let addr_s = opts.addr.to_string();
     if !opts.addr.ip().is_loopback() && !opts.public {
@@ -113,7 +163,9 @@ pub fn serve(
                 .into(),
         });
     }
-    let (files, save_path) = match &source {
+    // Checked before anything slow happens.
+    Hosts::new(opts.addr, &opts.allow_hosts)?;
+    let (files, save_path, config) = match &source {
         ServeSource::Image(p) => {
             let site = build_site(p, &opts.prepare)?;
             let stem = p
@@ -125,9 +177,35 @@ pub fn serve(
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            (Files::Memory(site), dir.join(format!("{stem}.state.zst")))
+            let config = site
+                .get("kiln.json")
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or_default();
+            (
+                Files::Memory(site),
+                dir.join(format!("{stem}.state.zst")),
+                config,
+            )
         }
-        ServeSource::Site(d) => (Files::Dir(d.clone()), d.join("state/saved.bin.zst")),
+        ServeSource::Site(d) => {
+            let cfg_path = d.join("kiln.json");
+            let (f, _) = sitefs::open_inside(d, "kiln.json").map_err(|r| {
+                WebError::io(
+                    &cfg_path,
+                    "open",
+                    std::io::Error::other(match r {
+                        Refused::Symlink => "a symlink; kiln serves no symlinks",
+                        Refused::NotFound => "not a readable regular file",
+                    }),
+                )
+            })?;
+            let bytes =
+                read_small(f, CONFIG_MAX).map_err(|e| WebError::io(&cfg_path, "read", e))?;
+            let config = serde_json::from_slice(&bytes).map_err(|e| {
+                WebError::io(&cfg_path, "parse", std::io::Error::other(e.to_string()))
+            })?;
+            (Files::Dir(d.clone()), d.join("state/saved.bin.zst"), config)
+        }
     };
     let listener = TcpListener::bind(opts.addr).map_err(|e| WebError::Listen {
         addr: addr_s.clone(),
@@ -137,16 +215,31 @@ pub fn serve(
             e.to_string()
         },
     })?;
-    let bound = listener.local_addr().map_err(|e| WebError::Listen {
-        addr: addr_s.clone(),
-        msg: e.to_string(),
-    })?;
+    let bound = listener.local_addr().map_err(listen_err(&addr_s))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| WebError::Listen {
+        .map_err(listen_err(&addr_s))?;
+    let key = |what: &str| {
+        random_key().map_err(|e| WebError::Listen {
             addr: addr_s.clone(),
-            msg: e.to_string(),
-        })?;
+            msg: format!("cannot make the {what} key: /dev/urandom: {e}"),
+        })
+    };
+    let app = Arc::new(App {
+        files,
+        passt: opts.passt,
+        hub: Arc::new(Hub::new(save_path, state_max(&config))),
+        hosts: Hosts::new(bound, &opts.allow_hosts)?,
+        vm_key: key("page")?,
+        console_key: key("console")?,
+        relays: Arc::new(Semaphore::new(opts.max_relays)),
+        max_relays: opts.max_relays,
+    });
+    let serving = Serving {
+        addr: bound,
+        url: format!("http://{bound}/"),
+        console_url: format!("ws://{bound}/ctl?key={}", app.console_key),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -155,36 +248,19 @@ pub fn serve(
             addr: addr_s.clone(),
             msg: format!("tokio runtime: {e}"),
         })?;
-    let app = Arc::new(App {
-        files,
-        save_path,
-        passt: opts.passt,
-        hub: Hub {
-            vm: Mutex::new(None),
-            events: broadcast::channel(1024).0,
-            log: Mutex::new(String::new()),
-            next_id: AtomicU64::new(1),
-        },
-    });
     rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(|e| WebError::Listen {
-                addr: addr_s.clone(),
-                msg: e.to_string(),
-            })?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_err(&addr_s))?;
         let router = Router::new()
             .route("/ctl", get(ctl))
             .route("/net", get(net))
             .fallback(get(file))
+            .layer(middleware::from_fn_with_state(app.clone(), check_host))
             .with_state(app);
-        on_ready(bound);
+        on_ready(&serving);
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown())
             .await
-            .map_err(|e| WebError::Listen {
-                addr: addr_s,
-                msg: e.to_string(),
-            })
+            .map_err(listen_err(&addr_s))
     })
 }
 
@@ -203,6 +279,38 @@ async fn shutdown() {
     }
 }
 
+fn refuse(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut msg = msg.into();
+    msg.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg,
+    )
+        .into_response()
+}
+
+fn request_host(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    match headers.get(header::HOST) {
+        Some(h) => h.to_str().ok().map(str::to_string),
+        None => uri.authority().map(|a| a.as_str().to_string()),
+    }
+}
+
+/// The DNS-rebinding defence: a request naming a host we do not serve is misdirected.
+async fn check_host(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match request_host(req.headers(), req.uri()) {
+        None => refuse(StatusCode::BAD_REQUEST, "request has no Host header"),
+        Some(h) if !app.hosts.allows(&h) => refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "Host {h:?} is not a name this server answers to (allow it with kiln serve --allow-host NAME)"
+            ),
+        ),
+        Some(_) => next.run(req).await,
+    }
+}
+
 fn content_type(path: &str) -> &'static str {
     match path.rsplit('.').next().unwrap_or("") {
         "html" => "text/html; charset=utf-8",
@@ -214,6 +322,10 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
+fn not_found() -> Response {
+    refuse(StatusCode::NOT_FOUND, "not found")
+}
+
 async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
     let mut path = uri.path().trim_start_matches('/').to_string();
     if path.is_empty() || path.ends_with('/') {
@@ -223,222 +335,182 @@ async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
         .split('/')
         .any(|s| s == ".." || s.is_empty() || s.starts_with('.'))
     {
-        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        return not_found();
     }
-    let content: Option<Bytes> = match &app.files {
-        Files::Memory(site) => site.get(&path).cloned(),
-        Files::Dir(dir) => tokio::fs::read(dir.join(&path)).await.ok().map(Bytes::from),
-    };
-    let Some(mut content) = content else {
-        return (StatusCode::NOT_FOUND, "not found\n").into_response();
-    };
+    let headers = [
+        (header::CONTENT_TYPE, content_type(&path)),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
     if path == "kiln.json" {
-        // Served by kiln serve: tell the page where the console and the relay are.
-        if let Ok(mut cfg) = serde_json::from_slice::<serde_json::Value>(&content) {
-            cfg["ctl"] = "ctl".into();
-            cfg["net"] = "net".into();
-            content = Bytes::from(cfg.to_string());
+        let content = match &app.files {
+            Files::Memory(site) => site.get(&path).cloned(),
+            Files::Dir(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (f, _) = sitefs::open_inside(&dir, "kiln.json").ok()?;
+                    read_small(f, CONFIG_MAX).ok().map(Bytes::from)
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        };
+        let Some(content) = content else {
+            return not_found();
+        };
+        // Served by kiln serve: tell the page where the console and the relay are, with the
+        // key that lets it act as the VM (only pages of this origin can read it).
+        let Ok(mut cfg) = serde_json::from_slice::<serde_json::Value>(&content) else {
+            return (headers, content).into_response();
+        };
+        cfg["ctl"] = format!("ctl?key={}", app.vm_key).into();
+        cfg["net"] = if app.max_relays > 0 {
+            format!("net?key={}", app.vm_key).into()
+        } else {
+            serde_json::Value::Null
+        };
+        return (headers, cfg.to_string()).into_response();
+    }
+    match &app.files {
+        Files::Memory(site) => match site.get(&path) {
+            Some(b) => (headers, b.clone()).into_response(),
+            None => not_found(),
+        },
+        Files::Dir(dir) => {
+            let (dir, rel) = (dir.clone(), path.clone());
+            let opened = tokio::task::spawn_blocking(move || sitefs::open_inside(&dir, &rel))
+                .await
+                .unwrap_or(Err(Refused::NotFound));
+            match opened {
+                Ok((f, len)) => {
+                    // Streamed in chunks: a large disk costs no more memory than a small one.
+                    let stream = futures_util::stream::unfold(
+                        tokio::fs::File::from_std(f),
+                        |mut f| async move {
+                            let mut buf = vec![0u8; 64 << 10];
+                            match tokio::io::AsyncReadExt::read(&mut f, &mut buf).await {
+                                Ok(0) => None,
+                                Ok(n) => {
+                                    buf.truncate(n);
+                                    Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+                                }
+                                Err(e) => Some((Err(e), f)),
+                            }
+                        },
+                    );
+                    (
+                        headers,
+                        [(header::CONTENT_LENGTH, len.to_string())],
+                        Body::from_stream(stream),
+                    )
+                        .into_response()
+                }
+                Err(Refused::Symlink) => refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("/{path}: a symlink; kiln serve serves no symlinks"),
+                ),
+                Err(Refused::NotFound) => not_found(),
+            }
         }
     }
-    (
-        [
-            (header::CONTENT_TYPE, content_type(&path)),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        content,
-    )
-        .into_response()
-}
-
-/// Browsers always send Origin on WebSocket requests: it must name the host we are served as,
-/// so other sites cannot drive the VM. Non-browser clients send none.
-fn origin_ok(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let (Ok(origin), Some(Ok(host))) = (
-        origin.to_str(),
-        headers.get(header::HOST).map(|h| h.to_str()),
-    ) else {
-        return false;
-    };
-    let rest = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
-    rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
 }
 
 #[derive(serde::Deserialize)]
-struct CtlQuery {
+struct KeyQuery {
     role: Option<String>,
+    key: Option<String>,
+}
+
+/// Origin check for WebSocket routes (the Host was checked by [`check_host`]).
+fn cross_origin(headers: &HeaderMap, uri: &Uri) -> Option<Response> {
+    let host = request_host(headers, uri).unwrap_or_default();
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("\u{0}"));
+    if origin_ok(origin, &host) {
+        None
+    } else {
+        Some(refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "cross-origin WebSocket refused: Origin {:?} is not http://{host}",
+                origin.unwrap_or("")
+            ),
+        ))
+    }
 }
 
 async fn ctl(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Query(q): Query<CtlQuery>,
+    uri: Uri,
+    Query(q): Query<KeyQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !origin_ok(&headers) {
-        return (StatusCode::FORBIDDEN, "cross-origin WebSocket refused\n").into_response();
+    if let Some(r) = cross_origin(&headers, &uri) {
+        return r;
     }
-    let vm = q.role.as_deref() == Some("vm");
-    ws.on_upgrade(move |s| async move {
-        if vm {
-            vm_conn(s, app).await
-        } else {
-            console_conn(s, app).await
+    let hub = app.hub.clone();
+    if q.role.as_deref() == Some("vm") {
+        if !key_matches(q.key.as_deref(), &app.vm_key) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "/ctl?role=vm: missing or wrong key; only the page this server serves may act as the VM",
+            );
         }
-    })
-}
-
-async fn net(State(app): State<Arc<App>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    if !origin_ok(&headers) {
-        return (StatusCode::FORBIDDEN, "cross-origin WebSocket refused\n").into_response();
+        let max = hub.state_max();
+        return ws
+            .max_message_size(max)
+            .max_frame_size(max)
+            .on_upgrade(move |s| ctl::vm_conn(s, hub));
     }
-    let passt = app.passt.clone();
-    ws.on_upgrade(move |s| crate::net::relay(s, passt))
-}
-
-fn event(v: serde_json::Value) -> String {
-    v.to_string()
-}
-
-impl Hub {
-    fn broadcast(&self, s: String) {
-        let _ = self.events.send(s);
+    if !key_matches(q.key.as_deref(), &app.console_key) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "/ctl: missing or wrong key; the console URL with its key is printed when kiln serve starts",
+        );
     }
-
-    fn append_serial(&self, data: &str) {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.push_str(data);
-        if log.len() > LOG_MAX {
-            let mut cut = log.len() - LOG_MAX;
-            while !log.is_char_boundary(cut) {
-                cut += 1;
-            }
-            log.drain(..cut);
-        }
-        self.broadcast(event(serde_json::json!({"ev": "serial", "data": data})));
-    }
-}
-
-async fn vm_conn(ws: WebSocket, app: Arc<App>) {
-    let hub = &app.hub;
-    let (mut tx, mut rx) = ws.split();
-    let (stx, mut srx) = mpsc::unbounded_channel::<Message>();
-    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-    *hub.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, stx));
-    hub.broadcast(event(serde_json::json!({"ev": "vm", "connected": true})));
-    let sender = tokio::spawn(async move {
-        while let Some(m) = srx.recv().await {
-            if tx.send(m).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut expect_state = false;
-    while let Some(Ok(msg)) = rx.next().await {
-        match msg {
-            Message::Text(t) => {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(t.as_str()) else {
-                    continue;
-                };
-                match v["ev"].as_str() {
-                    Some("hello") => {
-                        // A (re)loaded page: its serial history replaces ours.
-                        let mut log = hub.log.lock().unwrap_or_else(|e| e.into_inner());
-                        *log = v["serial"].as_str().unwrap_or("").to_string();
-                    }
-                    Some("serial") => hub.append_serial(v["data"].as_str().unwrap_or("")),
-                    Some("state") => expect_state = true,
-                    _ => hub.broadcast(t.to_string()),
-                }
-            }
-            Message::Binary(state) if expect_state => {
-                expect_state = false;
-                let path = app.save_path.clone();
-                let res = tokio::task::spawn_blocking(move || save_state(&path, &state)).await;
-                let ev = match res {
-                    Ok(Ok(n)) => {
-                        serde_json::json!({"ev": "saved", "path": app.save_path, "bytes": n})
-                    }
-                    Ok(Err(e)) => serde_json::json!({"ev": "error", "message": e}),
-                    Err(e) => serde_json::json!({"ev": "error", "message": e.to_string()}),
-                };
-                hub.broadcast(event(ev));
-            }
-            Message::Close(_) => break,
-            _ => {}
-        }
-    }
-    {
-        let mut vm = hub.vm.lock().unwrap_or_else(|e| e.into_inner());
-        if vm.as_ref().is_some_and(|(i, _)| *i == id) {
-            *vm = None;
-        }
-    }
-    hub.broadcast(event(serde_json::json!({"ev": "vm", "connected": false})));
-    sender.abort();
-}
-
-/// Compress with zstd (v86 restores .zst states directly) and write atomically.
-fn save_state(path: &Path, state: &[u8]) -> std::result::Result<u64, String> {
-    let z = zstd::bulk::compress(state, 3).map_err(|e| format!("zstd: {e}"))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = path.with_extension("zst.tmp");
-    std::fs::write(&tmp, &z).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(z.len() as u64)
-}
-
-async fn console_conn(ws: WebSocket, app: Arc<App>) {
-    let hub = &app.hub;
-    let (mut tx, mut rx) = ws.split();
-    let (mut events, backlog) = {
-        let log = hub.log.lock().unwrap_or_else(|e| e.into_inner());
-        (hub.events.subscribe(), log.clone())
+    let Some(slot) = hub.console_slot() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "/ctl: {} consoles are connected, the most at once; close one and retry",
+                ctl::MAX_CONSOLES
+            ),
+        );
     };
-    let connected = hub.vm.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-    let hello = event(serde_json::json!({"ev": "vm", "connected": connected}));
-    if tx.send(Message::Text(hello.into())).await.is_err() {
-        return;
+    ws.max_message_size(CONSOLE_MSG_MAX)
+        .max_frame_size(CONSOLE_MSG_MAX)
+        .on_upgrade(move |s| ctl::console_conn(s, hub, slot))
+}
+
+async fn net(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<KeyQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(r) = cross_origin(&headers, &uri) {
+        return r;
     }
-    if !backlog.is_empty() {
-        let b = event(serde_json::json!({"ev": "serial", "data": backlog}));
-        if tx.send(Message::Text(b.into())).await.is_err() {
-            return;
-        }
+    if !key_matches(q.key.as_deref(), &app.vm_key) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "/net: missing or wrong key; only the page this server serves may open a relay",
+        );
     }
-    loop {
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(s) => if tx.send(Message::Text(s.into())).await.is_err() { break },
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            m = rx.next() => match m {
-                Some(Ok(Message::Text(t))) => {
-                    let reply = match serde_json::from_str::<serde_json::Value>(t.as_str()) {
-                        Ok(v) if matches!(v["cmd"].as_str(), Some("serial" | "pause" | "resume" | "save" | "reset")) => {
-                            let vm = hub.vm.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, s)| s.clone());
-                            match vm {
-                                Some(s) if s.send(Message::Text(t)).is_ok() => None,
-                                _ => Some("no VM page is connected: open the served page in a browser".to_string()),
-                            }
-                        }
-                        Ok(v) => Some(format!("unknown command {}: expected serial, pause, resume, save or reset", v["cmd"])),
-                        Err(e) => Some(format!("not JSON: {e}")),
-                    };
-                    if let Some(msg) = reply {
-                        let e = event(serde_json::json!({"ev": "error", "message": msg}));
-                        if tx.send(Message::Text(e.into())).await.is_err() { break }
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
-            }
-        }
-    }
+    let Ok(slot) = app.relays.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "/net: {} network relays are open, the most at once (kiln serve --max-relays); close a page and retry",
+                app.max_relays
+            ),
+        );
+    };
+    let passt = app.passt.clone();
+    ws.max_message_size(crate::net::MAX_FRAME)
+        .max_frame_size(crate::net::MAX_FRAME)
+        .on_upgrade(move |s| crate::net::relay(s, passt, slot))
 }

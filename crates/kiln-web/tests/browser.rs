@@ -41,14 +41,14 @@ fn browser_boot_repl_save_restore_warm_serve_ctl_net() {
             addr: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
         };
-        let r = serve(ServeSource::Image(img2), opts, |a| {
-            let _ = tx.send(Ok(a));
+        let r = serve(ServeSource::Image(img2), opts, |s| {
+            let _ = tx.send(Ok(s.clone()));
         });
         if let Err(e) = r {
             let _ = tx.send(Err(e.to_string()));
         }
     });
-    let addr = rx
+    let serving = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("serve did not start")
         .expect("serve");
@@ -59,7 +59,8 @@ fn browser_boot_repl_save_restore_warm_serve_ctl_net() {
         .arg(web.join("test/browser.mjs"))
         .args(["--site".as_ref(), site.as_os_str()])
         .args(["--warm-site".as_ref(), warm.as_os_str()])
-        .args(["--serve", &format!("http://{addr}/")])
+        .args(["--serve", &serving.url])
+        .args(["--console", &serving.console_url])
         .args(["--save-path".as_ref(), save_path.as_os_str()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -268,6 +268,8 @@ fn fields_as_flags(text: &str) -> String {
     let mut out = text.to_string();
     for field in [
         "public",
+        "allow_hosts",
+        "max_relays",
         "warm",
         "vcpus",
         "ram_mib",
@@ -284,6 +286,7 @@ fn flag_of(field: &str) -> String {
     match field {
         "vcpus" => "--vcpu".into(),
         "ram_mib" => "--ram".into(),
+        "allow_hosts" => "--allow-host".into(),
         "disks" => "--disk".into(),
         "name" => "NAME".into(),
         "home" => "KILN_HOME".into(),
@@ -539,5 +542,7 @@ mod tests {
         assert_eq!(report(&e), "--vcpu 0: must be between 1 and 16");
         let e = anyhow::anyhow!("0.0.0.0:0: served only when `public` is set");
         assert_eq!(report(&e), "0.0.0.0:0: served only when --public is set");
+        let e = anyhow::anyhow!("`allow_hosts`: \"a b\" is not a host name");
+        assert_eq!(report(&e), "--allow-host: \"a b\" is not a host name");
     }
 }

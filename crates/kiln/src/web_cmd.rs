@@ -48,6 +48,13 @@ pub enum WebCommand {
         /// The passt binary used by /net.
         #[arg(long, default_value = "passt")]
         passt: PathBuf,
+        /// Also answer to this host name (any port), e.g. a reverse proxy's; repeatable.
+        /// Requests naming any other host are refused (the DNS-rebinding defence).
+        #[arg(long = "allow-host", value_name = "NAME")]
+        allow_hosts: Vec<String>,
+        /// Network relays (each a passt process) at once; more get HTTP 503. 0 turns /net off.
+        #[arg(long, default_value_t = kiln_web::DEFAULT_MAX_RELAYS, value_name = "N")]
+        max_relays: usize,
     },
 }
 
@@ -91,6 +98,8 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
             public,
             memory,
             passt,
+            allow_hosts,
+            max_relays,
         } => {
             let src = ServeSource::from_path(&source)?;
             let opts = ServeOptions {
@@ -101,9 +110,14 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
                 passt,
+                allow_hosts,
+                max_relays,
             };
-            kiln_web::serve(src, opts, |a| {
-                println!("kiln serve: http://{a}/ (console ws://{a}/ctl, network ws://{a}/net); Ctrl-C stops");
+            kiln_web::serve(src, opts, |s| {
+                println!(
+                    "kiln serve: {}; debug console {} (keep it private: it drives the VM); Ctrl-C stops",
+                    s.url, s.console_url
+                );
             })?;
             Ok(ExitCode::SUCCESS)
         }
