@@ -347,14 +347,10 @@ fn save_state(path: &Path, state: &[u8]) -> std::result::Result<u64, String> {
         Ok(_) => {}
         Err(_) => std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?,
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kiln-state-")
-        .tempfile_in(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, &z)
-        .map_err(|e| format!("{}: {e}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| format!("{}: {}", path.display(), e.error))?;
+    // Beside the target under a name recording this process (swept if a server is killed
+    // mid-save), fsynced, renamed over it.
+    kiln_sys::temp::write_atomic(path, &z, None, 0o644)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(z.len() as u64)
 }
 
