@@ -3,9 +3,12 @@
 
 For each engine: wall time from process start to the banner on serial, and from the stop
 request (ACPI power button) to process exit; medians of N runs; the peak RSS of the VMM process;
-and, for kiln, the number of VM exits to power-off.
+the host CPU the VM costs while the program idles at its prompt (ms of CPU per second, VMM
+process and its children); and, for kiln, the number of VM exits to power-off. Plain QEMU runs
+the same image: kiln's program idles like the original it replaces (sti + hlt).
 
-Usage: bench/boot.py [--runs N] [--image build/boot.img]   (builds kiln in release mode first)
+Usage: bench/boot.py [--runs N] [--idle SECONDS] [--image build/boot.img]
+(builds kiln in release mode first)
 """
 import argparse, json, os, re, socket, statistics, subprocess, sys, tempfile, time
 
@@ -61,6 +64,28 @@ def qmp_powerdown(path):
             pass
     return s
 
+IDLE = 2.0
+
+def cpu_seconds(pids):
+    """User + system CPU time the processes have used."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+def idle_cpu(pids):
+    """ms of CPU per second the processes use while the guest idles at its prompt."""
+    time.sleep(0.5)  # let the boot's last work settle
+    before = cpu_seconds(pids)
+    time.sleep(IDLE)
+    return (cpu_seconds(pids) - before) / IDLE
+
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -77,13 +102,14 @@ def run_kiln(image, rt, engine="builtin"):
     banner = wait_for(p, BANNER, 30) - t0
     # kiln's own process and, on the qemu engine, its QEMU.
     rss = (peak_rss_kib(p.pid) or 0) + sum(peak_rss_kib(c) or 0 for c in children(p.pid))
+    idle = idle_cpu([p.pid, *children(p.pid)])
     t1 = time.perf_counter()
     subprocess.run([KILN, "stop", "bench"], env=env, check=True, stdout=subprocess.DEVNULL)
     p.wait(30)
     stop = time.perf_counter() - t1
     err = p.stderr.read().decode()
     exits = re.search(r"VM exits: (\d+) total", err)
-    return banner, stop, rss, int(exits.group(1)) if exits else None
+    return banner, stop, rss, int(exits.group(1)) if exits else None, idle
 
 def run_qemu(image, extra, powers_off):
     with tempfile.TemporaryDirectory() as d:
@@ -94,6 +120,7 @@ def run_qemu(image, extra, powers_off):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         banner = wait_for(p, BANNER, 60) - t0
         rss = peak_rss_kib(p.pid)
+        idle = idle_cpu([p.pid])
         t1 = time.perf_counter()
         s = qmp_powerdown(qmp)
         try:
@@ -104,7 +131,7 @@ def run_qemu(image, extra, powers_off):
             p.wait()
             stop = None
         s.close()
-        return banner, stop, rss, None
+        return banner, stop, rss, None, idle
 
 def median(xs):
     xs = [x for x in xs if x is not None]
@@ -114,7 +141,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--image")
+    ap.add_argument("--idle", type=float, default=IDLE)
     args = ap.parse_args()
+    global IDLE
+    IDLE = args.idle
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "kiln"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="kiln-bench-boot-")
     image = args.image
@@ -141,17 +171,18 @@ def main():
                 print(f"{name}: {e}", file=sys.stderr)
                 break
         if not results:
-            rows.append((name, None, None, None, None))
+            rows.append((name, None, None, None, None, None))
             continue
         rows.append((name, median([r[0] for r in results]), median([r[1] for r in results]),
-                     max(r[2] or 0 for r in results), median([r[3] for r in results])))
+                     max(r[2] or 0 for r in results), median([r[3] for r in results]),
+                     median([r[4] for r in results])))
     fastest_qemu = min((r[1] for r in rows[2:] if r[1]), default=None)
     fmt = lambda v, scale=1000, unit="ms": "n/a" if v is None else f"{v * scale:.1f} {unit}"
     print(f"median of {args.runs} runs; image {image}")
-    print("| engine | start → banner | stop → exit | peak RSS | VM exits |")
-    print("|---|---:|---:|---:|---:|")
-    for name, banner, stop, rss, exits in rows:
-        print(f"| {name} | {fmt(banner)} | {fmt(stop)} | {'n/a' if not rss else f'{rss / 1024:.1f} MiB'} | {exits if exits else ''} |")
+    print("| engine | start → banner | stop → exit | peak RSS | idle CPU | VM exits |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, banner, stop, rss, exits, idle in rows:
+        print(f"| {name} | {fmt(banner)} | {fmt(stop)} | {'n/a' if not rss else f'{rss / 1024:.1f} MiB'} | {fmt(idle, 1000, 'ms/s')} | {exits if exits else ''} |")
     if rows[0][1] and fastest_qemu:
         print(f"\nkiln start → banner is {fastest_qemu / rows[0][1]:.0f}x faster than the fastest QEMU boot")
 
