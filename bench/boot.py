@@ -138,12 +138,12 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 def main():
+    global IDLE
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--image")
-    ap.add_argument("--idle", type=float, default=IDLE)
+    ap.add_argument("--idle", type=float, default=2.0)
     args = ap.parse_args()
-    global IDLE
     IDLE = args.idle
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "kiln"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="kiln-bench-boot-")
