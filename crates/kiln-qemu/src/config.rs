@@ -191,7 +191,10 @@ impl QemuConfig {
                     // The second -serial is COM2 at 0x2F8.
                     opt("-chardev", prefixed("socket,id=bios,path=", &bios.socket));
                     opt("-serial", "chardev:bios".into());
-                    opt("-fw_cfg", prefixed("name=etc/sercon-port,file=", &bios.port_file));
+                    opt(
+                        "-fw_cfg",
+                        prefixed("name=etc/sercon-port,file=", &bios.port_file),
+                    );
                 }
             }
         }

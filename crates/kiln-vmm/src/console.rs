@@ -17,21 +17,27 @@
 //!   `Booting from Hard Disk...` line, which sercon sends lazily, with the program's first
 //!   character) arrive, in whichever order two sockets deliver them. Then the held video
 //!   bytes that repeat what COM1 printed are dropped, the rest are shown, then COM1's, and
-//!   from then on the video mirror is suppressed: COM1 alone is shown. A program that never
-//!   writes COM1 gets its video shown [`VIDEO_HOLD`] late; one that writes both shows each
-//!   character once, and SeaBIOS's own messages before it are kept.
+//!   from then on the video mirror is suppressed: COM1 alone is shown. Should the video have
+//!   run ahead of COM1 by more than [`VIDEO_HOLD`] (a host too busy to read a socket in time),
+//!   the video already shown is compared too, and COM1's bytes that repeat it are dropped
+//!   instead, up to the first byte that differs. A program that never writes COM1 gets its
+//!   video shown [`VIDEO_HOLD`] late; one that writes both shows each character once, and
+//!   SeaBIOS's own messages before it are kept.
 //!
 //! *Matching*: the held video bytes are scanned from the oldest; the first position from
 //! which the held tail and the COM1 bytes agree (one is a prefix of the other) and which does
 //! not lie inside a terminal escape sequence (`ESC [ ... final`) is where the repetition
 //! starts. Everything the merge holds is bounded by [`MAX_HELD`].
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// How long video bytes wait for the COM1 bytes that may repeat them (QEMU).
 pub const VIDEO_HOLD: Duration = Duration::from_millis(60);
 /// The most bytes the merge holds back; beyond this, held bytes are shown at once.
 pub const MAX_HELD: usize = 64 << 10;
+/// How much of the video shown before COM1 starts is kept to compare COM1 with.
+const SHOWN_KEPT: usize = 4096;
 
 /// How the two streams reach the merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +66,12 @@ pub struct ConsoleMerge {
     held: Vec<u8>,
     held_at: Option<Instant>,
     serial: Serial,
+    /// Streams, before COM1 starts: the last [`SHOWN_KEPT`] video bytes shown, which COM1's
+    /// first output may repeat when the video ran ahead of it.
+    shown: VecDeque<u8>,
+    /// Streams: video already shown that COM1 has not repeated yet; COM1 bytes that repeat
+    /// it are dropped.
+    lead: VecDeque<u8>,
 }
 
 impl ConsoleMerge {
@@ -70,10 +82,17 @@ impl ConsoleMerge {
             held: Vec::new(),
             held_at: None,
             serial: Serial::Silent,
+            shown: VecDeque::new(),
+            lead: VecDeque::new(),
         }
     }
 
     fn show_held(&mut self, out: &mut Vec<u8>) {
+        if self.order == MergeOrder::Streams && matches!(self.serial, Serial::Silent) {
+            self.shown.extend(&self.held);
+            let excess = self.shown.len().saturating_sub(SHOWN_KEPT);
+            self.shown.drain(..excess);
+        }
         out.append(&mut self.held);
         self.held_at = None;
     }
@@ -131,7 +150,19 @@ impl ConsoleMerge {
                 }
             }
             MergeOrder::Streams => match &mut self.serial {
-                Serial::Started => out.extend_from_slice(bytes),
+                Serial::Started => {
+                    // Drop what repeats video already shown, up to the first difference.
+                    let mut rest = bytes;
+                    while let (Some(&b), Some(&l)) = (rest.first(), self.lead.front()) {
+                        if b != l {
+                            self.lead.clear();
+                            break;
+                        }
+                        self.lead.pop_front();
+                        rest = &rest[1..];
+                    }
+                    out.extend_from_slice(rest);
+                }
                 Serial::Silent => {
                     self.serial = Serial::Starting {
                         until: now + VIDEO_HOLD,
@@ -148,18 +179,38 @@ impl ConsoleMerge {
         }
     }
 
-    /// Streams: COM1's first output has waited long enough; drop the video bytes it repeats.
+    /// Streams: COM1's first output has waited long enough; drop the video bytes it repeats,
+    /// or, where the video ran ahead and is shown already, COM1's bytes that repeat it.
     fn start_serial(&mut self, out: &mut Vec<u8>) {
-        let Serial::Starting { pending, .. } =
-            std::mem::replace(&mut self.serial, Serial::Started)
+        let Serial::Starting { pending, .. } = std::mem::replace(&mut self.serial, Serial::Started)
         else {
             return;
         };
-        if let Some(at) = repetition(&self.held, &pending) {
-            self.held.truncate(at);
+        let shown: Vec<u8> = std::mem::take(&mut self.shown).into();
+        let mut video = shown.clone();
+        video.extend_from_slice(&self.held);
+        match repetition(&video, &pending) {
+            Some(at) if at >= shown.len() => {
+                self.held.truncate(at - shown.len());
+                out.append(&mut self.held);
+                out.extend_from_slice(&pending);
+            }
+            Some(at) => {
+                // The video showed `shown[at..]` before COM1 printed it.
+                let already = &shown[at..];
+                self.held.clear();
+                if pending.len() < already.len() {
+                    self.lead = already[pending.len()..].iter().copied().collect();
+                } else {
+                    out.extend_from_slice(&pending[already.len()..]);
+                }
+            }
+            None => {
+                out.append(&mut self.held);
+                out.extend_from_slice(&pending);
+            }
         }
-        self.show_held(out);
-        out.extend_from_slice(&pending);
+        self.held_at = None;
     }
 
     /// When [`ConsoleMerge::tick`] has something to do next, if ever.
@@ -278,7 +329,10 @@ mod tests {
         assert_eq!(exact(&[(true, "a"), (false, "b")]), "ab");
         assert_eq!(exact(&[(false, "b"), (true, "a")]), "ba");
         // A character in the last column: the mirror's wrap stays held for the next event.
-        assert_eq!(exact(&[(true, "x\r\n"), (false, "x"), (true, "y")]), "x\r\ny");
+        assert_eq!(
+            exact(&[(true, "x\r\n"), (false, "x"), (true, "y")]),
+            "x\r\ny"
+        );
         // UTF-8 from CP437 is not what COM1 sent: both are shown.
         assert_eq!(exact(&[(true, "█"), (false, "\u{db}")]), "█\u{db}");
     }
@@ -344,6 +398,21 @@ mod tests {
             c.video(1601, "\r\n$");
             assert_eq!(c.shown(5000), "SeaBIOS\r\nBooting....\r\nCli\r\n$ ");
         }
+    }
+
+    #[test]
+    fn streams_drop_com1_that_repeats_video_shown_before_it() {
+        // The video got far ahead: shown before COM1 was even read.
+        let mut c = Clock::new();
+        c.video(0, "Booting...\r\nClientAPI\r\n$ hel");
+        assert_eq!(c.shown(100), "Booting...\r\nClientAPI\r\n$ hel");
+        c.serial(200, "ClientAPI\r\n");
+        c.video(201, "lo");
+        c.serial(202, "$ h");
+        assert_eq!(c.shown(400), "Booting...\r\nClientAPI\r\n$ hel");
+        c.serial(500, "ello\r\n");
+        c.serial(501, "olleh");
+        assert_eq!(c.shown(600), "Booting...\r\nClientAPI\r\n$ hello\r\nolleh");
     }
 
     #[test]

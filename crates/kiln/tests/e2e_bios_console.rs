@@ -158,7 +158,9 @@ fn foreground_console_shows_the_program_once(engine: &str) {
     ]);
     dialogue_once(&mut s, engine);
     s.send("\x01x");
-    let status = s.wait(Duration::from_secs(10)).expect("Ctrl-A X ends the VM");
+    let status = s
+        .wait(Duration::from_secs(10))
+        .expect("Ctrl-A X ends the VM");
     assert!(status.success(), "stderr: {}", s.stderr());
 }
 

@@ -324,7 +324,11 @@ fn pump(
             .map_err(|e| HostError::io("cannot clone QEMU's serial socket", e))
     };
     let to_com1 = std::sync::Arc::new(clone(&com1)?);
-    let to_com2 = com2.as_ref().map(clone).transpose()?.map(std::sync::Arc::new);
+    let to_com2 = com2
+        .as_ref()
+        .map(clone)
+        .transpose()?
+        .map(std::sync::Arc::new);
     server.serve(move |bytes| {
         let _ = (&*to_com1).write_all(bytes);
         if let Some(com2) = &to_com2 {
@@ -341,9 +345,11 @@ fn pump(
         });
         return Ok(());
     };
+    // Each chunk with the time it was read: the merge's clock is when bytes arrived, not
+    // when a busy host got round to merging them.
     enum Port {
-        Com1(Vec<u8>),
-        Com2(Vec<u8>),
+        Com1(Instant, Vec<u8>),
+        Com2(Instant, Vec<u8>),
         Com1Closed,
     }
     // Bounded: a guest that prints faster than the console takes waits in QEMU.
@@ -352,11 +358,11 @@ fn pump(
         std::thread::spawn(move || {
             let mut buf = [0u8; CHUNK];
             while let Ok(n @ 1..) = from.read(&mut buf) {
-                let data = buf[..n].to_vec();
+                let (at, data) = (Instant::now(), buf[..n].to_vec());
                 let port = if com1 {
-                    Port::Com1(data)
+                    Port::Com1(at, data)
                 } else {
-                    Port::Com2(data)
+                    Port::Com2(at, data)
                 };
                 if tx.send(port).is_err() {
                     return;
@@ -379,18 +385,21 @@ fn pump(
                     .recv()
                     .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
             };
-            let now = Instant::now();
-            merge.tick(now, &mut out);
             let done = match event {
-                Ok(Port::Com1(data)) => {
-                    merge.serial(&data, now, &mut out);
+                Ok(Port::Com1(at, data)) => {
+                    merge.tick(at, &mut out);
+                    merge.serial(&data, at, &mut out);
                     false
                 }
-                Ok(Port::Com2(data)) => {
-                    merge.video(&data, now, &mut out);
+                Ok(Port::Com2(at, data)) => {
+                    merge.tick(at, &mut out);
+                    merge.video(&data, at, &mut out);
                     false
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    merge.tick(Instant::now(), &mut out);
+                    false
+                }
                 Ok(Port::Com1Closed) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     merge.flush(&mut out);
                     true
