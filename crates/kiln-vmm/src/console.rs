@@ -227,10 +227,11 @@ impl ConsoleMerge {
     pub fn tick(&mut self, now: Instant, out: &mut Vec<u8>) {
         match &self.serial {
             Serial::Starting { until, .. } if *until <= now => self.start_serial(out),
-            Serial::Silent if self.order == MergeOrder::Streams => {
-                if self.held_at.is_some_and(|at| at + VIDEO_HOLD <= now) {
-                    self.show_held(out);
-                }
+            Serial::Silent
+                if self.order == MergeOrder::Streams
+                    && self.held_at.is_some_and(|at| at + VIDEO_HOLD <= now) =>
+            {
+                self.show_held(out)
             }
             _ => {}
         }
