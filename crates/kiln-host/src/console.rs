@@ -161,6 +161,15 @@ impl SocketConsole {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Tells the current client the console has ended: it reads the end of the output.
+    pub(crate) fn hang_up(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            if let Some(client) = state.client.take() {
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
 }
 
 impl Write for SocketConsole {
@@ -231,9 +240,15 @@ pub fn attach_console(
 /// dropped); the escape keys are decoded whether or not stdin is a terminal (Ctrl-A X quits,
 /// there is nothing to detach from). The end of stdin does not end the VM.
 pub(crate) struct TerminalConsole {
+    server: SocketConsole,
     quit: Receiver<()>,
+    /// Disconnected when the relay has ended.
+    relayed: Receiver<()>,
     _raw: Option<kiln_sys::term::SavedTerminal>,
 }
+
+/// How long the end of a VM waits for its last output to reach the terminal.
+const DRAIN: Duration = Duration::from_secs(1);
 
 impl TerminalConsole {
     /// Connects to `server` and starts relaying; `on_quit` runs on Ctrl-A X, after
@@ -252,18 +267,34 @@ impl TerminalConsole {
         let _ = fs::remove_file(server.path());
         let raw = kiln_sys::term::SavedTerminal::raw(0);
         let (tx, quit) = mpsc::channel();
+        let (relaying, relayed) = mpsc::channel::<()>();
         thread::spawn(move || {
+            let _relaying = relaying;
             if let Ok(ConsoleEnd::Quit) = relay(stream, Some(Escape::new(false)), None) {
                 let _ = tx.send(());
                 on_quit();
             }
         });
-        Ok(TerminalConsole { quit, _raw: raw })
+        Ok(TerminalConsole {
+            server: server.clone(),
+            quit,
+            relayed,
+            _raw: raw,
+        })
     }
 
     /// Whether the user pressed Ctrl-A X (true from then on).
     pub(crate) fn quit_pressed(&self) -> bool {
         self.quit.try_recv().is_ok()
+    }
+}
+
+impl Drop for TerminalConsole {
+    /// The VM has ended (its output is all in the console): the relay shows the rest, then the
+    /// terminal is restored.
+    fn drop(&mut self) {
+        self.server.hang_up();
+        let _ = self.relayed.recv_timeout(DRAIN);
     }
 }
 

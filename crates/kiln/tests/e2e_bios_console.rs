@@ -231,3 +231,40 @@ fn vm_run_console_and_log_show_the_program_once_qemu() {
     common::require_tool("qemu-system-x86_64");
     background_console_shows_the_program_once("qemu");
 }
+
+/// The terminal is relayed by kiln: what the guest printed just before it ended still reaches
+/// it (a boot sector that writes `bye!` to COM1 and halts with interrupts off, which ends a
+/// builtin VM at once).
+#[test]
+fn last_output_reaches_the_terminal_before_kiln_run_ends_builtin() {
+    if !kvm_or_skip("last_output_reaches_the_terminal_before_kiln_run_ends_builtin") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut prog = vec![0xBA, 0xF8, 0x03]; // mov dx, 0x3F8
+    for &c in b"bye!" {
+        prog.extend_from_slice(&[0xB0, c, 0xEE]); // mov al, c; out dx, al
+    }
+    prog.extend_from_slice(&[0xFA, 0xF4]); // cli; hlt
+    let prog_path = dir.path().join("bye.bin");
+    std::fs::write(&prog_path, &prog).unwrap();
+    let out = common::kiln(&[
+        "build",
+        "--program",
+        prog_path.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = dir.path().join("boot.img");
+    for _ in 0..5 {
+        let mut s = Session::start(&["run", "--engine", "builtin", image.to_str().unwrap()]);
+        s.wait(Duration::from_secs(20))
+            .expect("a halted guest ends the VM");
+        assert_eq!(s.serial(), "bye!", "stderr: {}", s.stderr());
+    }
+}

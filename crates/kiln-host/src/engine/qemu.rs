@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use kiln_image::{BootMedia, Format};
@@ -241,7 +242,7 @@ impl Engine for QemuEngine {
         // QEMU connects while it initialises its devices, before its QMP greeting.
         let com1 = com1.accept("its serial port")?;
         let com2 = bios.map(|l| l.accept("its BIOS console")).transpose()?;
-        pump(com1, com2, server.clone())?;
+        let pumped = pump(com1, com2, server.clone())?;
         let terminal = match &spec.console {
             ConsoleSpec::Terminal { .. } => {
                 let pid = vm.pid();
@@ -254,6 +255,7 @@ impl Engine for QemuEngine {
         };
         Ok(Box::new(RunningQemu {
             vm,
+            pumped,
             terminal,
             quit: false,
         }))
@@ -313,12 +315,14 @@ const CHUNK: usize = 4096;
 
 /// Copies the guest's serial output from QEMU into the console server, and what the server's
 /// clients type back to QEMU. With `com2` (SeaBIOS's serial console), keys go to both ports and
-/// the two outputs are merged into one stream by a [`ConsoleMerge`] in streams order.
+/// the two outputs are merged into one stream by a [`ConsoleMerge`] in streams order. The
+/// receiver returned is disconnected once all of QEMU's output is in the server.
 fn pump(
     com1: UnixStream,
     com2: Option<UnixStream>,
     mut server: SocketConsole,
-) -> Result<(), HostError> {
+) -> Result<Receiver<()>, HostError> {
+    let (pumping, pumped) = std::sync::mpsc::channel::<()>();
     let clone = |s: &UnixStream| {
         s.try_clone()
             .map_err(|e| HostError::io("cannot clone QEMU's serial socket", e))
@@ -337,13 +341,14 @@ fn pump(
     });
     let Some(com2) = com2 else {
         std::thread::spawn(move || {
+            let _pumping = pumping;
             let mut com1 = com1;
             let mut buf = [0u8; CHUNK];
             while let Ok(n @ 1..) = com1.read(&mut buf) {
                 let _ = server.write_all(&buf[..n]);
             }
         });
-        return Ok(());
+        return Ok(pumped);
     };
     // Each chunk with the time it was read: the merge's clock is when bytes arrived, not
     // when a busy host got round to merging them.
@@ -376,6 +381,7 @@ fn pump(
     read(com1, tx.clone(), true);
     read(com2, tx, false);
     std::thread::spawn(move || {
+        let _pumping = pumping;
         let mut merge = ConsoleMerge::new(MergeOrder::Streams);
         let mut out = Vec::new();
         loop {
@@ -414,15 +420,26 @@ fn pump(
             }
         }
     });
-    Ok(())
+    Ok(pumped)
 }
 
 struct RunningQemu {
     vm: QemuVm,
+    /// Disconnected once QEMU's output is all in the console.
+    pumped: Receiver<()>,
     /// A foreground VM's terminal relay.
     terminal: Option<TerminalConsole>,
     /// The user pressed Ctrl-A X on it.
     quit: bool,
+}
+
+impl Drop for RunningQemu {
+    /// QEMU ends first, then its last output reaches the console, then (as the fields drop)
+    /// a terminal relay shows it.
+    fn drop(&mut self) {
+        self.vm.kill();
+        let _ = self.pumped.recv_timeout(Duration::from_secs(1));
+    }
 }
 
 /// What QEMU's account of its end means.
