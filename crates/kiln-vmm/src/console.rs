@@ -17,12 +17,13 @@
 //!   `Booting from Hard Disk...` line, which sercon sends lazily, with the program's first
 //!   character) arrive, in whichever order two sockets deliver them. Then the held video
 //!   bytes that repeat what COM1 printed are dropped, the rest are shown, then COM1's, and
-//!   from then on the video mirror is suppressed: COM1 alone is shown. Should the video have
-//!   run ahead of COM1 by more than [`VIDEO_HOLD`] (a host too busy to read a socket in time),
-//!   the video already shown is compared too, and COM1's bytes that repeat it are dropped
-//!   instead, up to the first byte that differs. A program that never writes COM1 gets its
-//!   video shown [`VIDEO_HOLD`] late; one that writes both shows each character once, and
-//!   SeaBIOS's own messages before it are kept.
+//!   from then on the video mirror is suppressed: COM1 alone is shown (text a program then
+//!   writes only to the screen is not shown either: two sockets give no order to tell it by).
+//!   Should the video have run ahead of COM1 by more than [`VIDEO_HOLD`] (a host too busy to
+//!   read a socket in time), the video already shown is compared too, and COM1's bytes that
+//!   repeat it are dropped instead, up to the first byte that differs. A program that never
+//!   writes COM1 gets its video shown [`VIDEO_HOLD`] late; one that writes both shows each
+//!   character once, and SeaBIOS's own messages before it are kept.
 //!
 //! *Matching*: the held video bytes are scanned from the oldest; the first position from
 //! which the held tail and the COM1 bytes agree (one is a prefix of the other) and which does

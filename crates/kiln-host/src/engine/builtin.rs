@@ -101,9 +101,7 @@ impl Engine for BuiltinEngine {
         // No separate KVM probe: on a paravirtual KVM creating a VM costs milliseconds, and
         // `Vm::new` says clearly why KVM cannot be used.
         let disk = open_disk(spec)?;
-        let bios = match &spec.console {
-            ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
-        };
+        let bios = spec.console.bios();
         let config = VmConfig {
             ram_mib: spec.ram_mib,
             boot: match media {

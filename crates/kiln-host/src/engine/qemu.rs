@@ -49,12 +49,9 @@ impl QemuEngine {
                     },
                     read_only: disk.read_only,
                 };
-                let bios = match &spec.console {
-                    ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
-                };
                 let serial = SerialMode::Connect {
                     path: serial_socket(spec),
-                    bios_console: bios.then(|| bios_console(spec)),
+                    bios_console: spec.console.bios().then(|| bios_console(spec)),
                 };
                 let mut config = QemuConfig::firmware(drive, qmp_socket, serial);
                 config.binary = self.binary.clone();
@@ -219,11 +216,8 @@ impl Engine for QemuEngine {
             }
         };
         let com1 = Listener::bind(serial_socket(spec))?;
-        let bios = match (&spec.boot, &spec.console) {
-            (
-                Boot::Firmware { .. },
-                ConsoleSpec::Terminal { bios: true } | ConsoleSpec::Socket { bios: true, .. },
-            ) => {
+        let bios = match &spec.boot {
+            Boot::Firmware { .. } if spec.console.bios() => {
                 let bios = bios_console(spec);
                 bios.write_port_file().map_err(|e| {
                     HostError::io(format!("{}: cannot write", bios.port_file.display()), e)
