@@ -2,14 +2,18 @@
 //! Unix socket, and the client that attaches a terminal to it.
 //!
 //! Keys: **Ctrl-A X** quits (ends the VM), **Ctrl-A D** detaches (leaves the VM running; only
-//! where there is something to detach from), **Ctrl-A Ctrl-A** sends one Ctrl-A. QEMU's own
-//! terminal console (`mon:stdio`) uses the same Ctrl-A X.
+//! where there is something to detach from), **Ctrl-A Ctrl-A** sends one Ctrl-A.
+//!
+//! Every console is a [`SocketConsole`]: a background VM's is served to `kiln vm console`, a
+//! foreground VM's to the relay of its own terminal ([`TerminalConsole`]), whatever the
+//! engine.
 
 use std::collections::VecDeque;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -157,6 +161,15 @@ impl SocketConsole {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Tells the current client the console has ended: it reads the end of the output.
+    pub(crate) fn hang_up(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            if let Some(client) = state.client.take() {
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
 }
 
 impl Write for SocketConsole {
@@ -218,7 +231,71 @@ pub fn attach_console(
     } else {
         None
     };
-    relay(stream, interactive, linger)
+    relay(stream, interactive.then(|| Escape::new(true)), Some(linger))
+}
+
+/// A foreground VM's console on this process's terminal: the VM's output goes to a
+/// [`SocketConsole`] like a background VM's, and a thread relays it to stdout and stdin to
+/// it, as `kiln vm console` does. A terminal stdin is put in raw mode (restored when this is
+/// dropped); the escape keys are decoded whether or not stdin is a terminal (Ctrl-A X quits,
+/// there is nothing to detach from). The end of stdin does not end the VM.
+pub(crate) struct TerminalConsole {
+    server: SocketConsole,
+    quit: Receiver<()>,
+    /// Disconnected when the relay has ended.
+    relayed: Receiver<()>,
+    _raw: Option<kiln_sys::term::SavedTerminal>,
+}
+
+/// How long the end of a VM waits for its last output to reach the terminal.
+const DRAIN: Duration = Duration::from_secs(1);
+
+impl TerminalConsole {
+    /// Connects to `server` and starts relaying; `on_quit` runs on Ctrl-A X, after
+    /// [`TerminalConsole::quit_pressed`] starts answering true. The socket is removed once
+    /// connected, so no other client can take the console over.
+    pub(crate) fn attach(
+        server: &SocketConsole,
+        on_quit: impl FnOnce() + Send + 'static,
+    ) -> Result<TerminalConsole, HostError> {
+        let stream = UnixStream::connect(server.path()).map_err(|e| {
+            HostError::io(
+                format!("{}: cannot connect to the console", server.path().display()),
+                e,
+            )
+        })?;
+        let _ = fs::remove_file(server.path());
+        let raw = kiln_sys::term::SavedTerminal::raw(0);
+        let (tx, quit) = mpsc::channel();
+        let (relaying, relayed) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            let _relaying = relaying;
+            if let Ok(ConsoleEnd::Quit) = relay(stream, Some(Escape::new(false)), None) {
+                let _ = tx.send(());
+                on_quit();
+            }
+        });
+        Ok(TerminalConsole {
+            server: server.clone(),
+            quit,
+            relayed,
+            _raw: raw,
+        })
+    }
+
+    /// Whether the user pressed Ctrl-A X (true from then on).
+    pub(crate) fn quit_pressed(&self) -> bool {
+        self.quit.try_recv().is_ok()
+    }
+}
+
+impl Drop for TerminalConsole {
+    /// The VM has ended (its output is all in the console): the relay shows the rest, then the
+    /// terminal is restored.
+    fn drop(&mut self) {
+        self.server.hang_up();
+        let _ = self.relayed.recv_timeout(DRAIN);
+    }
 }
 
 /// Reads `from` on a thread of its own, sending each chunk as `data(bytes)` and the end as
@@ -247,12 +324,14 @@ fn forward<T: Send + 'static>(
     });
 }
 
+/// Relays `stream` to stdout and stdin to `stream`, decoding the escape keys with `escape`
+/// when given. Once stdin ends, output is relayed until `linger` passes without any (for
+/// ever when `None`: until the VM closes the console).
 fn relay(
     mut stream: UnixStream,
-    interactive: bool,
-    linger: Duration,
+    escape: Option<Escape>,
+    linger: Option<Duration>,
 ) -> Result<ConsoleEnd, HostError> {
-    use std::sync::mpsc;
     // Two threads feed one channel: the guest's output and the user's input.
     enum Chunk {
         Guest(Vec<u8>),
@@ -267,16 +346,17 @@ fn relay(
     forward(from_guest, tx.clone(), Chunk::Guest, Chunk::GuestClosed);
     forward(std::io::stdin(), tx, Chunk::User, Chunk::UserClosed);
     let mut stdout = std::io::stdout();
-    let mut escape = Escape::new(true);
+    let mut escape = escape;
     let mut input_done: Option<Instant> = None;
     loop {
-        let wait = match input_done {
-            Some(at) => linger.saturating_sub(at.elapsed()),
+        let lingering = input_done.zip(linger);
+        let wait = match lingering {
+            Some((at, linger)) => linger.saturating_sub(at.elapsed()),
             None => Duration::from_secs(3600),
         };
         let chunk = match rx.recv_timeout(wait) {
             Ok(c) => c,
-            Err(mpsc::RecvTimeoutError::Timeout) if input_done.is_some() => {
+            Err(mpsc::RecvTimeoutError::Timeout) if lingering.is_some() => {
                 return Ok(ConsoleEnd::InputDone)
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -300,11 +380,12 @@ fn relay(
             Chunk::UserClosed => input_done = Some(Instant::now()),
             Chunk::User(data) => {
                 let mut out = Vec::with_capacity(data.len());
-                let action = if interactive {
-                    escape.feed(&data, &mut out)
-                } else {
-                    out = data;
-                    None
+                let action = match &mut escape {
+                    Some(escape) => escape.feed(&data, &mut out),
+                    None => {
+                        out = data;
+                        None
+                    }
                 };
                 if !out.is_empty() {
                     stream

@@ -109,6 +109,15 @@ pub enum ConsoleSpec {
     },
 }
 
+impl ConsoleSpec {
+    /// Whether the BIOS screen is mirrored onto the console (and its keys reach int 16h).
+    pub fn bios(&self) -> bool {
+        match self {
+            ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
+        }
+    }
+}
+
 /// The VM's network.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "lowercase")]

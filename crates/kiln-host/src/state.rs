@@ -25,10 +25,22 @@ pub(crate) const CONTROL_SOCKET: &str = "control.sock";
 pub(crate) const CONSOLE_SOCKET: &str = "console.sock";
 /// Where QEMU's serial port connects to the supervisor (while QEMU starts).
 pub(crate) const SERIAL_SOCKET: &str = "serial.sock";
+/// Where QEMU's COM2, SeaBIOS's serial console (the BIOS screen), connects to the supervisor
+/// (while QEMU starts).
+pub(crate) const VIDEO_SOCKET: &str = "video.sock";
+/// The console a foreground VM's terminal relay connects to (until it has connected).
+pub(crate) const TERMINAL_SOCKET: &str = "terminal.sock";
 /// QEMU's QMP socket.
 pub(crate) const QMP_SOCKET: &str = "qmp.sock";
 /// Every socket a VM's processes serve in its directory: stale once its supervisor is gone.
-const SOCKETS: [&str; 4] = [CONTROL_SOCKET, CONSOLE_SOCKET, SERIAL_SOCKET, QMP_SOCKET];
+const SOCKETS: [&str; 6] = [
+    CONTROL_SOCKET,
+    CONSOLE_SOCKET,
+    SERIAL_SOCKET,
+    VIDEO_SOCKET,
+    TERMINAL_SOCKET,
+    QMP_SOCKET,
+];
 
 /// A VM's lifecycle state as recorded; [`VmRecord::effective_state`] also checks the locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

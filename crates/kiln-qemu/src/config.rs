@@ -79,16 +79,39 @@ pub struct Drive {
 /// Where the guest's first serial port goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialMode {
-    /// On kiln's stdin/stdout, multiplexed with the QEMU monitor (Ctrl-A X quits, Ctrl-A C
-    /// switches to the monitor). With `bios_console`, SeaBIOS also mirrors the BIOS screen
-    /// (int 10h text) onto the same terminal, as `qemu -nographic` does.
-    Terminal { bios_console: bool },
     /// Appended to a file (the VM runs headless).
     File(PathBuf),
-    /// QEMU connects to a Unix socket its supervisor listens on (the VM runs headless): the
-    /// supervisor serves the console to its clients and keeps the log. With `bios_console`,
-    /// SeaBIOS mirrors the BIOS screen onto it too.
-    Connect { path: PathBuf, bios_console: bool },
+    /// QEMU connects COM1 to a Unix socket its supervisor listens on (the VM runs headless):
+    /// the supervisor serves the console to its clients and keeps the log. With
+    /// `bios_console`, SeaBIOS's serial console gets a port of its own (see [`BiosConsole`]).
+    Connect {
+        path: PathBuf,
+        bios_console: Option<BiosConsole>,
+    },
+}
+
+/// SeaBIOS's serial console ("sercon": its mirror of the BIOS screen, and int 16h keys read
+/// from the same port) on COM2 (0x2F8), connected to a socket of its own, so that COM1
+/// carries only the guest's own serial I/O and SeaBIOS never reads COM1's input. Whoever
+/// listens on both sockets merges them into one console (kiln-host does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BiosConsole {
+    /// The Unix socket QEMU connects COM2 to.
+    pub socket: PathBuf,
+    /// The fw_cfg file `etc/sercon-port` is read from; [`BiosConsole::write_port_file`]
+    /// writes it before QEMU starts.
+    pub port_file: PathBuf,
+}
+
+/// COM2's I/O port, where SeaBIOS's serial console goes.
+pub const SERCON_PORT: u16 = 0x2f8;
+
+impl BiosConsole {
+    /// Writes the port number as SeaBIOS reads `etc/sercon-port`: a little-endian integer of
+    /// 2 bytes (QEMU's `string=` would hand it 5 ASCII bytes, which SeaBIOS ignores).
+    pub fn write_port_file(&self) -> std::io::Result<()> {
+        std::fs::write(&self.port_file, SERCON_PORT.to_le_bytes())
+    }
 }
 
 /// Everything needed to start one QEMU VM.
@@ -111,8 +134,8 @@ pub struct QemuConfig {
 
 impl QemuConfig {
     /// A firmware (BIOS) guest booting `drive`, with kiln's defaults: 128 MiB, 1 vCPU, no NIC,
-    /// serial on the terminal with the BIOS screen mirrored.
-    pub fn firmware(drive: Drive, qmp_socket: PathBuf) -> QemuConfig {
+    /// COM1 on `serial`.
+    pub fn firmware(drive: Drive, qmp_socket: PathBuf, serial: SerialMode) -> QemuConfig {
         QemuConfig {
             binary: std::env::var("KILN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
             machine: Machine::Pc,
@@ -120,7 +143,7 @@ impl QemuConfig {
             memory_mib: 128,
             vcpus: 1,
             drives: vec![drive],
-            serial: SerialMode::Terminal { bios_console: true },
+            serial,
             qmp_socket,
             name: None,
             extra_args: Vec::new(),
@@ -154,34 +177,25 @@ impl QemuConfig {
         }
         // No NIC skips iPXE's option ROM; a reset ends the VM instead of looping.
         opt("-nic", "none".into());
+        // No display: nothing but SeaBIOS's serial console, when asked for, mirrors the screen.
+        opt("-display", "none".into());
+        opt("-monitor", "none".into());
         match &self.serial {
-            SerialMode::Terminal { bios_console: true } => {
-                // -nographic makes SeaBIOS's serial console mirror int 10h onto COM1.
-                opt("-nographic", OsString::new());
-                opt("-serial", "mon:stdio".into());
-            }
-            SerialMode::Terminal {
-                bios_console: false,
-            } => {
-                opt("-display", "none".into());
-                opt("-serial", "mon:stdio".into());
-            }
             SerialMode::File(path) => {
-                opt("-display", "none".into());
-                opt("-monitor", "none".into());
                 opt("-serial", prefixed("file:", path));
             }
             SerialMode::Connect { path, bios_console } => {
-                // -nographic is what turns SeaBIOS's serial console on; with -serial and
-                // -monitor given explicitly it adds nothing else.
-                if *bios_console {
-                    opt("-nographic", OsString::new());
-                } else {
-                    opt("-display", "none".into());
-                }
-                opt("-monitor", "none".into());
                 opt("-chardev", crate::microvm::connect_chardev(path));
                 opt("-serial", "chardev:console".into());
+                if let Some(bios) = bios_console {
+                    // The second -serial is COM2 at 0x2F8.
+                    opt("-chardev", prefixed("socket,id=bios,path=", &bios.socket));
+                    opt("-serial", "chardev:bios".into());
+                    opt(
+                        "-fw_cfg",
+                        prefixed("name=etc/sercon-port,file=", &bios.port_file),
+                    );
+                }
             }
         }
         let mut qmp = prefixed("unix:", &self.qmp_socket);
@@ -244,9 +258,9 @@ mod tests {
                 read_only: true,
             },
             "/tmp/q.sock".into(),
+            SerialMode::File("/tmp/s.log".into()),
         );
         c.accel = Accel::Tcg;
-        c.serial = SerialMode::File("/tmp/s.log".into());
         let a = strings(&c);
         assert!(a.contains(
             &"file=/tmp/a,,b.iso,format=raw,if=ide,index=0,media=cdrom,readonly=on".to_string()
@@ -256,5 +270,47 @@ mod tests {
             .windows(2)
             .any(|w| w[0] == "-serial" && w[1] == "file:/tmp/s.log"));
         assert!(a.windows(2).any(|w| w[0] == "-accel" && w[1] == "tcg"));
+    }
+
+    #[test]
+    fn bios_console_gets_com2_of_its_own() {
+        let c = QemuConfig::firmware(
+            Drive {
+                path: "/tmp/d.img".into(),
+                format: DriveFormat::Raw,
+                media: Media::Disk,
+                read_only: false,
+            },
+            "/tmp/q.sock".into(),
+            SerialMode::Connect {
+                path: "/tmp/serial.sock".into(),
+                bios_console: Some(BiosConsole {
+                    socket: "/tmp/video.sock".into(),
+                    port_file: "/tmp/sercon-port".into(),
+                }),
+            },
+        );
+        let a = strings(&c);
+        let pairs: Vec<(&str, &str)> = a
+            .windows(2)
+            .map(|w| (w[0].as_str(), w[1].as_str()))
+            .collect();
+        let serials: Vec<&str> = pairs
+            .iter()
+            .filter(|(f, _)| *f == "-serial")
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(serials, ["chardev:console", "chardev:bios"]);
+        assert!(pairs.contains(&("-chardev", "socket,id=bios,path=/tmp/video.sock")));
+        assert!(pairs.contains(&("-fw_cfg", "name=etc/sercon-port,file=/tmp/sercon-port")));
+        // -nographic would point SeaBIOS's serial console at COM1.
+        assert!(!a.iter().any(|s| s == "-nographic"));
+        let dir = tempfile::tempdir().unwrap();
+        let bios = BiosConsole {
+            socket: dir.path().join("v.sock"),
+            port_file: dir.path().join("port"),
+        };
+        bios.write_port_file().unwrap();
+        assert_eq!(std::fs::read(&bios.port_file).unwrap(), [0xf8, 0x02]);
     }
 }

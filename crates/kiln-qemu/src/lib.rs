@@ -12,7 +12,9 @@ mod qmp;
 mod vm;
 
 pub use accel::{host_has_hw_virt, kvm_usable, Accel};
-pub use config::{Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode};
+pub use config::{
+    BiosConsole, Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode, SERCON_PORT,
+};
 pub use microvm::{default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, UserNet};
 pub use qmp::{Qmp, QmpError};
 pub use vm::{Launch, QemuIo, QemuVm, VmEnd};

@@ -12,7 +12,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_sys::process::{self, ChildSetup, EndHook};
-use kiln_sys::term::SavedTerminal;
 
 use crate::{QemuError, Qmp};
 
@@ -36,9 +35,8 @@ impl Launch {
 /// Where QEMU's standard streams go.
 #[derive(Clone, Debug)]
 pub enum QemuIo {
-    /// kiln's own terminal (the serial console is `mon:stdio`); restored if QEMU dies hard.
-    Terminal,
-    /// No terminal: stdin is /dev/null, stdout and stderr are appended to `log`.
+    /// No terminal (kiln relays the console itself): stdin is /dev/null, stdout is appended
+    /// to `log`, stderr is passed on to kiln's.
     Detached { log: PathBuf },
 }
 
@@ -68,7 +66,6 @@ pub struct QemuVm {
     negotiated: bool,
     qmp_socket: PathBuf,
     killed: bool,
-    terminal: Option<SavedTerminal>,
     stderr_tail: Arc<Mutex<String>>,
 }
 
@@ -92,12 +89,7 @@ impl QemuVm {
                 new_session: false,
             },
         );
-        let terminal = match io {
-            QemuIo::Terminal => {
-                command.stdin(Stdio::inherit()).stdout(Stdio::inherit());
-                // QEMU puts a terminal stdin in raw mode; if it dies hard we put it back.
-                SavedTerminal::save(0)
-            }
+        match io {
             QemuIo::Detached { log } => {
                 let open = || {
                     fs::OpenOptions::new()
@@ -110,9 +102,8 @@ impl QemuVm {
                         })
                 };
                 command.stdin(Stdio::null()).stdout(open()?);
-                None
             }
-        };
+        }
         command.stderr(Stdio::piped());
         let mut child = command.spawn().map_err(|source| QemuError::Spawn {
             binary: launch.binary.clone(),
@@ -126,6 +117,9 @@ impl QemuVm {
             let tail = Arc::clone(&stderr_tail);
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if is_expected_warning(&line) {
+                        continue;
+                    }
                     let _ = writeln!(std::io::stderr(), "{line}");
                     if let Ok(mut t) = tail.lock() {
                         // Keep only the last few lines: QEMU's stderr is not bounded.
@@ -150,9 +144,6 @@ impl QemuVm {
         });
         let fail = |e: QemuError| {
             process::signal(pid, libc::SIGKILL);
-            if let Some(t) = &terminal {
-                t.restore();
-            }
             e
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -208,7 +199,6 @@ impl QemuVm {
             negotiated: false,
             qmp_socket: launch.qmp_socket.clone(),
             killed: false,
-            terminal,
             stderr_tail,
         })
     }
@@ -267,9 +257,6 @@ impl QemuVm {
                 Err(RecvTimeoutError::Disconnected) => None,
             },
         };
-        if let Some(t) = &self.terminal {
-            t.restore();
-        }
         // The QMP reader may still be parsing the SHUTDOWN event QEMU sent just before exiting.
         let mut event = self.qmp.shutdown_event();
         let settle = Instant::now() + Duration::from_millis(200);
@@ -337,4 +324,10 @@ fn last_line(tail: &Mutex<String>) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+/// QEMU warns about every fw_cfg name outside `opt/`, including SeaBIOS's own
+/// `etc/sercon-port` that kiln sets on purpose (see [`crate::BiosConsole`]).
+fn is_expected_warning(line: &str) -> bool {
+    line.contains("name=etc/sercon-port") && line.contains("should be prefixed with \"opt/\"")
 }

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod acpi;
+pub mod console;
 pub mod devices;
 mod disk;
 mod error;
@@ -33,6 +34,7 @@ mod shared;
 mod vmm;
 pub mod vstate;
 
+pub use console::{ConsoleMerge, MergeOrder};
 pub use disk::{Disk, FileDisk, MemDisk};
 pub use error::VmmError;
 pub use shared::VmHandle;

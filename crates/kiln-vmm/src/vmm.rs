@@ -189,6 +189,7 @@ impl Vm {
         // SAFETY: pthread_self has no preconditions.
         self.shared.lock().vcpu_thread = Some(unsafe { libc::pthread_self() });
         let result = self.run_loop();
+        self.firmware.console.idle();
         self.shared.lock().vcpu_thread = None;
         self.vcpu.clear_immediate_exit();
         if let Ok(ExitReason::Reset) = result {
@@ -297,6 +298,8 @@ impl Vm {
                 if regs.rflags & 0x200 == 0 {
                     return Ok(ExitReason::Halted);
                 }
+                // The guest waits: show what the console merge holds.
+                self.firmware.console.idle();
                 // No interrupt sources exist; sleep until something may have changed
                 // (input, power button, kill) or a timer-tick's worth of time passes.
                 self.shared.wait_new_event(Duration::from_millis(55));

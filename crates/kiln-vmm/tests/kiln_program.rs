@@ -142,3 +142,29 @@ fn idle_polling_guest_sleeps_but_answers_at_once() {
     );
     eprintln!("MEASURE: {idle} exits in 500 ms idle");
 }
+
+/// With the BIOS screen mirrored onto the console (the default), kiln's program writes every
+/// character to int 10h and COM1, and the console shows it once.
+#[test]
+fn kiln_program_console_shows_its_output_once() {
+    if !kvm_or_skip("kiln_program_console_shows_its_output_once") {
+        return;
+    }
+    let (_, disk) = kiln_raw_disk();
+    let config = VmConfig {
+        video: VideoOutput::Console,
+        ..VmConfig::default()
+    };
+    let out = common::Capture::default();
+    let mut vm = Vm::new(config, disk, Box::new(out.clone())).expect("create VM");
+    let handle = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    out.wait_for("$ ", Duration::from_secs(10));
+    handle.send_input(b"hello\r");
+    out.wait_for("olleh\r\n$ ", Duration::from_secs(10));
+    // Give a duplicate every chance to show up.
+    std::thread::sleep(Duration::from_millis(200));
+    handle.kill();
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::Killed);
+    assert_eq!(out.text(), "ClientAPI\r\n$ hello\r\nolleh\r\n$ ");
+}

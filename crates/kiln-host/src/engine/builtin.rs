@@ -1,7 +1,6 @@
 //! kiln's own VMM (kiln-vmm) behind the engine interface: any image kiln-image opens becomes
 //! the boot disk, and the VM runs on a vCPU thread of this process.
 
-use std::io::{Read, Write};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread;
@@ -9,11 +8,10 @@ use std::time::Duration;
 
 use kiln_image::{BootMedia, ImageDevice, ImageReader};
 use kiln_sys::process::EndHook;
-use kiln_sys::term::SavedTerminal;
 use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
 
 use super::{Engine, Running};
-use crate::console::{Escape, EscapeAction, SocketConsole};
+use crate::console::{SocketConsole, TerminalConsole};
 use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, VmSpec};
 
 /// The builtin VMM as a kiln engine (firmware guests, KVM).
@@ -103,9 +101,7 @@ impl Engine for BuiltinEngine {
         // No separate KVM probe: on a paravirtual KVM creating a VM costs milliseconds, and
         // `Vm::new` says clearly why KVM cannot be used.
         let disk = open_disk(spec)?;
-        let bios = match &spec.console {
-            ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
-        };
+        let bios = spec.console.bios();
         let config = VmConfig {
             ram_mib: spec.ram_mib,
             boot: match media {
@@ -119,27 +115,24 @@ impl Engine for BuiltinEngine {
                 VideoOutput::VgaOnly
             },
         };
-        let (quit_tx, quit) = mpsc::channel();
-        let (console, socket): (Box<dyn Write + Send>, _) = match &spec.console {
-            ConsoleSpec::Terminal { .. } => (Box::new(Stdout), None),
-            ConsoleSpec::Socket { path, log, .. } => {
-                let socket = SocketConsole::bind(path, log.as_deref())?;
-                (Box::new(socket.clone()), Some(socket))
+        // The console is a socket server whatever it is shown on: a terminal is one more client.
+        let socket = match &spec.console {
+            ConsoleSpec::Terminal { .. } => {
+                SocketConsole::bind(&spec.dir.join(crate::state::TERMINAL_SOCKET), None)?
             }
+            ConsoleSpec::Socket { path, log, .. } => SocketConsole::bind(path, log.as_deref())?,
         };
-        let mut vm = Vm::new(config, Box::new(disk), console)?;
+        let mut vm = Vm::new(config, Box::new(disk), Box::new(socket.clone()))?;
         let handle = vm.handle();
-        let terminal = match socket {
-            Some(socket) => {
-                let input = handle.clone();
-                socket.serve(move |bytes| input.send_input(bytes));
-                None
+        let input = handle.clone();
+        socket.serve(move |bytes| input.send_input(bytes));
+        let terminal = match &spec.console {
+            ConsoleSpec::Terminal { .. } => {
+                let vm = handle.clone();
+                // Ending the VM wakes the supervisor, which then finds the quit.
+                Some(TerminalConsole::attach(&socket, move || vm.kill())?)
             }
-            None => {
-                let input = handle.clone();
-                thread::spawn(move || forward_stdin(&input, &quit_tx));
-                SavedTerminal::raw(0)
-            }
+            ConsoleSpec::Socket { .. } => None,
         };
         let (tx, ended) = mpsc::channel();
         let notify: Arc<EndHook> = Arc::default();
@@ -154,10 +147,9 @@ impl Engine for BuiltinEngine {
         Ok(Box::new(RunningBuiltin {
             handle,
             ended,
-            quit,
             end: None,
             notify,
-            _terminal: terminal,
+            terminal,
         }))
     }
 }
@@ -166,10 +158,10 @@ impl Engine for BuiltinEngine {
 struct RunningBuiltin {
     handle: VmHandle,
     ended: Receiver<Result<ExitReason, kiln_vmm::VmmError>>,
-    quit: Receiver<()>,
     end: Option<End>,
     notify: Arc<EndHook>,
-    _terminal: Option<SavedTerminal>,
+    /// A foreground VM's terminal relay.
+    terminal: Option<TerminalConsole>,
 }
 
 fn end_of(result: Result<ExitReason, kiln_vmm::VmmError>) -> End {
@@ -209,7 +201,7 @@ impl Running for RunningBuiltin {
         if let Some(end) = &self.end {
             return Some(end.clone());
         }
-        if self.quit.try_recv().is_ok() {
+        if self.terminal.as_ref().is_some_and(|t| t.quit_pressed()) {
             return Some(self.finish(End::Quit));
         }
         let result = self.ended.recv_timeout(timeout).ok()?;
@@ -235,44 +227,5 @@ impl Running for RunningBuiltin {
             "VM exits: {} total ({} port I/O, {} BIOS calls, {} MMIO, {} hlt)",
             c.total, c.io, c.bios, c.mmio, c.hlt
         ))
-    }
-}
-
-/// The guest's console output: straight to stdout, flushed per write so a pipe sees it at once.
-struct Stdout;
-
-impl Write for Stdout {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
-}
-
-/// Copies stdin to the guest through the escape decoder; ends at EOF or Ctrl-A X.
-fn forward_stdin(vm: &VmHandle, quit: &mpsc::Sender<()>) {
-    let mut stdin = std::io::stdin().lock();
-    let mut buf = [0u8; 512];
-    let mut escape = Escape::new(false);
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let mut out = Vec::with_capacity(n);
-        let action = escape.feed(&buf[..n], &mut out);
-        if !out.is_empty() {
-            vm.send_input(&out);
-        }
-        if action == Some(EscapeAction::Quit) {
-            let _ = quit.send(());
-            // Ending the VM wakes the supervisor, which then finds the quit.
-            vm.kill();
-            return;
-        }
     }
 }

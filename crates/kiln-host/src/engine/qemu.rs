@@ -4,16 +4,18 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use kiln_image::{BootMedia, Format};
 use kiln_qemu::{
-    Drive, DriveFormat, Launch, Machine, Media, MicrovmConfig, MicrovmDisk, QemuConfig, QemuIo,
-    QemuVm, SerialMode, UserNet, VmEnd,
+    BiosConsole, Drive, DriveFormat, Launch, Machine, Media, MicrovmConfig, MicrovmDisk,
+    QemuConfig, QemuIo, QemuVm, SerialMode, UserNet, VmEnd,
 };
+use kiln_vmm::{ConsoleMerge, MergeOrder};
 
 use super::{Engine, Running};
-use crate::console::SocketConsole;
+use crate::console::{SocketConsole, TerminalConsole};
 use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, NetSpec, VmSpec};
 
 /// QEMU as a kiln engine.
@@ -47,7 +49,11 @@ impl QemuEngine {
                     },
                     read_only: disk.read_only,
                 };
-                let mut config = QemuConfig::firmware(drive, qmp_socket);
+                let serial = SerialMode::Connect {
+                    path: serial_socket(spec),
+                    bios_console: spec.console.bios().then(|| bios_console(spec)),
+                };
+                let mut config = QemuConfig::firmware(drive, qmp_socket, serial);
                 config.binary = self.binary.clone();
                 config.machine = if self.kind == EngineKind::QemuQ35 {
                     Machine::Q35
@@ -58,22 +64,8 @@ impl QemuEngine {
                 config.memory_mib = spec.ram_mib;
                 config.vcpus = spec.vcpu;
                 config.name = Some(spec.name.clone());
-                let io;
-                config.serial = match &spec.console {
-                    ConsoleSpec::Terminal { bios } => {
-                        io = QemuIo::Terminal;
-                        SerialMode::Terminal {
-                            bios_console: *bios,
-                        }
-                    }
-                    ConsoleSpec::Socket { bios, .. } => {
-                        io = QemuIo::Detached { log: engine_log };
-                        SerialMode::Connect {
-                            path: serial_socket(spec),
-                            bios_console: *bios,
-                        }
-                    }
-                };
+                // The console is kiln's, on a terminal too: QEMU never touches the terminal.
+                let io = QemuIo::Detached { log: engine_log };
                 Ok((config.launch(), io))
             }
             Boot::Linux {
@@ -142,6 +134,17 @@ fn serial_socket(spec: &VmSpec) -> std::path::PathBuf {
     spec.dir.join(crate::state::SERIAL_SOCKET)
 }
 
+/// SeaBIOS's serial console on COM2, connected to the supervisor like COM1.
+fn bios_console(spec: &VmSpec) -> BiosConsole {
+    BiosConsole {
+        socket: spec.dir.join(crate::state::VIDEO_SOCKET),
+        port_file: spec.dir.join(SERCON_PORT_FILE),
+    }
+}
+
+/// The fw_cfg file that points SeaBIOS's serial console at COM2.
+const SERCON_PORT_FILE: &str = "sercon-port";
+
 /// What QEMU boots for a firmware disk: a raw image or ISO as it is (raw data names no other
 /// file), any other format as a private raw copy in the VM's directory, written by kiln's own
 /// reader. QEMU never parses a VMDK descriptor, a VHD, a VDI or a QCOW2 header itself, so no
@@ -205,18 +208,23 @@ impl Engine for QemuEngine {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
         prepare_disks(spec)?;
         let (launch, io) = self.launch(spec)?;
-        // The console server and the socket QEMU's serial port connects to exist before QEMU.
-        let console = match &spec.console {
-            ConsoleSpec::Socket { path, log, .. } => {
-                let server = SocketConsole::bind(path, log.as_deref())?;
-                let serial = serial_socket(spec);
-                let _ = std::fs::remove_file(&serial);
-                let listener = UnixListener::bind(&serial).map_err(|e| {
-                    HostError::io(format!("{}: cannot listen", serial.display()), e)
-                })?;
-                Some((server, listener, serial))
+        // The console server and the sockets QEMU's serial ports connect to exist before QEMU.
+        let server = match &spec.console {
+            ConsoleSpec::Socket { path, log, .. } => SocketConsole::bind(path, log.as_deref())?,
+            ConsoleSpec::Terminal { .. } => {
+                SocketConsole::bind(&spec.dir.join(crate::state::TERMINAL_SOCKET), None)?
             }
-            ConsoleSpec::Terminal { .. } => None,
+        };
+        let com1 = Listener::bind(serial_socket(spec))?;
+        let bios = match &spec.boot {
+            Boot::Firmware { .. } if spec.console.bios() => {
+                let bios = bios_console(spec);
+                bios.write_port_file().map_err(|e| {
+                    HostError::io(format!("{}: cannot write", bios.port_file.display()), e)
+                })?;
+                Some(Listener::bind(bios.socket)?)
+            }
+            _ => None,
         };
         tracing::info!(
             "{}: starting {} ({})",
@@ -225,18 +233,53 @@ impl Engine for QemuEngine {
             spec.accelerator.name()
         );
         let vm = QemuVm::spawn(&launch, &io)?;
-        if let Some((server, listener, serial)) = console {
-            // QEMU connects while it initialises its devices, before its QMP greeting.
-            let qemu = accept_within(&listener, Duration::from_secs(5)).map_err(|e| {
-                HostError::io(
-                    format!("{}: QEMU did not connect its serial port", serial.display()),
-                    e,
-                )
-            })?;
-            let _ = std::fs::remove_file(&serial);
-            pump(qemu, server)?;
-        }
-        Ok(Box::new(RunningQemu { vm }))
+        // QEMU connects while it initialises its devices, before its QMP greeting.
+        let com1 = com1.accept("its serial port")?;
+        let com2 = bios.map(|l| l.accept("its BIOS console")).transpose()?;
+        let pumped = pump(com1, com2, server.clone())?;
+        let terminal = match &spec.console {
+            ConsoleSpec::Terminal { .. } => {
+                let pid = vm.pid();
+                Some(TerminalConsole::attach(&server, move || {
+                    // Ending QEMU wakes the supervisor, which then finds the quit.
+                    kiln_sys::process::signal(pid, libc::SIGKILL);
+                })?)
+            }
+            ConsoleSpec::Socket { .. } => None,
+        };
+        Ok(Box::new(RunningQemu {
+            vm,
+            pumped,
+            terminal,
+            quit: false,
+        }))
+    }
+}
+
+/// A socket QEMU connects one of its serial ports to.
+struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    fn bind(path: PathBuf) -> Result<Listener, HostError> {
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| HostError::io(format!("{}: cannot listen", path.display()), e))?;
+        Ok(Listener { listener, path })
+    }
+
+    /// QEMU's connection (the socket file is removed: nobody else may connect).
+    fn accept(self, what: &str) -> Result<UnixStream, HostError> {
+        let stream = accept_within(&self.listener, Duration::from_secs(5)).map_err(|e| {
+            HostError::io(
+                format!("{}: QEMU did not connect {what}", self.path.display()),
+                e,
+            )
+        })?;
+        let _ = std::fs::remove_file(&self.path);
+        Ok(stream)
     }
 }
 
@@ -261,28 +304,136 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> std::io::Result<
     }
 }
 
+/// The most bytes one read from a QEMU serial socket takes.
+const CHUNK: usize = 4096;
+
 /// Copies the guest's serial output from QEMU into the console server, and what the server's
-/// clients type back to QEMU.
-fn pump(qemu: UnixStream, mut server: SocketConsole) -> Result<(), HostError> {
-    let to_guest = std::sync::Arc::new(
-        qemu.try_clone()
-            .map_err(|e| HostError::io("cannot clone QEMU's serial socket", e))?,
-    );
+/// clients type back to QEMU. With `com2` (SeaBIOS's serial console), keys go to both ports and
+/// the two outputs are merged into one stream by a [`ConsoleMerge`] in streams order. The
+/// receiver returned is disconnected once all of QEMU's output is in the server.
+fn pump(
+    com1: UnixStream,
+    com2: Option<UnixStream>,
+    mut server: SocketConsole,
+) -> Result<Receiver<()>, HostError> {
+    let (pumping, pumped) = std::sync::mpsc::channel::<()>();
+    let clone = |s: &UnixStream| {
+        s.try_clone()
+            .map_err(|e| HostError::io("cannot clone QEMU's serial socket", e))
+    };
+    let to_com1 = std::sync::Arc::new(clone(&com1)?);
+    let to_com2 = com2
+        .as_ref()
+        .map(clone)
+        .transpose()?
+        .map(std::sync::Arc::new);
     server.serve(move |bytes| {
-        let _ = (&*to_guest).write_all(bytes);
-    });
-    std::thread::spawn(move || {
-        let mut qemu = qemu;
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = qemu.read(&mut buf) {
-            let _ = server.write_all(&buf[..n]);
+        let _ = (&*to_com1).write_all(bytes);
+        if let Some(com2) = &to_com2 {
+            let _ = (&**com2).write_all(bytes);
         }
     });
-    Ok(())
+    let Some(com2) = com2 else {
+        std::thread::spawn(move || {
+            let _pumping = pumping;
+            let mut com1 = com1;
+            let mut buf = [0u8; CHUNK];
+            while let Ok(n @ 1..) = com1.read(&mut buf) {
+                let _ = server.write_all(&buf[..n]);
+            }
+        });
+        return Ok(pumped);
+    };
+    // Each chunk with the time it was read: the merge's clock is when bytes arrived, not
+    // when a busy host got round to merging them.
+    enum Port {
+        Com1(Instant, Vec<u8>),
+        Com2(Instant, Vec<u8>),
+        Com1Closed,
+    }
+    // Bounded: a guest that prints faster than the console takes waits in QEMU.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Port>(64);
+    let read = |mut from: UnixStream, tx: std::sync::mpsc::SyncSender<Port>, com1: bool| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; CHUNK];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                let (at, data) = (Instant::now(), buf[..n].to_vec());
+                let port = if com1 {
+                    Port::Com1(at, data)
+                } else {
+                    Port::Com2(at, data)
+                };
+                if tx.send(port).is_err() {
+                    return;
+                }
+            }
+            if com1 {
+                let _ = tx.send(Port::Com1Closed);
+            }
+        });
+    };
+    read(com1, tx.clone(), true);
+    read(com2, tx, false);
+    std::thread::spawn(move || {
+        let _pumping = pumping;
+        let mut merge = ConsoleMerge::new(MergeOrder::Streams);
+        let mut out = Vec::new();
+        loop {
+            let event = match merge.deadline() {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx
+                    .recv()
+                    .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+            };
+            let done = match event {
+                Ok(Port::Com1(at, data)) => {
+                    merge.tick(at, &mut out);
+                    merge.serial(&data, at, &mut out);
+                    false
+                }
+                Ok(Port::Com2(at, data)) => {
+                    merge.tick(at, &mut out);
+                    merge.video(&data, at, &mut out);
+                    false
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    merge.tick(Instant::now(), &mut out);
+                    false
+                }
+                Ok(Port::Com1Closed) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    merge.flush(&mut out);
+                    true
+                }
+            };
+            if !out.is_empty() {
+                let _ = server.write_all(&out);
+                out.clear();
+            }
+            if done {
+                return;
+            }
+        }
+    });
+    Ok(pumped)
 }
 
 struct RunningQemu {
     vm: QemuVm,
+    /// Disconnected once QEMU's output is all in the console.
+    pumped: Receiver<()>,
+    /// A foreground VM's terminal relay.
+    terminal: Option<TerminalConsole>,
+    /// The user pressed Ctrl-A X on it.
+    quit: bool,
+}
+
+impl Drop for RunningQemu {
+    /// QEMU ends first, then its last output reaches the console, then (as the fields drop)
+    /// a terminal relay shows it.
+    fn drop(&mut self) {
+        self.vm.kill();
+        let _ = self.pumped.recv_timeout(Duration::from_secs(1));
+    }
 }
 
 /// What QEMU's account of its end means.
@@ -329,11 +480,23 @@ impl Running for RunningQemu {
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Option<End> {
+        if !self.quit && self.terminal.as_ref().is_some_and(|t| t.quit_pressed()) {
+            self.quit = true;
+            self.vm.kill();
+        }
+        if self.quit {
+            return Some(End::Quit);
+        }
         self.vm.wait_timeout(Some(timeout)).map(end_of)
     }
 
     fn kill(&mut self) -> End {
-        end_of(self.vm.kill())
+        let end = end_of(self.vm.kill());
+        if self.quit {
+            End::Quit
+        } else {
+            end
+        }
     }
 
     fn on_end(&mut self, notify: Box<dyn FnOnce() + Send>) {

@@ -77,6 +77,7 @@ pub(super) fn int14(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
             ctx.r.set_ah(lsr & !TIMEOUT);
         }
         0x02 => loop {
+            fw.console.idle();
             // Block (no polling) until a byte arrives or the VM is killed.
             if fw.shared.killed.load(Ordering::SeqCst) {
                 return ServiceOutcome::Exit(ExitReason::Killed);

@@ -244,10 +244,7 @@ impl Firmware {
         }
         let out = std::mem::take(&mut self.mirror.out);
         if self.video == VideoOutput::Console {
-            let _ = self
-                .console
-                .write_all(&out)
-                .and_then(|_| self.console.flush());
+            let _ = self.console.video(&out);
         }
     }
 
@@ -259,6 +256,8 @@ impl Firmware {
             self.mirror.goto(row, col, m.cols);
             self.flush_mirror();
         }
+        // The guest waits: nothing it printed may stay held.
+        self.console.idle();
     }
 }
 

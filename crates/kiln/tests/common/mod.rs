@@ -172,6 +172,27 @@ impl Session {
         }
     }
 
+    /// Waits until `needle` appears after what earlier calls consumed, then until the output
+    /// has been quiet for `quiet` (so a late duplicate has every chance to show); returns, and
+    /// consumes, everything after what earlier calls consumed.
+    pub fn settle_until(&mut self, needle: &str, timeout: Duration, quiet: Duration) -> String {
+        let from = self.seen;
+        self.expect(needle, timeout);
+        let mut len = self.out.lock().unwrap().len();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet {
+            thread::sleep(Duration::from_millis(10));
+            let now = self.out.lock().unwrap().len();
+            if now != len {
+                len = now;
+                since = Instant::now();
+            }
+        }
+        let out = self.out.lock().unwrap();
+        self.seen = out.len();
+        String::from_utf8_lossy(&out[from.min(out.len())..]).into_owned()
+    }
+
     pub fn send(&mut self, text: &str) {
         self.stdin.write_all(text.as_bytes()).unwrap();
         self.stdin.flush().unwrap();
