@@ -456,6 +456,15 @@ impl Host {
         self.end_now(name, Request::Kill)
     }
 
+    /// Saves a PNG picture of the running VM's screen to `path`.
+    pub fn screendump(&self, name: &str, path: &Path) -> Result<(), HostError> {
+        let rec = self.running(name)?;
+        // The supervisor runs elsewhere (its own working directory): give it a full path.
+        let path = std::path::absolute(path)
+            .map_err(|e| HostError::io(format!("{}: cannot resolve", path.display()), e))?;
+        supervisor::screendump(name, &rec.meta.control_socket, &path)
+    }
+
     /// Ends the VM at once because its console's user quit (Ctrl-A X).
     pub fn quit(&self, name: &str) -> Result<End, HostError> {
         self.end_now(name, Request::Quit)

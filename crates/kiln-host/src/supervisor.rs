@@ -31,6 +31,15 @@ pub enum Request {
     Kill,
     /// End the VM at once because its console's user quit (Ctrl-A X).
     Quit,
+    /// Write a PNG picture of the screen to `path`; answered at once with a [`Done`].
+    Screendump { path: std::path::PathBuf },
+}
+
+/// The answer to a request that does not wait for the VM's end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Done {
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 /// The supervisor's answer, sent when the VM has ended.
@@ -154,6 +163,38 @@ pub(crate) fn request(
     Ok(reply.end)
 }
 
+/// Asks the supervisor on `socket` for a PNG of the screen at `path` (absolute).
+pub(crate) fn screendump(name: &str, socket: &Path, path: &Path) -> Result<(), HostError> {
+    let control = |detail: String| HostError::Control {
+        name: name.to_string(),
+        detail,
+    };
+    let mut conn = UnixStream::connect(socket).map_err(|e| {
+        control(format!(
+            "cannot reach its supervisor at {}: {e}",
+            socket.display()
+        ))
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| control(e.to_string()))?;
+    let mut line = serde_json::to_string(&Request::Screendump {
+        path: path.to_path_buf(),
+    })
+    .map_err(|e| control(e.to_string()))?;
+    line.push('\n');
+    conn.write_all(line.as_bytes())
+        .map_err(|e| control(format!("cannot send to its supervisor: {e}")))?;
+    let mut answer = String::new();
+    BufReader::new(conn.take(1 << 16))
+        .read_line(&mut answer)
+        .map_err(|_| control("no screen within 10 s".into()))?;
+    match serde_json::from_str::<Done>(&answer) {
+        Ok(Done { error: None }) => Ok(()),
+        Ok(Done { error: Some(e) }) => Err(control(e)),
+        Err(_) => Err(control("it ended before its screen could be saved".into())),
+    }
+}
+
 /// Runs `vm` until it ends, answering signals and control requests: a stop presses the power
 /// button and kills the VM if it is still running `stop_timeout` later.
 pub(crate) fn supervise(
@@ -202,7 +243,17 @@ pub(crate) fn supervise(
                 }
                 Event::Signal if deadline.is_some() => break 'run vm.kill(),
                 Event::Signal => stop_timeout,
-                Event::Control(incoming) => {
+                Event::Control(mut incoming) => {
+                    if let Request::Screendump { path } = &incoming.request {
+                        let done = Done {
+                            error: vm.screendump(path).err().map(|e| e.to_string()),
+                        };
+                        if let Ok(mut line) = serde_json::to_string(&done) {
+                            line.push('\n');
+                            let _ = incoming.reply.write_all(line.as_bytes());
+                        }
+                        continue;
+                    }
                     let what = incoming.request.clone();
                     if waiting.len() < MAX_WAITING {
                         waiting.push(incoming);
@@ -213,6 +264,7 @@ pub(crate) fn supervise(
                             vm.kill();
                             break 'run End::Quit;
                         }
+                        Request::Screendump { .. } => continue,
                         Request::Stop { timeout_s } => {
                             let t = if timeout_s.is_finite() {
                                 timeout_s

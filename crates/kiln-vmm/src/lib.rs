@@ -30,6 +30,7 @@ pub mod devices;
 mod disk;
 mod error;
 pub mod firmware;
+mod screen;
 mod shared;
 mod vmm;
 pub mod vstate;
@@ -37,6 +38,7 @@ pub mod vstate;
 pub use console::{ConsoleMerge, MergeOrder};
 pub use disk::{Disk, FileDisk, MemDisk};
 pub use error::VmmError;
+pub use screen::Screenshot;
 pub use shared::VmHandle;
 pub use vmm::{ExitCounters, ExitReason, Vm};
 

@@ -94,9 +94,15 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct VmHandle {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) mem: crate::vstate::memory::GuestMem,
 }
 
 impl VmHandle {
+    /// A picture of the guest's screen as it is now (see [`crate::Screenshot`]).
+    pub fn screenshot(&self) -> crate::Screenshot {
+        crate::screen::capture(&self.mem)
+    }
+
     /// Presses the ACPI power button: sets PWRBTN_STS (bit 8 of PM1a_STS at port 0x600).
     ///
     /// There is no irqchip, so no SCI is raised; guests see the press by polling PM1_STS.

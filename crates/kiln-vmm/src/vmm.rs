@@ -161,6 +161,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             shared: self.shared.clone(),
+            mem: self.mem.clone(),
         }
     }
 

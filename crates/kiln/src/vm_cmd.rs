@@ -56,6 +56,13 @@ pub enum ManageCommand {
     },
     /// End a VM at once.
     Kill { name: String },
+    /// Save a picture of the VM's screen as PNG (firmware VMs: the BIOS text screen or mode
+    /// 13h; QEMU through its own screendump).
+    Screendump {
+        name: String,
+        /// The PNG file to write.
+        file: std::path::PathBuf,
+    },
     /// Delete a stopped VM's files (overlay, disks, logs); never a base image.
     Rm {
         name: String,
@@ -244,6 +251,10 @@ pub fn manage(host: &Host, cmd: ManageCommand) -> anyhow::Result<ExitCode> {
         ManageCommand::Kill { name } => {
             let end = host.kill(&name)?;
             crate::out(format_args!("{name}: {end}"));
+        }
+        ManageCommand::Screendump { name, file } => {
+            host.screendump(&name, &file)?;
+            crate::out(format_args!("{name}: screen saved to {}", file.display()));
         }
         ManageCommand::Rm { name, force } => {
             host.remove(&name, force)?;

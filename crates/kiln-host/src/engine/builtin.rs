@@ -221,6 +221,11 @@ impl Running for RunningBuiltin {
         self.notify.set(notify);
     }
 
+    fn screendump(&mut self, path: &std::path::Path) -> Result<(), HostError> {
+        let shot = self.handle.screenshot();
+        super::write_png(path, shot.width, shot.height, &shot.rgb)
+    }
+
     fn statistics(&self) -> Option<String> {
         let c = self.handle.counters();
         Some(format!(

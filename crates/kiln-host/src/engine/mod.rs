@@ -37,10 +37,43 @@ pub trait Running: Send {
     fn kill(&mut self) -> End;
     /// Runs `notify` (on any thread) once the VM has ended; at once if it already has.
     fn on_end(&mut self, notify: Box<dyn FnOnce() + Send>);
+    /// Writes a PNG picture of the VM's screen to `path` (atomically).
+    fn screendump(&mut self, path: &std::path::Path) -> Result<(), HostError> {
+        Err(HostError::invalid(
+            "screendump",
+            path.display(),
+            "this engine has no screen to show",
+        ))
+    }
     /// Engine statistics worth a log line when the VM has ended.
     fn statistics(&self) -> Option<String> {
         None
     }
+}
+
+/// Writes an RGB picture (`width * height * 3` bytes) to `path` as PNG, atomically.
+pub(crate) fn write_png(
+    path: &std::path::Path,
+    width: u32,
+    height: u32,
+    rgb: &[u8],
+) -> Result<(), HostError> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .write_header()
+        .and_then(|mut w| w.write_image_data(rgb))
+        .map_err(|e| {
+            HostError::invalid(
+                "screendump",
+                path.display(),
+                format!("cannot encode PNG: {e}"),
+            )
+        })?;
+    kiln_sys::temp::write_atomic(path, &bytes, None, 0o644)
+        .map_err(|e| HostError::io(format!("{}: cannot write", path.display()), e))
 }
 
 /// The engine of `kind`.

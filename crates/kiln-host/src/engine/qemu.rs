@@ -249,6 +249,7 @@ impl Engine for QemuEngine {
         };
         Ok(Box::new(RunningQemu {
             vm,
+            dir: spec.dir.clone(),
             pumped,
             terminal,
             quit: false,
@@ -419,6 +420,8 @@ fn pump(
 
 struct RunningQemu {
     vm: QemuVm,
+    /// The VM's directory: QEMU writes its screendump there, never where the user asked.
+    dir: PathBuf,
     /// Disconnected once QEMU's output is all in the console.
     pumped: Receiver<()>,
     /// A foreground VM's terminal relay.
@@ -467,6 +470,25 @@ fn end_of(e: VmEnd) -> End {
 impl Running for RunningQemu {
     fn pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    /// QEMU's own `screendump` (PNG) into the VM's directory, then copied to `path` by kiln,
+    /// so QEMU never opens a file the user named.
+    fn screendump(&mut self, path: &std::path::Path) -> Result<(), HostError> {
+        let shot = self.dir.join("screendump.png");
+        let _ = std::fs::remove_file(&shot);
+        self.vm
+            .qmp()
+            .execute(
+                "screendump",
+                Some(serde_json::json!({"filename": shot, "format": "png"})),
+            )
+            .map_err(|e| HostError::invalid("screendump", path.display(), format!("QEMU: {e}")))?;
+        let bytes = std::fs::read(&shot)
+            .map_err(|e| HostError::io(format!("{}: cannot read", shot.display()), e));
+        let _ = std::fs::remove_file(&shot);
+        kiln_sys::temp::write_atomic(path, &bytes?, None, 0o644)
+            .map_err(|e| HostError::io(format!("{}: cannot write", path.display()), e))
     }
 
     fn settle(&mut self) {

@@ -19,7 +19,7 @@ mod eltorito;
 mod misc;
 mod regs;
 mod serial;
-mod video;
+pub(crate) mod video;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

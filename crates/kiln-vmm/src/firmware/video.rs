@@ -17,7 +17,7 @@ use crate::vstate::memory::{GuestMem, VGA_GRAPHICS_START, VGA_MONO_TEXT_START, V
 use crate::VideoOutput;
 
 const ROWS: u64 = 25;
-const BDA_MODE: u64 = BDA_BASE + 0x49;
+pub(crate) const BDA_MODE: u64 = BDA_BASE + 0x49;
 const BDA_COLS: u64 = BDA_BASE + 0x4a;
 const BDA_PAGE_SIZE: u64 = BDA_BASE + 0x4c;
 const BDA_PAGE_START: u64 = BDA_BASE + 0x4e;
@@ -59,7 +59,7 @@ pub(crate) fn mode_info(mode: u8) -> Option<Mode> {
 }
 
 /// The current mode, from the BDA (the guest can write it: anything unknown is mode 3).
-fn current(mem: &GuestMem) -> Mode {
+pub(crate) fn current(mem: &GuestMem) -> Mode {
     let mode: u8 = mem.read_obj(vm_memory::GuestAddress(BDA_MODE)).unwrap_or(3);
     mode_info(mode & 0x7f).unwrap_or(Mode {
         cols: 80,
