@@ -1,6 +1,7 @@
 //! Every image `kiln build` writes boots on real QEMU (TCG, or KVM with hardware virtualization),
-//! on both pc and q35, and on kiln's builtin VMM (KVM): banner on serial, the reversing REPL,
-//! and a clean ACPI power-off through `kiln stop` or SIGTERM.
+//! on both pc and q35, and on kiln's builtin VMM (KVM): the original program's dialogue on
+//! serial (banner, prompt, echo, the reversed line, the prompt again), and a clean ACPI
+//! power-off through `kiln stop` or SIGTERM.
 
 mod common;
 
@@ -48,12 +49,17 @@ fn boot_and_power_off(engine: &str, file: &str, stop: Stop) {
     args.extend_from_slice(engine_args);
     args.push(image.to_str().unwrap());
     let mut s = Session::start(&args);
-    s.expect("ClientAPI\r\n", BOOT);
-    s.send("hello\r");
-    s.expect("olleh\r\n", REPLY);
+    // The original program's dialogue: banner and prompt; typed characters (50 ms apart)
+    // echoed; the reply and the prompt again.
+    s.expect("ClientAPI\r\n$ ", BOOT);
+    for c in "hello\r".chars() {
+        s.send(&c.to_string());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.expect("hello\r\nolleh\r\n$ ", REPLY);
     let (line, rev) = line80();
     s.send(&format!("{line}\n"));
-    s.expect(&format!("{rev}\r\n"), REPLY);
+    s.expect(&format!("{line}\r\n{rev}\r\n$ "), REPLY);
 
     // kiln presses the ACPI power button and the guest powers off.
     let pressed = Instant::now();
