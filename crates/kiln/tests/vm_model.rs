@@ -91,10 +91,17 @@ fn supervisor_killed(engine: &str) {
         Duration::from_secs(5),
         || !kiln_sys::process::alive(engine_pid, rec.meta.pid_start),
     );
-    // The registry says stopped, and why.
-    let listed: serde_json::Value =
-        serde_json::from_slice(&kiln_in(home.path(), &["ps", "--json"]).stdout).unwrap();
-    assert_eq!(listed[0]["meta"]["state"], "stopped", "{listed}");
+    // The registry says stopped, and why: as soon as the last of the killed process's threads
+    // has let go of its lock (its main thread can be a zombie a moment before).
+    let ps = || -> serde_json::Value {
+        serde_json::from_slice(&kiln_in(home.path(), &["ps", "--json"]).stdout).unwrap()
+    };
+    wait_for(
+        "the registry to say stopped",
+        Duration::from_secs(5),
+        || ps()[0]["meta"]["state"] == "stopped",
+    );
+    let listed = ps();
     assert_eq!(listed[0]["meta"]["end"]["kind"], "crashed", "{listed}");
     let why = listed[0]["meta"]["exit_reason"].as_str().unwrap();
     assert!(why.contains("supervisor"), "{why}");

@@ -358,16 +358,34 @@ pub struct KillOnDrop(pub PathBuf);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let host = kiln_host::Host::new(self.0.clone()).with_supervisor(KILN);
-        for entry in host.entries().unwrap_or_default() {
-            match entry.record() {
-                Some(rec) if rec.is_alive() => {
-                    let _ = host.kill(&rec.meta.name);
-                }
-                Some(rec) if rec.effective_state() != kiln_host::VmState::Creating => {}
-                _ => {
-                    let _ = host.remove(entry.name(), true);
-                }
+        end_vms(&self.0, None);
+    }
+}
+
+/// [`KillOnDrop`] for one VM of a `KILN_HOME` that other tests share.
+pub struct KillVmOnDrop(pub PathBuf, pub String);
+
+impl Drop for KillVmOnDrop {
+    fn drop(&mut self) {
+        end_vms(&self.0, Some(&self.1));
+    }
+}
+
+/// Ends every VM under `home` (or only `name`): running ones are killed; ones still being
+/// created and broken ones are removed with `--force`.
+fn end_vms(home: &Path, name: Option<&str>) {
+    let host = kiln_host::Host::new(home.to_path_buf()).with_supervisor(KILN);
+    for entry in host.entries().unwrap_or_default() {
+        if name.is_some_and(|n| n != entry.name()) {
+            continue;
+        }
+        match entry.record() {
+            Some(rec) if rec.is_alive() => {
+                let _ = host.kill(&rec.meta.name);
+            }
+            Some(rec) if rec.effective_state() != kiln_host::VmState::Creating => {}
+            _ => {
+                let _ = host.remove(entry.name(), true);
             }
         }
     }
