@@ -127,7 +127,34 @@ impl Guest {
         };
         // The FADT discovery leaves EDI on the DSDT's "_S5_" name and BP/SI on
         // PM1a_EVT_BLK/PM1a_CNT_BLK read from the FADT (QEMU + SeaBIOS: 0x600/0x604).
-        let regs = hmp("info registers");
+        // The program idles in hlt with interrupts on, so a snapshot may catch the CPU in a
+        // BIOS interrupt handler: take one while it runs the program's own code.
+        let in_program = |regs: &str| -> bool {
+            let hex = |s: Option<&str>| s.and_then(|s| u64::from_str_radix(s, 16).ok());
+            // `CS =SEL BASE LIMIT FLAGS` and `EIP=XXXXXXXX`.
+            let cs_base = regs
+                .find("CS =")
+                .and_then(|at| hex(regs[at + 4..].split_whitespace().nth(1)));
+            let eip = regs
+                .find("EIP=")
+                .and_then(|at| hex(regs[at + 4..].get(..8)));
+            match (cs_base, eip) {
+                (Some(base), Some(ip)) => (0x7C00..0x7D00).contains(&(base + ip)),
+                _ => false,
+            }
+        };
+        let mut regs = hmp("info registers");
+        for _ in 0..200 {
+            if in_program(&regs) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            regs = hmp("info registers");
+        }
+        assert!(
+            in_program(&regs),
+            "never caught the CPU in the program: {regs}"
+        );
         let reg = |name: &str| -> u64 {
             let at = regs
                 .find(&format!("{name}="))
