@@ -126,17 +126,25 @@ fn serve_control(path: &Path, events: Sender<Event>) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Sends `request` to the supervisor on `socket` and waits up to `wait` for the VM's end.
-pub(crate) fn request(
+/// The error of a control exchange with `name`'s supervisor.
+fn control_error(name: &str, detail: String) -> HostError {
+    HostError::Control {
+        name: name.to_string(),
+        detail,
+    }
+}
+
+/// Sends `request` to the supervisor on `socket` and reads its one-line answer (empty when it
+/// closed the socket without one), waiting up to `wait`; `late` says what did not happen in
+/// time.
+fn exchange(
     name: &str,
     socket: &Path,
     request: &Request,
     wait: Duration,
-) -> Result<End, HostError> {
-    let control = |detail: String| HostError::Control {
-        name: name.to_string(),
-        detail,
-    };
+    late: &str,
+) -> Result<String, HostError> {
+    let control = |detail: String| control_error(name, detail);
     let mut conn = UnixStream::connect(socket).map_err(|e| {
         control(format!(
             "cannot reach its supervisor at {}: {e}",
@@ -152,46 +160,49 @@ pub(crate) fn request(
     let mut answer = String::new();
     BufReader::new(conn.take(1 << 16))
         .read_line(&mut answer)
-        .map_err(|_| control(format!("did not end within {} s", wait.as_secs())))?;
+        .map_err(|_| control(late.to_string()))?;
+    Ok(answer)
+}
+
+/// Sends `request` to the supervisor on `socket` and waits up to `wait` for the VM's end.
+pub(crate) fn request(
+    name: &str,
+    socket: &Path,
+    request: &Request,
+    wait: Duration,
+) -> Result<End, HostError> {
+    let late = format!("did not end within {} s", wait.as_secs());
+    let answer = exchange(name, socket, request, wait, &late)?;
     if answer.is_empty() {
-        return Err(control(
+        return Err(control_error(
+            name,
             "its supervisor closed the control socket without an answer".into(),
         ));
     }
     let reply: Reply = serde_json::from_str(&answer)
-        .map_err(|e| control(format!("unreadable answer from its supervisor: {e}")))?;
+        .map_err(|e| control_error(name, format!("unreadable answer from its supervisor: {e}")))?;
     Ok(reply.end)
 }
 
 /// Asks the supervisor on `socket` for a PNG of the screen at `path` (absolute).
 pub(crate) fn screendump(name: &str, socket: &Path, path: &Path) -> Result<(), HostError> {
-    let control = |detail: String| HostError::Control {
-        name: name.to_string(),
-        detail,
-    };
-    let mut conn = UnixStream::connect(socket).map_err(|e| {
-        control(format!(
-            "cannot reach its supervisor at {}: {e}",
-            socket.display()
-        ))
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| control(e.to_string()))?;
-    let mut line = serde_json::to_string(&Request::Screendump {
+    let request = Request::Screendump {
         path: path.to_path_buf(),
-    })
-    .map_err(|e| control(e.to_string()))?;
-    line.push('\n');
-    conn.write_all(line.as_bytes())
-        .map_err(|e| control(format!("cannot send to its supervisor: {e}")))?;
-    let mut answer = String::new();
-    BufReader::new(conn.take(1 << 16))
-        .read_line(&mut answer)
-        .map_err(|_| control("no screen within 10 s".into()))?;
+    };
+    let answer = exchange(
+        name,
+        socket,
+        &request,
+        Duration::from_secs(10),
+        "no screen within 10 s",
+    )?;
     match serde_json::from_str::<Done>(&answer) {
         Ok(Done { error: None }) => Ok(()),
-        Ok(Done { error: Some(e) }) => Err(control(e)),
-        Err(_) => Err(control("it ended before its screen could be saved".into())),
+        Ok(Done { error: Some(e) }) => Err(control_error(name, e)),
+        Err(_) => Err(control_error(
+            name,
+            "it ended before its screen could be saved".into(),
+        )),
     }
 }
 
