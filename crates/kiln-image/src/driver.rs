@@ -37,8 +37,10 @@ pub(crate) struct Driver {
     /// place with [`ImageError::Unsupported`]. `None` when no layout of the format is (then
     /// [`Driver::open_rw`] refuses every file).
     pub(crate) in_place: Option<OpenRwFn>,
-    /// Validate the structure thoroughly (like `qemu-img check`) for [`crate::inspect`].
-    /// Damage that prevents reading is an `Err`; anything else goes into [`Check::problems`].
+    /// Validate the structure thoroughly (like `qemu-img check`) for [`crate::inspect`]:
+    /// opening through the reader first, as [`Driver::open`] does, so `inspect` refuses all
+    /// that converting would. Damage that prevents reading is an `Err`; anything else goes
+    /// into [`Check::problems`].
     pub(crate) check: fn(path: &Path) -> Result<Check, ImageError>,
     /// Write an image in this format.
     pub(crate) write: WriteFn,

@@ -349,9 +349,9 @@ pub fn open_rw(path: &Path) -> Result<Box<dyn ImageDevice>, ImageError> {
 pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
     let format = detect(path)?;
     let driver = driver::driver(format);
-    // Opening validates every table and mapping (what converting relies on); the check then
-    // looks deeper at an image known to be bounded by its file's size.
-    (driver.open)(path)?;
+    // Every driver's check opens the image through its reader first, which validates every
+    // table and mapping (what converting relies on), then looks deeper at an image known to
+    // be bounded by its file's size.
     let driver::Check {
         virtual_size,
         files,

@@ -228,9 +228,8 @@ impl Drop for TempOut {
     }
 }
 
-pub(crate) fn parent_dir(p: &Path) -> PathBuf {
-    kiln_sys::temp::parent_dir(p)
-}
+/// The directory a path is in (`.` for a bare name).
+pub(crate) use kiln_sys::temp::parent_dir;
 
 /// fsync every output (unless `fsync` is false), then rename them into place in order and
 /// fsync their directories.

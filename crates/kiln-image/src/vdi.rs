@@ -368,28 +368,12 @@ impl ImageReader for VdiReader {
     }
 }
 
-/// Structural check: block map entries unique and inside the file, counts consistent.
+/// Structural check: counts consistent (opening already refused map entries that leave the
+/// file or share a block).
 fn check(path: &Path) -> Result<Check, ImageError> {
     let r = VdiReader::open(path)?;
     let mut problems = Vec::new();
-    let mut seen = vec![false; r.hdr.blocks_allocated as usize];
-    let mut count = 0u64;
-    for (i, &e) in r.map.iter().enumerate() {
-        if e >= ZEROED {
-            continue;
-        }
-        count += 1;
-        if seen[e as usize] {
-            problems.push(format!(
-                "block {e} is used by more than one map entry (entry {i})"
-            ));
-        }
-        seen[e as usize] = true;
-        if problems.len() > 50 {
-            problems.push("too many problems; stopping".into());
-            break;
-        }
-    }
+    let count = r.map.iter().filter(|&&e| e < ZEROED).count() as u64;
     if count != r.hdr.blocks_allocated {
         problems.push(format!(
             "header says {} blocks allocated but the block map uses {count}",

@@ -70,6 +70,8 @@ impl Refs {
 
 /// Walk all metadata and compare reference counts, like `qemu-img check`.
 pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
+    // Opening validates every table first (and reads the compressed clusters below).
+    let mut reader = super::Qcow2Reader::open_mode(path, false)?;
     let file = util::open_ro(path)?;
     let hdr = read_header(path, &file)?;
     let len = util::file_len(&file, path)?;
@@ -121,7 +123,6 @@ pub(crate) fn check(path: &Path) -> Result<Check, ImageError> {
     // reader (the tables were validated when it opened, so there are at most as many as the
     // file has L2 entries).
     if !compressed_guest.is_empty() {
-        let mut reader = super::Qcow2Reader::open_mode(path, false)?;
         let mut buf = vec![0u8; cs as usize];
         for guest in compressed_guest {
             let n = cs.min(hdr.size.saturating_sub(guest)) as usize;

@@ -20,27 +20,18 @@ pub(super) fn check(path: &Path) -> Result<Check, ImageError> {
         if !s.compressed {
             continue;
         }
-        for gt_idx in 0..s.gd.len() {
-            let Some(gt) = s.load_gt(gt_idx)? else {
-                continue;
-            };
-            let gt = gt.to_vec();
-            for (j, &g) in gt.iter().enumerate() {
-                if g == 0 || (g == 1 && s.zero_grains) {
-                    continue;
-                }
-                if let Err(err) = s.inflate_grain(g as u64 * 512) {
-                    problems.push(format!("grain {gt_idx}/{j}: {err}"));
-                    if problems.len() > 50 {
-                        problems.push("too many problems; stopping".into());
-                        return Ok(Check {
-                            virtual_size: r.size,
-                            files: r.files,
-                            problems,
-                        });
-                    }
+        s.for_each_grain(|s, gt_idx, j, off| {
+            if let Err(err) = s.inflate_grain(off) {
+                problems.push(format!("grain {gt_idx}/{j}: {err}"));
+                if problems.len() > 50 {
+                    problems.push("too many problems; stopping".into());
+                    return Ok(false);
                 }
             }
+            Ok(true)
+        })?;
+        if problems.len() > 50 {
+            break;
         }
     }
     Ok(Check {

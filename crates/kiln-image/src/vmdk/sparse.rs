@@ -186,6 +186,29 @@ impl SparseExtent {
         }
         claims.check()?;
         let mut marker = [0u8; 12];
+        self.for_each_grain(|s, gt_idx, j, off| {
+            let index = gt_idx as u64 * s.gt_entries + j as u64;
+            let bytes = if s.compressed {
+                if off + 12 > s.file_len {
+                    claims.claim(off, 12, "compressed grain", index)?;
+                }
+                util::read_exact_at(&s.file, &s.path, &mut marker, off, Format::Vmdk)?;
+                12 + s.compressed_size(off, &marker)?
+            } else {
+                s.grain
+            };
+            claims.claim(off, bytes, "grain", index)?;
+            Ok(true)
+        })
+    }
+
+    /// Calls `f(self, table, entry, file offset)` for every allocated grain, table by table,
+    /// until it returns `false`: the one walk of the grain tables that opening and checking
+    /// share (unallocated and zero grains are skipped).
+    pub(super) fn for_each_grain(
+        &mut self,
+        mut f: impl FnMut(&Self, usize, usize, u64) -> Result<bool, ImageError>,
+    ) -> Result<(), ImageError> {
         for gt_idx in 0..self.gd.len() {
             let Some(gt) = self.load_gt(gt_idx)? else {
                 continue;
@@ -195,18 +218,9 @@ impl SparseExtent {
                 if g == 0 || (g == 1 && self.zero_grains) {
                     continue;
                 }
-                let index = gt_idx as u64 * self.gt_entries + j as u64;
-                let off = g as u64 * 512;
-                let bytes = if self.compressed {
-                    if off + 12 > self.file_len {
-                        claims.claim(off, 12, "compressed grain", index)?;
-                    }
-                    util::read_exact_at(&self.file, &self.path, &mut marker, off, Format::Vmdk)?;
-                    12 + self.compressed_size(off, &marker)?
-                } else {
-                    self.grain
-                };
-                claims.claim(off, bytes, "grain", index)?;
+                if !f(self, gt_idx, j, g as u64 * 512)? {
+                    return Ok(());
+                }
             }
         }
         Ok(())
