@@ -4,6 +4,8 @@
 //! `olleh` within 2 s; `system_powerdown` on the monitor: QEMU exits within 5 s. Plus what the
 //! original does better than kiln's used to: an idle guest costs (almost) no host CPU.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -24,12 +26,7 @@ impl Drop for Qemu {
 }
 
 fn boot(dir: &Path) -> Qemu {
-    let program = kiln_boot::program().expect("program assembles");
-    let sector = kiln_boot::boot_sector(&program).expect("boot sector");
-    let img = dir.join("boot.img");
-    let mut image = vec![0u8; 1 << 20];
-    image[..512].copy_from_slice(&sector);
-    std::fs::write(&img, image).unwrap();
+    let img = common::disk_image(dir);
     let (serial, monitor) = (dir.join("serial.sock"), dir.join("monitor.sock"));
     let child = Command::new("qemu-system-x86_64")
         .args([

@@ -2,12 +2,16 @@
 //! banner on COM1, the reversing REPL, and ACPI power-off via QMP
 //! `system_powerdown`. Needs `qemu-system-x86_64` (and `xorriso` for the CD).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+
+use common::disk_image;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -205,16 +209,6 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn disk_image(dir: &Path) -> PathBuf {
-    let program = kiln_boot::program().expect("program assembles");
-    let sector = kiln_boot::boot_sector(&program).expect("boot sector");
-    let mut image = vec![0u8; 1 << 20];
-    image[..512].copy_from_slice(&sector);
-    let path = dir.join("boot.img");
-    std::fs::write(&path, image).expect("write boot.img");
-    path
 }
 
 /// What the program prints for a typed line whose kept characters are `kept`: the echo,

@@ -8,11 +8,6 @@ use kiln_image::{convert, inspect, open, BlockStatus, Format, ImageError};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-fn patch(path: &Path, off: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
 fn copy_to(src: &Path, dst: &Path) -> PathBuf {
     std::fs::copy(src, dst).unwrap();
     dst.to_path_buf()

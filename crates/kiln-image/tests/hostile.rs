@@ -14,11 +14,6 @@ use kiln_image::{convert_with, inspect, Format, ImageError, WriteOptions};
 
 const LIMIT: Duration = Duration::from_secs(2);
 
-fn put(path: &Path, at: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, at).unwrap();
-}
-
 fn be32(v: u32) -> [u8; 4] {
     v.to_be_bytes()
 }
@@ -92,7 +87,7 @@ fn qcow2(path: &Path, size: u64, refcount_order: u32, rt_clusters: u32, extra: u
     h[56..60].copy_from_slice(&be32(rt_clusters));
     h[96..100].copy_from_slice(&be32(refcount_order));
     h[100..104].copy_from_slice(&be32(104));
-    put(path, 0, &h);
+    patch(path, 0, &h);
     len
 }
 
@@ -106,7 +101,7 @@ fn qcow2_refcount_table_repeating_one_block_is_refused_at_once() {
     let len = qcow2(&img, 1 << 30, 0, 24, 1);
     let block = len - cs;
     let table: Vec<u8> = (0..24 * cs / 8).flat_map(|_| be64(block)).collect();
-    put(&img, 2 * cs, &table);
+    patch(&img, 2 * cs, &table);
     refused(&img, "overlaps");
 }
 
@@ -120,22 +115,22 @@ fn qcow2_l1_entries_naming_one_l2_table_are_refused() {
     let len = qcow2(&img, 64 << 30, 4, 1, 2);
     let (l2, data) = (len - 2 * cs, len - cs);
     let l1: Vec<u8> = (0..128).flat_map(|_| be64(l2 | 1 << 63)).collect();
-    put(&img, cs, &l1);
-    put(&img, l2, &be64(data | 1 << 63));
-    put(&img, data, &[0xAB; 512]);
+    patch(&img, cs, &l1);
+    patch(&img, l2, &be64(data | 1 << 63));
+    patch(&img, data, &[0xAB; 512]);
     refused(&img, "overlaps");
     // One L2 table naming one data cluster twice is refused too.
-    put(&img, cs, &be64(l2 | 1 << 63));
-    put(&img, cs + 8, &vec![0u8; 127 * 8]);
+    patch(&img, cs, &be64(l2 | 1 << 63));
+    patch(&img, cs + 8, &vec![0u8; 127 * 8]);
     let l2_entries: Vec<u8> = (0..2).flat_map(|_| be64(data | 1 << 63)).collect();
-    put(&img, l2, &l2_entries);
+    patch(&img, l2, &l2_entries);
     refused(&img, "overlaps");
     // Reserved bits in an L2 entry are refused by both (convert used to, inspect did not).
-    put(&img, l2, &be64(data | 1 << 63 | 1 << 3));
-    put(&img, l2 + 8, &be64(0));
+    patch(&img, l2, &be64(data | 1 << 63 | 1 << 3));
+    patch(&img, l2 + 8, &be64(0));
     refused(&img, "reserved bits");
     // And an L2 entry past the end of the file.
-    put(&img, l2, &be64((len + cs) | 1 << 63));
+    patch(&img, l2, &be64((len + cs) | 1 << 63));
     refused(&img, "beyond the end of the file");
 }
 
@@ -172,11 +167,11 @@ fn vmdk_grain_directory_naming_one_table_is_refused_at_once() {
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
-    put(&img, 0, &vmdk_header(capacity, gd_sector, None));
+    patch(&img, 0, &vmdk_header(capacity, gd_sector, None));
     let gd: Vec<u8> = (0..entries)
         .flat_map(|_| (gt_sector as u32).to_le_bytes())
         .collect();
-    put(&img, gd_sector * 512, &gd);
+    patch(&img, gd_sector * 512, &gd);
     refused(&img, "overlaps");
 }
 
@@ -192,12 +187,12 @@ fn vmdk_with_distinct_empty_tables_converts_quickly_to_nothing() {
     let first_gt = gd_sector + entries * 4 / 512;
     let len = 8u64 << 20;
     std::fs::File::create(&img).unwrap().set_len(len).unwrap();
-    put(&img, 0, &vmdk_header(capacity, gd_sector, None));
+    patch(&img, 0, &vmdk_header(capacity, gd_sector, None));
     let tables = (len / 512 - first_gt) / 4;
     let gd: Vec<u8> = (0..tables)
         .flat_map(|i| ((first_gt + i * 4) as u32).to_le_bytes())
         .collect();
-    put(&img, gd_sector * 512, &gd);
+    patch(&img, gd_sector * 512, &gd);
     let out = tempfile::tempdir().unwrap();
     let (i, c) = both(&img, out.path());
     assert_eq!(i, Ok(true));
@@ -228,9 +223,9 @@ fn vdi_block_map_naming_one_block_is_refused() {
     h[0x178..0x17c].copy_from_slice(&(1u32 << 20).to_le_bytes());
     h[0x180..0x184].copy_from_slice(&(blocks as u32).to_le_bytes());
     h[0x184..0x188].copy_from_slice(&1u32.to_le_bytes());
-    put(&img, 0, &h);
-    put(&img, bmap, &vec![0u8; (blocks * 4) as usize]);
-    put(&img, data, &[0x5A; 4096]);
+    patch(&img, 0, &h);
+    patch(&img, bmap, &vec![0u8; (blocks * 4) as usize]);
+    patch(&img, data, &[0x5A; 4096]);
     refused(&img, "overlaps");
 }
 
@@ -259,7 +254,7 @@ fn vhd_block_table_naming_one_block_is_refused() {
     f.read_exact_at(&mut first, table).unwrap();
     assert_ne!(first, [0xff; 4], "qemu-img allocated block 0");
     let bat: Vec<u8> = (0..entries).flat_map(|_| first).collect();
-    put(&img, table, &bat);
+    patch(&img, table, &bat);
     refused(&img, "overlaps");
 }
 
@@ -357,17 +352,17 @@ fn vmdk_descriptor_differentials_are_refused() {
         .unwrap();
     let desc_at = u64::from_le_bytes(h[28..36].try_into().unwrap()) * 512;
     assert!(desc_at > 0, "qemu-img embeds a descriptor");
-    put(&sparse, 12, &0u64.to_le_bytes());
+    patch(&sparse, 12, &0u64.to_le_bytes());
     let text = format!(
         "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\nRW 2048 FLAT \"{}\" 0\n\0",
         shadow.display()
     );
-    put(&sparse, desc_at, text.as_bytes());
+    patch(&sparse, desc_at, text.as_bytes());
     refused(&sparse, "embedded descriptor");
     // A parent named only in the embedded descriptor.
-    put(&sparse, 12, &2048u64.to_le_bytes());
+    patch(&sparse, 12, &2048u64.to_le_bytes());
     let text = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=1\nparentFileNameHint=\"p.vmdk\"\ncreateType=\"monolithicSparse\"\nRW 2048 SPARSE \"sparse.vmdk\"\n\0";
-    put(&sparse, desc_at, text.as_bytes());
+    patch(&sparse, desc_at, text.as_bytes());
     refused(&sparse, "parent");
 }
 

@@ -248,20 +248,7 @@ fn last_output_reaches_the_terminal_before_kiln_run_ends_builtin() {
         prog.extend_from_slice(&[0xB0, c, 0xEE]); // mov al, c; out dx, al
     }
     prog.extend_from_slice(&[0xFA, 0xF4]); // cli; hlt
-    let prog_path = dir.path().join("bye.bin");
-    std::fs::write(&prog_path, &prog).unwrap();
-    let out = common::kiln(&[
-        "build",
-        "--program",
-        prog_path.to_str().unwrap(),
-        "--out",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::build_program(dir.path(), "bye", &prog);
     let image = dir.path().join("boot.img");
     for _ in 0..5 {
         let mut s = Session::start(&["run", "--engine", "builtin", image.to_str().unwrap()]);

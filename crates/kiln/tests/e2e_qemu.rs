@@ -186,20 +186,7 @@ fn ignored_power_button_is_killed(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut prog = vec![0xBA, 0xF8, 0x03, 0xB0, b'!', 0xEE, 0xFA, 0xEB, 0xFE];
     prog.resize(16, 0x90);
-    let prog_path = dir.path().join("spin.bin");
-    std::fs::write(&prog_path, &prog).unwrap();
-    let out = kiln(&[
-        "build",
-        "--program",
-        prog_path.to_str().unwrap(),
-        "--out",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::build_program(dir.path(), "spin", &prog);
     let name = format!("deaf-{engine}");
     let mut s = Session::start(&[
         "run",

@@ -9,9 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{built, opens, require_tool, traced_qemu, KillOnDrop, KILN};
+use common::{built, opens, require_tool, traced_qemu, wait_for, KillOnDrop, KILN};
 
 /// A test's world: images, a registry and a secret outside both, and QEMU behind strace.
 struct World {
@@ -45,6 +45,22 @@ impl World {
         self.root.path().join(p)
     }
 
+    /// `kiln vm run --disk IMAGE` on QEMU pc, named `name`.
+    fn run_disk(&self, image: &Path, name: &str) -> Output {
+        self.kiln(&[
+            "vm",
+            "run",
+            "--disk",
+            image.to_str().unwrap(),
+            "--engine",
+            "qemu",
+            "--machine",
+            "pc",
+            "--name",
+            name,
+        ])
+    }
+
     fn kiln(&self, args: &[&str]) -> Output {
         Command::new(KILN)
             .env("KILN_HOME", self.path("home"))
@@ -64,32 +80,18 @@ fn boots_seeing_only_its_own_files(file: &str) {
     }
     let image = w.path("images").join(file);
     let name = file.replace('.', "-");
-    let out = w.kiln(&[
-        "vm",
-        "run",
-        "--disk",
-        image.to_str().unwrap(),
-        "--engine",
-        "qemu",
-        "--machine",
-        "pc",
-        "--name",
-        &name,
-    ]);
+    let out = w.run_disk(&image, &name);
     assert!(
         out.status.success(),
         "kiln vm run {file}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let vm_dir = w.path("home").join("vms").join(&name);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(vm_dir.join("serial.log"))
-        .unwrap_or_default()
-        .contains("ClientAPI")
-    {
-        assert!(Instant::now() < deadline, "{file}: no banner in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(&format!("{file}'s banner"), Duration::from_secs(60), || {
+        std::fs::read_to_string(vm_dir.join("serial.log"))
+            .unwrap_or_default()
+            .contains("ClientAPI")
+    });
     let out = w.kiln(&["stop", &name, "--timeout", "10"]);
     assert!(out.status.success(), "kiln stop {file}");
 
@@ -190,18 +192,7 @@ fn hostile_images_never_reach_qemu() {
         if let Some(text) = text {
             std::fs::write(&image, text).unwrap();
         }
-        let out = w.kiln(&[
-            "vm",
-            "run",
-            "--disk",
-            image.to_str().unwrap(),
-            "--engine",
-            "qemu",
-            "--machine",
-            "pc",
-            "--name",
-            &file.replace('.', "-"),
-        ]);
+        let out = w.run_disk(&image, &file.replace('.', "-"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} was booted");
         assert!(err.contains(file), "{file}: {err}");

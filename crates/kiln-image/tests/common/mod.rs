@@ -159,3 +159,9 @@ pub fn qemu_fmt(f: kiln_image::Format) -> &'static str {
         other => other.name(),
     }
 }
+
+/// Overwrites `bytes` at `off` of the file `path` (to corrupt or craft an image).
+pub fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}

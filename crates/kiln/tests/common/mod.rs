@@ -421,3 +421,21 @@ pub fn processes_mentioning(text: &str) -> Vec<(u32, String)> {
     }
     found
 }
+
+/// `kiln build --program` of `program` into `dir` (as `dir/NAME.bin` and every image of it).
+pub fn build_program(dir: &Path, name: &str, program: &[u8]) {
+    let prog_path = dir.join(format!("{name}.bin"));
+    std::fs::write(&prog_path, program).unwrap();
+    let out = kiln(&[
+        "build",
+        "--program",
+        prog_path.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
