@@ -334,8 +334,8 @@ impl Host {
         process::configure(
             &mut command,
             ChildSetup {
-                die_with_parent: false,
                 new_session: true,
+                ..ChildSetup::default()
             },
         );
         let child = command.spawn().map_err(|e| HostError::Start {

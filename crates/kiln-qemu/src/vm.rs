@@ -21,6 +21,9 @@ pub struct Launch {
     pub binary: String,
     pub args: Vec<OsString>,
     pub qmp_socket: PathBuf,
+    /// Descriptors QEMU inherits under their numbers (a TAP device, a passt socket), named in
+    /// `args`; the caller keeps them open until QEMU has started.
+    pub keep_fds: Vec<std::os::fd::RawFd>,
 }
 
 impl Launch {
@@ -87,6 +90,7 @@ impl QemuVm {
             ChildSetup {
                 die_with_parent: true,
                 new_session: false,
+                keep_fds: launch.keep_fds.clone(),
             },
         );
         match io {

@@ -29,7 +29,7 @@ pub use manifest::{ImageManifest, IMAGE_MANIFEST};
 pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE, DISK_SIZES};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
-const BUILDER_VERSION: u32 = 2;
+const BUILDER_VERSION: u32 = 3;
 
 /// Packages installed on top of debootstrap's minbase.
 pub const PACKAGES: &[&str] = &[
@@ -58,12 +58,18 @@ pub const FSTAB: &str = "\
 tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
 ";
 
-/// The kiln hook: applies the VM's identity from the kernel command line at boot, so the base
-/// image is never touched: `kiln.name=` (hostname; systemd also reads `systemd.hostname=`),
-/// `kiln.dns=a,b` (/etc/resolv.conf links to /run/kiln/resolv.conf), `kiln.ip=ADDR/LEN,GW`
-/// (static address on the first NIC). It also makes SSH host keys unique per VM.
+/// The kiln hook: applies the VM's identity at boot, so the base image is never touched.
+/// From the kernel command line: `kiln.name=` (hostname; systemd also reads
+/// `systemd.hostname=`), `kiln.dns=a,b` (/etc/resolv.conf links to /run/kiln/resolv.conf),
+/// `kiln.ip=ADDR/LEN,GW` (static address and default route on the first NIC; Debian's cloud
+/// kernel has no `CONFIG_IP_PNP`, so the kernel's own `ip=` does nothing). From kiln's seed
+/// disk (the virtio disk whose serial is [`SEED_SERIAL`], a tar archive kiln writes for each
+/// VM; see kiln-host's `seed`): the SSH host key kiln made and pins
+/// (`ssh_host_ed25519_key`, `.pub`) and the keys root may log in with (`authorized_keys`,
+/// installed as /run/kiln/authorized_keys, which [`SSHD_CONFIG`] names). Without a seed disk
+/// the VM makes its own host key.
 pub const KILN_HOOK: &str = r#"#!/bin/sh
-# kiln hook: the VM's identity from the kernel command line (see kiln-rootfs).
+# kiln hook: the VM's identity from the kernel command line and kiln's seed disk (see kiln-rootfs).
 name= dns= ip=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -73,6 +79,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 mkdir -p /run/kiln
+chmod 755 /run/kiln
 : > /run/kiln/resolv.conf.new
 for ns in $(echo "$dns" | tr ',' ' '); do
     echo "nameserver $ns" >> /run/kiln/resolv.conf.new
@@ -87,12 +94,34 @@ if [ -n "$name" ]; then
         printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
     fi
 fi
+seed=
+for s in /sys/block/vd*/serial; do
+    [ "$(cat "$s" 2>/dev/null)" = kiln-seed ] || continue
+    b=${s%/serial}
+    seed=/dev/${b##*/}
+done
+if [ -n "$seed" ]; then
+    rm -rf /run/kiln/seed
+    mkdir -m 700 /run/kiln/seed
+    tar -x --no-same-owner --no-same-permissions -f "$seed" -C /run/kiln/seed
+    k=/run/kiln/seed/ssh_host_ed25519_key
+    if [ -f "$k" ] && [ -f "$k.pub" ]; then
+        install -m 600 "$k" /etc/ssh/ssh_host_ed25519_key
+        install -m 644 "$k.pub" /etc/ssh/ssh_host_ed25519_key.pub
+    fi
+    if [ -f /run/kiln/seed/authorized_keys ]; then
+        install -m 600 /run/kiln/seed/authorized_keys /run/kiln/authorized_keys
+    fi
+    rm -rf /run/kiln/seed
+fi
+[ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 if [ -n "$ip" ]; then
     addr=${ip%%,*}
     gw=
     [ "$addr" != "$ip" ] && gw=${ip#*,}
+    modprobe -q virtio_net 2>/dev/null
     dev=
-    for i in $(seq 50); do
+    for i in $(seq 300); do
         dev=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
         [ -n "$dev" ] && break
         sleep 0.1
@@ -104,13 +133,26 @@ if [ -n "$ip" ]; then
         [ -n "$gw" ] && ip route add default via "$gw"
     fi
 fi
-ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A
 exit 0
 "#;
 
+/// The virtio serial of kiln's seed disk, by which [`KILN_HOOK`] finds it.
+pub const SEED_SERIAL: &str = "kiln-seed";
+
+/// sshd's drop-in (`/etc/ssh/sshd_config.d/kiln.conf`): the one host key kiln hands the VM
+/// (an ed25519 key is made in no time, even under TCG, where RSA takes seconds), and root's
+/// keys from kiln's seed disk besides the usual `~/.ssh/authorized_keys`. No passwords.
+pub const SSHD_CONFIG: &str = "\
+# kiln: the host key kiln made for this VM (kiln hook) and the keys kiln hands root.
+HostKey /etc/ssh/ssh_host_ed25519_key
+AuthorizedKeysFile .ssh/authorized_keys /run/kiln/authorized_keys
+PasswordAuthentication no
+PermitRootLogin prohibit-password
+";
+
 const HOOK_UNIT: &str = "\
 [Unit]
-Description=kiln: hostname, resolv.conf and address from the kernel command line
+Description=kiln: hostname, resolv.conf, address and SSH keys from the kernel command line and kiln's seed disk
 DefaultDependencies=no
 After=local-fs.target systemd-udev-trigger.service
 Before=sysinit.target ssh.service network.target
@@ -219,7 +261,7 @@ impl DebianOptions {
         for p in self.packages() {
             h.add(p.as_bytes());
         }
-        for text in [FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN] {
+        for text in [FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN, SSHD_CONFIG] {
             h.add(text.as_bytes());
         }
         format!("{:016x}", h.0)
@@ -398,6 +440,7 @@ fn configure(root: &Path) -> Result<(), RootfsError> {
     link("/run/kiln/resolv.conf", "etc/resolv.conf")?;
     write("usr/lib/kiln/kiln-hook", KILN_HOOK, 0o755)?;
     write("etc/systemd/system/kiln-hook.service", HOOK_UNIT, 0o644)?;
+    write("etc/ssh/sshd_config.d/kiln.conf", SSHD_CONFIG, 0o644)?;
     link(
         "/etc/systemd/system/kiln-hook.service",
         "etc/systemd/system/sysinit.target.wants/kiln-hook.service",

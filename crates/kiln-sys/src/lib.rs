@@ -4,6 +4,7 @@
 //! Everything above it (kiln-host, the CLI, the engines) is safe Rust.
 
 pub mod lock;
+pub mod net;
 pub mod process;
 pub mod signal;
 pub mod temp;

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -96,13 +97,16 @@ impl EndHook {
 }
 
 /// How a child process is set up between fork and exec.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ChildSetup {
     /// The child gets SIGKILL when the thread that spawned it dies (no orphan engines).
     pub die_with_parent: bool,
     /// The child leads a new session: no controlling terminal, no signals from the caller's
     /// terminal or process group.
     pub new_session: bool,
+    /// Descriptors the child inherits under the same numbers (every other descriptor kiln
+    /// opens is close-on-exec): a TAP device or a socket handed to QEMU or passt.
+    pub keep_fds: Vec<RawFd>,
 }
 
 /// Applies `setup` to `command`'s child (in the forked child, before exec).
@@ -110,12 +114,14 @@ pub fn configure(command: &mut Command, setup: ChildSetup) {
     let ChildSetup {
         die_with_parent,
         new_session,
+        keep_fds,
     } = setup;
-    if !die_with_parent && !new_session {
+    if !die_with_parent && !new_session && keep_fds.is_empty() {
         return;
     }
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
-    // setsid(2), which are async-signal-safe and allocate nothing.
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
+    // setsid(2) and fcntl(2), which are async-signal-safe, and allocates nothing (keep_fds
+    // was allocated before the fork and is only read).
     unsafe {
         command.pre_exec(move || {
             if new_session && libc::setsid() < 0 {
@@ -123,6 +129,12 @@ pub fn configure(command: &mut Command, setup: ChildSetup) {
             }
             if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            for &fd in &keep_fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
