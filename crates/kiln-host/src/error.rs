@@ -62,6 +62,8 @@ pub enum HostError {
     Rootfs(#[from] kiln_rootfs::RootfsError),
     #[error(transparent)]
     Vmm(#[from] kiln_vmm::VmmError),
+    #[error(transparent)]
+    Net(#[from] kiln_net::NetError),
 }
 
 impl HostError {

@@ -249,6 +249,7 @@ impl Host {
             accelerator,
             boot: Boot::Firmware { media },
             disks: vec![VmDisk {
+                serial: None,
                 device: match media {
                     BootMedia::Disk => "hd0",
                     BootMedia::Cdrom => "cd0",
@@ -574,7 +575,12 @@ impl Host {
         }
         fs::remove_dir_all(&dir)
             .or_else(gone)
-            .map_err(|e| HostError::io(format!("{}: cannot remove", dir.display()), e))
+            .map_err(|e| HostError::io(format!("{}: cannot remove", dir.display()), e))?;
+        let rec = match &seen {
+            VmEntry::Vm(rec) => Some(&**rec),
+            VmEntry::Broken(_) => None,
+        };
+        crate::net::release(self, rec, name)
     }
 
     /// Waits until the VM is no longer running (at most `timeout`), returning its record.
@@ -717,6 +723,10 @@ fn tidy(entry: &VmEntry) {
     if let VmEntry::Vm(rec) = entry {
         if matches!(rec.effective_state(), VmState::Stopped | VmState::Failed) {
             remove_stale_sockets(&rec.config.dir);
+            // A supervisor that died without recording the end left its network's rules.
+            if rec.meta.state != VmState::Stopped {
+                crate::net::tidy(&rec.config.net);
+            }
         }
     }
 }
@@ -787,10 +797,6 @@ pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool)
         Boot::Firmware { .. } => VmKind::Firmware,
         Boot::Linux { .. } => VmKind::Linux,
     };
-    let (net, ssh_port, guest_ip) = match spec.net {
-        NetSpec::None => ("none", None, None),
-        NetSpec::User { ssh_port } => ("user", Some(ssh_port), Some("10.0.2.15".to_string())),
-    };
     VmRecord {
         meta: VmMeta {
             id: random_id(),
@@ -803,9 +809,8 @@ pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool)
             created_at: kiln_sys::now_rfc3339(),
             started_at: None,
             stopped_at: None,
-            guest_ip,
-            net: net.into(),
-            ssh_port,
+            net: crate::NetMeta::of(&spec.net),
+            ssh_identity: None,
             control_socket: control_socket(&spec.dir),
             console_socket: spec.console_socket().map(Path::to_path_buf),
             log: match &spec.console {
@@ -923,7 +928,7 @@ fn remove_abandoned(dir: &Path, creation: Option<LockFile>) {
     let _ = fs::remove_dir_all(dir);
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     let mut buf = [0u8; 16];
     let ok = fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))

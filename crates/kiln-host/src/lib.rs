@@ -18,7 +18,9 @@ mod error;
 mod host;
 mod linux;
 mod name;
+mod net;
 mod spec;
+mod ssh;
 mod state;
 mod supervisor;
 
@@ -31,9 +33,10 @@ pub use error::HostError;
 pub use host::{supervise_main, DiskRequest, Host, SUPERVISE_COMMAND};
 pub use linux::{RunRequest, DEFAULT_RAM_MIB, DEFAULT_VCPUS};
 pub use name::{generate_name, validate_name};
+pub use net::{GuestAddress, NetMeta, NetMode, NetRequest, NetSpec, NetStatus, UserStack, VmNet};
 pub use spec::{
-    default_firmware_engine, Boot, ConsoleSpec, EngineKind, NetSpec, VmDisk, VmSpec,
-    FIRMWARE_RAM_MIB, MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB,
+    default_firmware_engine, Boot, ConsoleSpec, EngineKind, VmDisk, VmSpec, FIRMWARE_RAM_MIB,
+    MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB,
 };
 pub use state::{BrokenVm, VmEntry, VmKind, VmMeta, VmRecord, VmState, VM_JSON};
 pub use supervisor::DEFAULT_STOP_TIMEOUT;

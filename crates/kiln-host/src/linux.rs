@@ -11,7 +11,7 @@ use kiln_rootfs::{ImageManifest, Seed, DEFAULT_DISK_SIZE};
 
 use crate::host::new_record;
 use crate::state::record_path;
-use crate::{Boot, ConsoleSpec, EngineKind, Host, HostError, NetSpec, VmDisk, VmRecord, VmSpec};
+use crate::{Boot, ConsoleSpec, EngineKind, Host, HostError, VmDisk, VmRecord, VmSpec};
 
 /// Default vCPUs of a Linux VM.
 pub const DEFAULT_VCPUS: u32 = 2;
@@ -36,8 +36,10 @@ pub struct RunRequest {
     pub var_size: u64,
     /// Extra kernel arguments, appended to kiln's.
     pub cmdline: Option<String>,
-    /// User-mode networking with SSH forwarded from a free port on 127.0.0.1.
-    pub net: bool,
+    /// The network: none, user mode or TAP, and published ports.
+    pub net: crate::NetRequest,
+    /// The public key root's `authorized_keys` gets (default: kiln's own client key).
+    pub ssh_key: Option<PathBuf>,
 }
 
 impl Default for RunRequest {
@@ -53,7 +55,8 @@ impl Default for RunRequest {
             home_size: DEFAULT_DISK_SIZE,
             var_size: DEFAULT_DISK_SIZE,
             cmdline: None,
-            net: false,
+            net: crate::NetRequest::default(),
+            ssh_key: None,
         }
     }
 }
@@ -76,10 +79,18 @@ impl Host {
     pub fn run(&self, req: &RunRequest) -> Result<VmRecord, HostError> {
         let inputs = validate(req)?;
         let claim = self.claim(req.name.as_deref())?;
+        let name = claim.name.clone();
         let result = self
             .create(&claim.name, &claim.dir, req, &inputs)
             .and_then(|supervisor| supervisor.go());
-        claim.finish(result)
+        let result = claim.finish(result);
+        if result.is_err() {
+            // Whatever the request leased is free again (a lease of a VM that exists stays).
+            if !self.vm_dir(&name).exists() {
+                let _ = crate::net::release(self, None, &name);
+            }
+        }
+        result
     }
 
     fn create(
@@ -96,20 +107,13 @@ impl Host {
         let overlay = dir.join("root.qcow2");
         let home_disk = dir.join("home.ext4");
         let var_disk = dir.join("var.ext4");
-        let ssh_port = if req.net { Some(free_port()?) } else { None };
+        let net = crate::net::resolve(self, name, &req.net)?;
+        let client = self.client_key(req.ssh_key.as_deref())?;
         let mut extra = vec![
             format!("systemd.hostname={name}"),
             format!("kiln.name={name}"),
         ];
-        if req.net {
-            extra.push("kiln.ip=10.0.2.15/24,10.0.2.2".into());
-            extra.push("kiln.dns=10.0.2.3".into());
-        } else {
-            let dns = host_nameservers();
-            if !dns.is_empty() {
-                extra.push(format!("kiln.dns={}", dns.join(",")));
-            }
-        }
+        extra.extend(net.kernel_args());
         extra.push(inputs.image_cmdline.clone());
         extra.extend(req.cmdline.clone());
         let cmdline =
@@ -128,7 +132,13 @@ impl Host {
             size,
             read_only: false,
             backing: None,
+            serial: None,
         };
+        let seed = crate::ssh::make_seed(dir, name, &client)?;
+        let seed_size = fs::metadata(&seed)
+            .map_err(|e| HostError::io(format!("{}: cannot read", seed.display()), e))?
+            .len();
+        tracing::debug!("{name}: seed disk made after {:?}", t0.elapsed());
         let spec = VmSpec {
             name: name.to_string(),
             vcpu: req.vcpu,
@@ -147,16 +157,18 @@ impl Host {
                 },
                 disk("/dev/vdb", "/home", &home_disk, Format::Raw, req.home_size),
                 disk("/dev/vdc", "/var", &var_disk, Format::Raw, req.var_size),
+                VmDisk {
+                    read_only: true,
+                    serial: Some(kiln_rootfs::SEED_SERIAL.into()),
+                    ..disk("/dev/vdd", "", &seed, Format::Raw, seed_size)
+                },
             ],
             console: ConsoleSpec::Socket {
                 path: dir.join(crate::state::CONSOLE_SOCKET),
                 log: Some(dir.join("serial.log")),
                 bios: false,
             },
-            net: match ssh_port {
-                Some(ssh_port) => NetSpec::User { ssh_port },
-                None => NetSpec::None,
-            },
+            net,
             dir: dir.to_path_buf(),
             command: Vec::new(),
         }
@@ -168,6 +180,7 @@ impl Host {
         rec.meta.overlay = Some(overlay.clone());
         rec.meta.home_disk = Some(home_disk.clone());
         rec.meta.var_disk = Some(var_disk.clone());
+        rec.meta.ssh_identity = client.identity.clone();
         let json = record_path(dir);
         rec.save(&json)?;
         tracing::debug!("{name}: vm.json written after {:?}", t0.elapsed());
@@ -290,25 +303,4 @@ fn readable_file(what: &'static str, path: &Path) -> Result<PathBuf, HostError> 
     }
     fs::File::open(path).map_err(|e| missing(format!("cannot open: {e}")))?;
     fs::canonicalize(path).map_err(|e| missing(e.to_string()))
-}
-
-/// A free TCP port on 127.0.0.1 (the kernel picks it).
-fn free_port() -> Result<u16, HostError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| HostError::io("cannot find a free port on 127.0.0.1", e))
-}
-
-/// The host's nameservers (at most 3, IPv4/IPv6 literals) from /etc/resolv.conf.
-fn host_nameservers() -> Vec<String> {
-    fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .map(str::trim)
-        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-        .take(3)
-        .map(String::from)
-        .collect()
 }

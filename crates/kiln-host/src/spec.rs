@@ -8,7 +8,7 @@ use kiln_image::{BootMedia, Format};
 use kiln_qemu::Accel;
 use serde::{Deserialize, Serialize};
 
-use crate::{validate_name, HostError};
+use crate::{validate_name, HostError, NetSpec};
 
 /// Which engine runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +91,9 @@ pub struct VmDisk {
     /// the name recorded in the overlay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing: Option<PathBuf>,
+    /// The serial number the guest sees (virtio), by which it finds a disk (kiln's seed disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// Where the guest's serial console goes.
@@ -116,16 +119,6 @@ impl ConsoleSpec {
             ConsoleSpec::Terminal { bios } | ConsoleSpec::Socket { bios, .. } => *bios,
         }
     }
-}
-
-/// The VM's network.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "mode", rename_all = "lowercase")]
-pub enum NetSpec {
-    #[default]
-    None,
-    /// User-mode networking, the guest's SSH port forwarded from `ssh_port` on 127.0.0.1.
-    User { ssh_port: u16 },
 }
 
 /// Everything an engine needs to start one VM.
@@ -235,6 +228,28 @@ impl VmSpec {
                             "a Linux VM's disks are raw, or qcow2 overlays over a raw base",
                         ))
                     }
+                }
+            }
+        }
+        if firmware && self.net != NetSpec::None {
+            return Err(HostError::invalid(
+                "net",
+                self.net.mode(),
+                "firmware VMs have no network card",
+            ));
+        }
+        self.net.validate()?;
+        for d in &self.disks {
+            if let Some(s) = &d.serial {
+                if s.is_empty()
+                    || s.len() > 20
+                    || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(HostError::invalid(
+                        "disks",
+                        d.path.display(),
+                        "a disk serial is 1 to 20 of [A-Za-z0-9-]",
+                    ));
                 }
             }
         }

@@ -95,12 +95,13 @@ pub struct VmMeta {
     pub created_at: String,
     pub started_at: Option<String>,
     pub stopped_at: Option<String>,
-    /// The guest's IP address on its network, when it has one.
-    pub guest_ip: Option<String>,
-    /// `none`, or `user` (user-mode networking).
-    pub net: String,
-    /// Host port on 127.0.0.1 forwarded to the guest's SSH port (user networking).
-    pub ssh_port: Option<u16>,
+    /// The VM's network: mode, TAP, MAC, guest address, gateway, resolvers, published ports,
+    /// where SSH answers, passt's pid.
+    #[serde(default, deserialize_with = "crate::net::net_meta_compat")]
+    pub net: crate::NetMeta,
+    /// The private key `kiln vm ssh` logs in with (kiln's own, or beside `--ssh-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_identity: Option<PathBuf>,
     /// The supervisor's control socket (stop, kill, quit).
     pub control_socket: PathBuf,
     /// The serial console's socket (`kiln vm console`), when it has one.

@@ -399,7 +399,9 @@ fn start_and_run(
         let _ = ended.send(Event::Ended);
     }));
     let pid = vm.pid();
+    let passt_pid = vm.network_pid();
     let recorded = update(dir, |r| {
+        r.meta.net.passt_pid = passt_pid;
         r.meta.pid = Some(pid);
         r.meta.pid_start = kiln_sys::process::start_time(pid);
         r.meta.supervisor_pid = Some(std::process::id());
@@ -442,6 +444,7 @@ fn start_and_run(
         r.meta.stopped_at = Some(kiln_sys::now_rfc3339());
         r.meta.exit_reason = Some(end.to_string());
         r.meta.end = Some(end.clone());
+        r.meta.net.passt_pid = None;
     });
     cleanup(&spec);
     // Answer only once the record says how the VM ended and the lock says it no longer runs,
@@ -456,6 +459,7 @@ fn start_and_run(
 /// Removes the sockets the supervisor served once nothing serves them (an engine removes its
 /// own, e.g. QEMU's QMP socket, when it is dropped).
 pub(crate) fn cleanup(spec: &crate::VmSpec) {
+    crate::net::tidy(&spec.net);
     let _ = fs::remove_file(spec.control_socket());
     if let Some(c) = spec.console_socket() {
         let _ = fs::remove_file(c);

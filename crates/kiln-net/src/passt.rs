@@ -28,8 +28,9 @@ pub mod layout {
 pub struct PasstOptions {
     /// Host ports forwarded into the guest.
     pub forwards: Vec<PortForward>,
-    /// Assign the guest [`layout`]'s address, gateway and resolver (DHCP offers the same); the
-    /// gateway does not lead to the host's loopback.
+    /// Assign the guest [`layout`]'s address, gateway and resolver (DHCP offers the same).
+    /// Connections from the host's loopback to published ports reach the guest from the
+    /// gateway's address (as with QEMU's slirp, the gateway also leads to the host).
     pub guest_layout: bool,
 }
 
@@ -59,8 +60,7 @@ pub fn command(binary: &Path, socket: &PasstSocket, opts: &PasstOptions) -> Comm
         use layout::*;
         cmd.args(["-a", &GUEST.to_string(), "-n", &PREFIX.to_string()])
             .args(["-g", &GATEWAY.to_string()])
-            .args(["--dns-forward", &DNS.to_string()])
-            .arg("--no-map-gw");
+            .args(["--dns-forward", &DNS.to_string()]);
     }
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         let flag = if protocol == Protocol::Tcp {
@@ -134,7 +134,7 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.contains("-a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 --no-map-gw"),
+            line.contains("-a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 -t"),
             "{line}"
         );
         let none = command(Path::new("passt"), &s, &PasstOptions::default());

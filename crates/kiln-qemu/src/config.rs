@@ -156,6 +156,7 @@ impl QemuConfig {
             binary: self.binary.clone(),
             args: self.args(),
             qmp_socket: self.qmp_socket.clone(),
+            keep_fds: Vec::new(),
         }
     }
 

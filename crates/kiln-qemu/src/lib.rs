@@ -15,7 +15,9 @@ pub use accel::{host_has_hw_virt, kvm_usable, Accel};
 pub use config::{
     BiosConsole, Drive, DriveFormat, Machine, Media, QemuConfig, SerialMode, SERCON_PORT,
 };
-pub use microvm::{default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, UserNet};
+pub use microvm::{
+    default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, MicrovmNet, NetBackend,
+};
 pub use qmp::{Qmp, QmpError};
 pub use vm::{Launch, QemuIo, QemuVm, VmEnd};
 

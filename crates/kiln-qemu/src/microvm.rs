@@ -6,7 +6,10 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+
+use kiln_net::{PortForward, Protocol};
 
 use crate::config::prefixed;
 use crate::{Accel, DriveFormat};
@@ -20,13 +23,27 @@ pub struct MicrovmDisk {
     /// A QCOW2 overlay's raw base, opened read-only from this path: the name recorded in the
     /// overlay is never used, and a QCOW2 disk without one is opened with no backing file.
     pub backing: Option<PathBuf>,
+    /// The serial number the guest sees (`/sys/block/vdX/serial`).
+    pub serial: Option<String>,
 }
 
-/// User-mode (slirp) networking with SSH forwarded from a host port.
+/// A microVM's network card (virtio-net) and what it is connected to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserNet {
-    /// Host TCP port (on 127.0.0.1) forwarded to the guest's port 22.
-    pub ssh_host_port: u16,
+pub struct MicrovmNet {
+    pub mac: String,
+    pub backend: NetBackend,
+}
+
+/// The other end of a microVM's network card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// QEMU's own user-mode stack (slirp, 10.0.2.0/24), with these host ports forwarded.
+    Slirp { forwards: Vec<PortForward> },
+    /// A TAP device: inherited as `fd` (kiln opened it), or opened by name when run by hand.
+    Tap { ifname: String, fd: Option<RawFd> },
+    /// A stream socket to passt: inherited as `fd`, or a Unix socket `passt -s` listens on
+    /// when run by hand.
+    Passt { fd: Option<RawFd>, socket: PathBuf },
 }
 
 /// Everything needed to start one Linux microVM.
@@ -48,7 +65,7 @@ pub struct MicrovmConfig {
     pub serial_socket: PathBuf,
     /// The QMP socket QEMU listens on (its supervisor's one connection).
     pub qmp_socket: PathBuf,
-    pub net: Option<UserNet>,
+    pub net: Option<MicrovmNet>,
     pub name: Option<String>,
     /// Extra arguments appended verbatim.
     pub extra_args: Vec<OsString>,
@@ -61,6 +78,14 @@ impl MicrovmConfig {
             binary: self.binary.clone(),
             args: self.args(),
             qmp_socket: self.qmp_socket.clone(),
+            keep_fds: match self.net.as_ref().map(|n| &n.backend) {
+                Some(
+                    NetBackend::Tap { fd: Some(fd), .. } | NetBackend::Passt { fd: Some(fd), .. },
+                ) => {
+                    vec![*fd]
+                }
+                _ => Vec::new(),
+            },
         }
     }
 
@@ -110,7 +135,11 @@ impl MicrovmConfig {
                 }
             }
             opt("-drive", spec);
-            opt("-device", format!("virtio-blk-device,drive=disk{i}").into());
+            let mut device = format!("virtio-blk-device,drive=disk{i}");
+            if let Some(serial) = &d.serial {
+                device.push_str(&format!(",serial={serial}"));
+            }
+            opt("-device", device.into());
         }
         opt("-chardev", connect_chardev(&self.serial_socket));
         opt("-serial", "chardev:console".into());
@@ -119,15 +148,11 @@ impl MicrovmConfig {
         opt("-qmp", qmp);
         match &self.net {
             Some(net) => {
+                opt("-netdev", net.backend.netdev());
                 opt(
-                    "-netdev",
-                    format!(
-                        "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
-                        net.ssh_host_port
-                    )
-                    .into(),
+                    "-device",
+                    format!("virtio-net-device,netdev=net0,mac={}", net.mac).into(),
                 );
-                opt("-device", "virtio-net-device,netdev=net0".into());
             }
             None => opt("-nic", "none".into()),
         }
@@ -139,6 +164,40 @@ impl MicrovmConfig {
         a.push("-no-reboot".into());
         a.extend(self.extra_args.iter().cloned());
         a
+    }
+}
+
+impl NetBackend {
+    /// The `-netdev` of this backend, as `net0`.
+    fn netdev(&self) -> OsString {
+        match self {
+            NetBackend::Slirp { forwards } => {
+                let mut n = String::from("user,id=net0,net=10.0.2.0/24");
+                for f in forwards {
+                    let proto = match f.protocol {
+                        Protocol::Tcp => "tcp",
+                        Protocol::Udp => "udp",
+                    };
+                    n.push_str(&format!(
+                        ",hostfwd={proto}:{}:{}-:{}",
+                        f.host_ip, f.host_port, f.guest_port
+                    ));
+                }
+                n.into()
+            }
+            NetBackend::Tap { fd: Some(fd), .. } => format!("tap,id=net0,fd={fd}").into(),
+            NetBackend::Tap { ifname, fd: None } => {
+                format!("tap,id=net0,ifname={ifname},script=no,downscript=no").into()
+            }
+            NetBackend::Passt { fd: Some(fd), .. } => {
+                format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}").into()
+            }
+            NetBackend::Passt { fd: None, socket } => {
+                let mut n: OsString = "stream,id=net0,server=off,addr.type=unix,".into();
+                n.push(prefixed("addr.path=", socket));
+                n
+            }
+        }
     }
 }
 
@@ -220,12 +279,14 @@ mod tests {
                     format: DriveFormat::Qcow2,
                     read_only: false,
                     backing: Some("/b/root,.ext4".into()),
+                    serial: None,
                 },
                 MicrovmDisk {
                     path: "/v/home.ext4".into(),
                     format: DriveFormat::Raw,
                     read_only: false,
                     backing: None,
+                    serial: Some("kiln-seed".into()),
                 },
             ],
             serial_socket: "/v/serial.sock".into(),
@@ -255,7 +316,10 @@ mod tests {
             "-drive",
             "file=/v/home.ext4,format=raw,if=none,id=disk1,cache=writeback,discard=unmap"
         ));
-        assert!(pair("-device", "virtio-blk-device,drive=disk1"));
+        assert!(pair(
+            "-device",
+            "virtio-blk-device,drive=disk1,serial=kiln-seed"
+        ));
         assert!(pair("-qmp", "unix:/v/sup.sock,server=on,wait=off"));
         assert!(pair("-chardev", "socket,id=console,path=/v/serial.sock"));
         assert!(a.contains(&"-no-reboot".to_string()));

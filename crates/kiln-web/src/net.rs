@@ -8,7 +8,6 @@
 //! and dies with the server: passt exits when its end of the socket pair closes, and it gets
 //! SIGKILL when the thread that started it dies (`PR_SET_PDEATHSIG`).
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -24,39 +23,21 @@ pub(crate) const MAX_FRAME: usize = 65536;
 pub(crate) async fn relay(ws: WebSocket, passt: PathBuf, slot: OwnedSemaphorePermit) {
     let _slot = slot;
     let (mut ws_tx, mut ws_rx) = ws.split();
-    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+    let socket = match kiln_net::passt::socket_pair() {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!("net: socketpair: {e}");
+            tracing::warn!("net: {e}");
             return;
         }
     };
-    let fd = theirs.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(&passt);
-    // Foreground, quiet, no port forwarding into the guest: the guest only reaches out.
-    cmd.args(["-f", "-q", "-t", "none", "-u", "none", "--fd"])
-        .arg(fd.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    // SAFETY: between fork and exec we only call fcntl and prctl, which are
-    // async-signal-safe system calls, and touch no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Die with the server even if it is killed (passt also exits when the socket
-            // closes; this covers a passt that ignores it).
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Let passt inherit its end of the socket pair.
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // kiln's one passt command: foreground, quiet, on its end of the pair, no port forwarded
+    // into the guest (the guest only reaches out), SIGKILL if the server dies.
+    let mut cmd = tokio::process::Command::from(kiln_net::passt::command(
+        &passt,
+        &socket,
+        &kiln_net::passt::PasstOptions::default(),
+    ));
+    cmd.stderr(std::process::Stdio::null()).kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -74,7 +55,8 @@ pub(crate) async fn relay(ws: WebSocket, passt: PathBuf, slot: OwnedSemaphorePer
             return;
         }
     };
-    drop(theirs);
+    let ours = socket.peer;
+    drop(socket.passt);
     if ours.set_nonblocking(true).is_err() {
         return;
     }

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_image::Format;
 
 mod image_cmd;
+mod net_cmd;
 mod vm_cmd;
 mod web_cmd;
 
@@ -83,6 +84,9 @@ enum Command {
     /// Background VMs: Linux microVMs (copy-on-write roots, per-VM disks) and firmware VMs.
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
+    /// NAT for TAP VMs: `kiln net up|down|status` (root).
+    #[command(subcommand)]
+    Net(net_cmd::NetCommand),
     /// Build guest images: `kiln image debian OUT` (debootstrap; needs root).
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -411,6 +415,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(kiln_host::supervise_main(&home, &name)))
         }
         Command::Vm(cmd) => return vm_cmd::dispatch(cmd),
+        Command::Net(cmd) => return net_cmd::dispatch(cmd),
         Command::Image(cmd) => return image_cmd::dispatch(cmd),
         Command::Web(cmd) => return web_cmd::dispatch(cmd),
     }

@@ -16,7 +16,7 @@ pub enum VmCommand {
     /// Start a VM in the background: a Linux microVM (--image, or --rootfs and --kernel;
     /// copy-on-write root, own /home and /var disks) or a firmware VM (--disk IMAGE, any
     /// format kiln reads). Prints its name and pid.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List VMs (all of them, whatever their engine; `kiln ps` is the same list).
     #[command(visible_alias = "ps")]
     Ls {
@@ -24,6 +24,20 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Log in to a VM as root over SSH with kiln's key, checking the VM's pinned host key;
+    /// waits for sshd first. Runs CMD when given, else an interactive shell. Exits with ssh's
+    /// exit code (the command's).
+    Ssh {
+        name: String,
+        /// Seconds to wait for the guest's sshd.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        /// The command to run (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Print a VM's guest IP address.
+    Ip { name: String },
     #[command(flatten)]
     Manage(ManageCommand),
 }
@@ -72,6 +86,27 @@ pub enum ManageCommand {
     },
 }
 
+/// `--net MODE`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum NetArg {
+    /// tap as root, else user.
+    Auto,
+    User,
+    Tap,
+    None,
+}
+
+impl NetArg {
+    fn mode(self) -> kiln_host::NetMode {
+        match self {
+            NetArg::Auto => kiln_host::NetMode::Auto,
+            NetArg::User => kiln_host::NetMode::User,
+            NetArg::Tap => kiln_host::NetMode::Tap,
+            NetArg::None => kiln_host::NetMode::None,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// A unique name ([a-z0-9][a-z0-9-]{0,63}); generated (like calm-otter) when absent.
@@ -84,7 +119,7 @@ pub struct RunArgs {
     #[arg(long)]
     ram: Option<u32>,
     /// A firmware disk image to boot (raw, qcow2, vmdk, vhd, vdi; an ISO boots as a CD).
-    #[arg(long, conflicts_with_all = ["image", "rootfs", "kernel", "initrd", "net"])]
+    #[arg(long, conflicts_with_all = ["image", "rootfs", "kernel", "initrd", "net", "publish", "ssh_key", "pool"])]
     disk: Option<PathBuf>,
     /// Firmware VMs: the engine (default: builtin with hardware virtualization, else qemu).
     #[arg(long, value_enum, requires = "disk")]
@@ -119,9 +154,21 @@ pub struct RunArgs {
     /// Extra kernel arguments (appended to kiln's).
     #[arg(long, allow_hyphen_values = true)]
     cmdline: Option<String>,
-    /// User-mode networking, with the guest's SSH port forwarded from a free port on 127.0.0.1.
-    #[arg(long)]
-    net: bool,
+    /// Network: `tap` (root: a TAP device and a /30 of the pool; `kiln net up` for NAT),
+    /// `user` (passt, no privileges; SSH published on 127.0.0.1) or `none`. `--net` alone:
+    /// tap as root, else user.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "auto", value_name = "MODE")]
+    net: Option<NetArg>,
+    /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/udp] (repeatable; host address
+    /// default 127.0.0.1). Implies --net.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    /// The public key root may log in with (default: kiln's own, $KILN_HOME/ssh/id_ed25519).
+    #[arg(long, value_name = "FILE.pub")]
+    ssh_key: Option<PathBuf>,
+    /// TAP mode: the pool of /30s guests get theirs from.
+    #[arg(long, value_name = "CIDR", default_value = kiln_net::DEFAULT_POOL)]
+    pool: String,
     /// Stay on the serial console (Ctrl-A D detaches; the VM keeps running).
     #[arg(long)]
     attach: bool,
@@ -130,8 +177,29 @@ pub struct RunArgs {
 pub fn dispatch(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let host = crate::host()?;
     match cmd {
-        VmCommand::Run(args) => run(&host, args),
+        VmCommand::Run(args) => run(&host, *args),
         VmCommand::Ls { json } => list(&host, json),
+        VmCommand::Ssh {
+            name,
+            timeout,
+            command,
+        } => {
+            let mut ssh = host.ssh_command(&name, &command, seconds("--timeout", timeout)?)?;
+            let status = ssh.status().map_err(|e| {
+                anyhow::anyhow!("cannot run ssh: {e} (apt-get install openssh-client)")
+            })?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(255).clamp(0, 255) as u8
+            ))
+        }
+        VmCommand::Ip { name } => {
+            let rec = host.get(&name)?;
+            let ip = rec.meta.net.guest_ip.ok_or_else(|| {
+                anyhow::anyhow!("VM '{name}' has no network (start it with --net)")
+            })?;
+            crate::out(format_args!("{ip}"));
+            Ok(ExitCode::SUCCESS)
+        }
         VmCommand::Manage(cmd) => manage(&host, cmd),
     }
 }
@@ -165,7 +233,20 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
             kernel: args.kernel,
             initrd: args.initrd,
             cmdline: args.cmdline,
-            net: args.net,
+            net: kiln_host::NetRequest {
+                mode: args.net.map(NetArg::mode).unwrap_or_default(),
+                ports: args
+                    .publish
+                    .iter()
+                    .map(|p| p.parse::<kiln_net::PortForward>())
+                    .collect::<Result<_, _>>()?,
+                pool: Some(
+                    args.pool
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("invalid --pool '{}': {e}", args.pool))?,
+                ),
+            },
+            ssh_key: args.ssh_key,
         })?,
     };
     crate::out(format_args!(
@@ -173,8 +254,20 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
         rec.meta.name,
         rec.meta.pid.unwrap_or(0)
     ));
-    if let Some(port) = rec.meta.ssh_port {
-        eprintln!("kiln: ssh -p {port} root@127.0.0.1 (once the guest has booted)");
+    if let Some(ssh) = rec.meta.net.ssh {
+        eprintln!(
+            "kiln: {} network, guest {}; `kiln vm ssh {}` (ssh at {ssh})",
+            rec.meta.net.mode,
+            rec.meta
+                .net
+                .guest_ip
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            rec.meta.name
+        );
+    }
+    if rec.meta.net.stack == Some(kiln_host::UserStack::Slirp) {
+        eprintln!("kiln: passt is not installed (apt-get install passt): using QEMU's slirp");
     }
     if args.attach {
         return console(host, &rec.meta.name, 1.0);
@@ -191,16 +284,16 @@ pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     crate::out(format_args!(
-        "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} END",
-        "NAME", "STATE", "KIND", "ENGINE", "PID", "VCPU", "RAM", "ACCEL", "CREATED"
+        "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<15} {:<24} END",
+        "NAME", "STATE", "KIND", "ENGINE", "PID", "VCPU", "RAM", "ACCEL", "IP", "CREATED"
     ));
     for entry in entries {
         let rec = match entry {
             VmEntry::Vm(rec) => rec.effective(),
             VmEntry::Broken(b) => {
                 crate::out(format_args!(
-                    "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} {}",
-                    b.name, "broken", "-", "-", "-", "-", "-", "-", "-", b.reason
+                    "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<15} {:<24} {}",
+                    b.name, "broken", "-", "-", "-", "-", "-", "-", "-", "-", b.reason
                 ));
                 continue;
             }
@@ -215,7 +308,7 @@ pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
             _ => String::new(),
         };
         crate::out(format_args!(
-            "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<24} {}",
+            "{:<24} {:<9} {:<8} {:<12} {:>8} {:>4} {:>6} {:<5} {:<15} {:<24} {}",
             rec.meta.name,
             state.name(),
             match rec.meta.kind {
@@ -227,6 +320,11 @@ pub fn list(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
             rec.config.vcpu,
             format!("{}M", rec.config.ram_mib),
             rec.config.accelerator.name(),
+            rec.meta
+                .net
+                .guest_ip
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
             rec.meta.created_at,
             end
         ));

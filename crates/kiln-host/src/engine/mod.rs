@@ -27,6 +27,10 @@ pub trait Engine: Send + Sync {
 pub trait Running: Send {
     /// The process that runs the guest (QEMU's, or this one for the builtin VMM).
     fn pid(&self) -> u32;
+    /// The process that runs the VM's network (passt), if it has one.
+    fn network_pid(&self) -> Option<u32> {
+        None
+    }
     /// Called once the start has been reported: finish what need not delay it.
     fn settle(&mut self) {}
     /// Presses the ACPI power button.

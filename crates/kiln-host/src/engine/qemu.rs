@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use kiln_image::{BootMedia, Format};
 use kiln_qemu::{
     BiosConsole, Drive, DriveFormat, Launch, Machine, Media, MicrovmConfig, MicrovmDisk,
-    QemuConfig, QemuIo, QemuVm, SerialMode, UserNet, VmEnd,
+    QemuConfig, QemuIo, QemuVm, SerialMode, VmEnd,
 };
 use kiln_vmm::{ConsoleMerge, MergeOrder};
 
 use super::{Engine, Running};
 use crate::console::{SocketConsole, TerminalConsole};
-use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, NetSpec, VmSpec};
+use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, VmSpec};
 
 /// QEMU as a kiln engine.
 pub struct QemuEngine {
@@ -33,7 +33,9 @@ impl QemuEngine {
         }
     }
 
-    fn launch(&self, spec: &VmSpec) -> Result<(Launch, QemuIo), HostError> {
+    /// QEMU's command line for `spec`; `net_fd` is the network descriptor QEMU inherits (none
+    /// for the command line recorded for running by hand).
+    fn launch(&self, spec: &VmSpec, net_fd: Option<i32>) -> Result<(Launch, QemuIo), HostError> {
         let qmp_socket = spec.dir.join(crate::state::QMP_SOCKET);
         let engine_log = spec.dir.join("engine.log");
         match &spec.boot {
@@ -99,6 +101,7 @@ impl QemuEngine {
                             },
                             read_only: d.read_only,
                             backing: d.backing.clone(),
+                            serial: d.serial.clone(),
                         })
                     })
                     .collect::<Result<Vec<_>, HostError>>()?;
@@ -113,12 +116,7 @@ impl QemuEngine {
                     disks,
                     serial_socket: serial_socket(spec),
                     qmp_socket,
-                    net: match spec.net {
-                        NetSpec::None => None,
-                        NetSpec::User { ssh_port } => Some(UserNet {
-                            ssh_host_port: ssh_port,
-                        }),
-                    },
+                    net: spec.net.backend(&spec.dir, net_fd),
                     name: Some(spec.name.clone()),
                     extra_args: Vec::new(),
                 };
@@ -200,14 +198,16 @@ impl Engine for QemuEngine {
     }
 
     fn command_line(&self, spec: &VmSpec) -> Vec<String> {
-        self.launch(spec)
+        self.launch(spec, None)
             .map(|(l, _)| l.command_line())
             .unwrap_or_default()
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
         prepare_disks(spec)?;
-        let (launch, io) = self.launch(spec)?;
+        // The network first: QEMU inherits its descriptor.
+        let mut net = crate::net::attach(&spec.net, &spec.dir.join("engine.log"))?;
+        let (launch, io) = self.launch(spec, net.fd())?;
         // The console server and the sockets QEMU's serial ports connect to exist before QEMU.
         let server = match &spec.console {
             ConsoleSpec::Socket { path, log, .. } => SocketConsole::bind(path, log.as_deref())?,
@@ -233,6 +233,7 @@ impl Engine for QemuEngine {
             spec.accelerator.name()
         );
         let vm = QemuVm::spawn(&launch, &io)?;
+        net.started(&spec.dir.join("engine.log"))?;
         // QEMU connects while it initialises its devices, before its QMP greeting.
         let com1 = com1.accept("its serial port")?;
         let com2 = bios.map(|l| l.accept("its BIOS console")).transpose()?;
@@ -253,6 +254,7 @@ impl Engine for QemuEngine {
             pumped,
             terminal,
             quit: false,
+            net,
         }))
     }
 }
@@ -428,6 +430,8 @@ struct RunningQemu {
     terminal: Option<TerminalConsole>,
     /// The user pressed Ctrl-A X on it.
     quit: bool,
+    /// The VM's network, detached when this is dropped (after QEMU: fields drop in order).
+    net: crate::net::Attached,
 }
 
 impl Drop for RunningQemu {
@@ -470,6 +474,10 @@ fn end_of(e: VmEnd) -> End {
 impl Running for RunningQemu {
     fn pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    fn network_pid(&self) -> Option<u32> {
+        self.net.passt_pid()
     }
 
     /// QEMU's own `screendump` (PNG) into the VM's directory, then copied to `path` by kiln,

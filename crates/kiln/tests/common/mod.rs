@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
 pub mod debian;
+pub mod netns;
 
 /// A runtime directory of this test process's own, so `kiln ps` sees only its VMs.
 pub fn runtime_dir() -> &'static Path {
