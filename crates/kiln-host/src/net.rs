@@ -312,7 +312,11 @@ pub(crate) fn resolve(host: &Host, name: &str, req: &NetRequest) -> Result<NetSp
     match mode {
         NetMode::Tap => {
             if !kiln_sys::process::is_root() {
-                return Err(kiln_net::NetError::NeedsRoot { what: "--net tap" }.into());
+                return Err(kiln_net::NetError::NeedsRoot {
+                    what: "--net tap",
+                    hint: ", or use --net user",
+                }
+                .into());
             }
             kiln_net::ports::check_free(&req.ports)?;
             let pool: Ipv4Net = match req.pool {

@@ -36,8 +36,12 @@ pub enum NetError {
         value: String,
         why: String,
     },
-    #[error("{what} needs root (CAP_NET_ADMIN); run it with sudo, or use --net user")]
-    NeedsRoot { what: &'static str },
+    #[error("{what} needs root (CAP_NET_ADMIN); run it with sudo{hint}")]
+    NeedsRoot {
+        what: &'static str,
+        /// More advice, starting with ", " (or empty).
+        hint: &'static str,
+    },
     #[error("{tool} is not installed (apt-get install {package})")]
     MissingTool {
         tool: &'static str,

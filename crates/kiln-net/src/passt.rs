@@ -96,10 +96,11 @@ pub fn command(binary: &Path, socket: &PasstSocket, opts: &PasstOptions) -> Comm
     cmd
 }
 
-/// The passt binary: `$KILN_PASST`, else `passt` when it is on PATH.
+/// The passt binary: `$KILN_PASST`, else `passt` on PATH; `None` when it is not there.
 pub fn find() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("KILN_PASST") {
-        return Some(p.into());
+        let p = std::path::PathBuf::from(p);
+        return p.is_file().then_some(p);
     }
     std::env::var_os("PATH")?
         .to_str()?

@@ -16,7 +16,10 @@ impl Tap {
     /// Creates `lease`'s TAP device, gives it the host's address and brings it up.
     pub fn create(lease: &Lease) -> Result<Tap, NetError> {
         if !kiln_sys::process::is_root() {
-            return Err(NetError::NeedsRoot { what: "--net tap" });
+            return Err(NetError::NeedsRoot {
+                what: "--net tap",
+                hint: ", or use --net user",
+            });
         }
         let name = lease.tap();
         let fd = kiln_sys::net::create_tap(&name)

@@ -126,7 +126,6 @@ fn two_vms_from_one_image() {
         "name",
         "pid",
         "created_at",
-        "guest_ip",
         "net",
         "control_socket",
         "log",

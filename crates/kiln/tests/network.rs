@@ -9,6 +9,9 @@ use std::path::Path;
 
 use common::netns::{self, World};
 
+/// A TCP listener on the guest's port 80 (perl, from the image's perl-base), in the background.
+const LISTENER: &str = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>80,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"hello from the guest\\n\"; close $c}' </dev/null >/dev/null 2>&1 & sleep 1; echo started";
+
 fn image() -> Option<std::path::PathBuf> {
     common::debian::debian_image()
 }
@@ -61,15 +64,20 @@ fn tap_nat_isolation_and_cleanup() {
     let Some(image) = image() else { return };
     let home = tempfile::tempdir().unwrap();
     let _cleanup = common::KillOnDrop(home.path().to_path_buf());
-    for name in ["tap-a", "tap-b"] {
-        run_vm(
-            &w,
-            home.path(),
-            &image,
-            name,
-            &["--net", "tap", "--pool", netns::POOL],
-        );
-    }
+    run_vm(
+        &w,
+        home.path(),
+        &image,
+        "tap-a",
+        &["--net", "tap", "--pool", netns::POOL, "-p", "8080:80"],
+    );
+    run_vm(
+        &w,
+        home.path(),
+        &image,
+        "tap-b",
+        &["--net", "tap", "--pool", netns::POOL],
+    );
     let rec = kiln_host::Host::new(home.path().to_path_buf())
         .get("tap-a")
         .unwrap();
@@ -101,6 +109,15 @@ fn tap_nat_isolation_and_cleanup() {
         let (ok, said) = w.guest(home.path(), name, "hostname");
         assert!(ok && said == name, "{name}: {said}");
     }
+    // A published port, relayed by the supervisor to a listener in the guest.
+    let (ok, said) = w.guest(home.path(), "tap-a", LISTENER);
+    assert!(ok && said.contains("started"), "{said}");
+    let got = w.fetch("127.0.0.1:8080", "");
+    assert!(
+        got.contains("hello from the guest"),
+        "-p 8080:80 on TAP: {got:?}"
+    );
+
     // NAT down: the internet is out of reach.
     let (ok, said) = w.guest(home.path(), "tap-a", &netns::get_script());
     assert!(
@@ -172,15 +189,34 @@ fn tap_nat_isolation_and_cleanup() {
         "NAT was not up; nothing to do"
     );
 
+    // A reboot from inside the guest ends the VM and releases its TAP and chains.
+    let tap_b = kiln_host::Host::new(home.path().to_path_buf())
+        .get("tap-b")
+        .unwrap()
+        .meta
+        .net
+        .tap
+        .unwrap();
+    assert!(w.ruleset().contains(&tap_b));
+    let _ = w.guest(home.path(), "tap-b", "systemctl reboot");
+    let host = kiln_host::Host::new(home.path().to_path_buf());
+    common::wait_for(
+        "tap-b to end after its reboot",
+        std::time::Duration::from_secs(180),
+        || !host.get("tap-b").unwrap().is_alive(),
+    );
+    assert!(!w.host_links().contains(&tap_b), "tap-b's TAP is gone");
+    assert!(!w.ruleset().contains(&tap_b), "tap-b's chains are gone");
+
     // Stop and remove: no TAP and no kiln rule remain.
     assert!(w.host_links().contains(&tap_a));
+    let out = w.kiln(home.path(), &["vm", "stop", "tap-a", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for name in ["tap-a", "tap-b"] {
-        let out = w.kiln(home.path(), &["vm", "stop", name, "--timeout", "60"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let out = w.kiln(home.path(), &["vm", "rm", name]);
         assert!(
             out.status.success(),
@@ -238,8 +274,7 @@ fn user_mode_passt_ssh_and_published_port() {
         "GET through passt: {said}"
     );
     // A listener in the guest (perl from the image's perl-base) behind -p 8080:80.
-    let listener = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>80,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"hello from the guest\\n\"; close $c}' >/dev/null 2>&1 & sleep 1; echo started";
-    let (ok, said) = w.guest(home.path(), "usr-a", listener);
+    let (ok, said) = w.guest(home.path(), "usr-a", LISTENER);
     assert!(ok && said.contains("started"), "{said}");
     let got = w.fetch("127.0.0.1:8080", "");
     assert!(got.contains("hello from the guest"), "-p 8080:80: {got:?}");

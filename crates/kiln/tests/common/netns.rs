@@ -66,11 +66,12 @@ impl World {
             eprintln!("SKIP: `ip netns` does not work here");
             return None;
         }
+        sweep_dead_worlds();
         let pid = std::process::id();
         let id = format!("{tag}{}", pid % 100000);
         let w = World {
-            host: format!("kiln-t-{id}-host"),
-            inet: format!("kiln-t-{id}-inet"),
+            host: format!("kiln-t-{id}-{pid}-host"),
+            inet: format!("kiln-t-{id}-{pid}-inet"),
             host_if: format!("kh{id}"),
             seen: Arc::default(),
         };
@@ -224,6 +225,26 @@ impl World {
         let mut s = String::new();
         let _ = out.stdout.as_slice().read_to_string(&mut s);
         s
+    }
+}
+
+/// Removes the namespaces of test processes that died before their `World` was dropped.
+fn sweep_dead_worlds() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("kiln-t-") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('-').collect();
+        let Some(pid) = parts.get(1).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !kiln_sys::process::alive(pid, None) {
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
     }
 }
 
