@@ -40,6 +40,7 @@ fn locked() -> Result<FileLock, NetError> {
     if !kiln_sys::process::is_root() {
         return Err(NetError::NeedsRoot {
             what: "NAT (nftables)",
+            hint: "",
         });
     }
     FileLock::exclusive(Path::new(LOCK))
@@ -307,6 +308,7 @@ pub fn status() -> Result<NatStatus, NetError> {
     if !kiln_sys::process::is_root() {
         return Err(NetError::NeedsRoot {
             what: "kiln net status",
+            hint: "",
         });
     }
     let Some(json) = table_json()? else {
