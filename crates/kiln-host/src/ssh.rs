@@ -6,7 +6,7 @@
 //! image's boot hook installs (kiln-rootfs's `KILN_HOOK`).
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -201,11 +201,15 @@ pub(crate) fn make_seed(dir: &Path, name: &str, client: &ClientKey) -> Result<Pa
     Ok(seed)
 }
 
-/// Waits until something that speaks SSH answers at `addr`.
+/// Waits until something that speaks SSH answers at `addr`. The probe sends its own
+/// identification first, as an SSH client does (RFC 4253 lets either side start): Debian
+/// bookworm's passt completes a published port's handshake with the guest only once the host
+/// side sends something (fixed upstream in passt 2023_10_04).
 fn wait_for_sshd(addr: SocketAddr, deadline: Instant) -> bool {
     loop {
         if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let _ = s.write_all(b"SSH-2.0-kiln-probe\r\n");
             let mut banner = [0u8; 4];
             if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
                 return true;

@@ -157,7 +157,10 @@ fn two_vms_from_one_image() {
             "config.{key} missing: {json}"
         );
     }
-    assert_eq!(json["config"]["disks"].as_array().unwrap().len(), 3);
+    let disks = json["config"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 4, "root, /home, /var and the SSH seed disk");
+    assert_eq!(disks[3]["serial"], "kiln-seed");
+    assert_eq!(disks[3]["read_only"], true);
     assert_eq!(json["meta"]["state"], "running");
 
     // One registry: a firmware VM started with `kiln vm run --disk` sits next to the microVMs,

@@ -112,7 +112,7 @@ fn tap_nat_isolation_and_cleanup() {
     // A published port, relayed by the supervisor to a listener in the guest.
     let (ok, said) = w.guest(home.path(), "tap-a", LISTENER);
     assert!(ok && said.contains("started"), "{said}");
-    let got = w.fetch("127.0.0.1:8080", "");
+    let got = w.fetch("127.0.0.1:8080", "GET / HTTP/1.0\\r\\n\\r\\n");
     assert!(
         got.contains("hello from the guest"),
         "-p 8080:80 on TAP: {got:?}"
@@ -276,7 +276,8 @@ fn user_mode_passt_ssh_and_published_port() {
     // A listener in the guest (perl from the image's perl-base) behind -p 8080:80.
     let (ok, said) = w.guest(home.path(), "usr-a", LISTENER);
     assert!(ok && said.contains("started"), "{said}");
-    let got = w.fetch("127.0.0.1:8080", "");
+    // The client speaks first: bookworm's passt completes an inbound handshake only then.
+    let got = w.fetch("127.0.0.1:8080", "GET / HTTP/1.0\\r\\n\\r\\n");
     assert!(got.contains("hello from the guest"), "-p 8080:80: {got:?}");
 
     let out = w.kiln(home.path(), &["vm", "stop", "usr-a", "--timeout", "60"]);
