@@ -75,10 +75,10 @@ def kiln(k, home, *args, check=True, env=None):
 
 
 def first_ssh(k, home, name, timeout=600):
-    """Polls `kiln vm ssh NAME -- true` (each with a short sshd wait) until it succeeds."""
+    """`kiln vm ssh NAME -- true` (which waits for sshd itself) until it succeeds."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
-        if kiln(k, home, "vm", "ssh", name, "--timeout", "2", "--", "true", check=False).returncode == 0:
+        if kiln(k, home, "vm", "ssh", name, "--timeout", str(timeout), "--", "true", check=False).returncode == 0:
             return time.perf_counter()
         time.sleep(0.1)
     raise SystemExit(f"{name}: no ssh within {timeout} s")

@@ -194,6 +194,13 @@ impl NetSpec {
                 && m.split(':')
                     .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()))
         };
+        if self
+            .forwards()
+            .iter()
+            .any(|f| f.host_port == 0 || f.guest_port == 0)
+        {
+            return Err(bad("published ports are 1 to 65535"));
+        }
         match self {
             NetSpec::None => Ok(()),
             NetSpec::User {

@@ -205,10 +205,17 @@ pub(crate) fn make_seed(dir: &Path, name: &str, client: &ClientKey) -> Result<Pa
 /// identification first, as an SSH client does (RFC 4253 lets either side start): Debian
 /// bookworm's passt completes a published port's handshake with the guest only once the host
 /// side sends something (fixed upstream in passt 2023_10_04).
+///
+/// Each probe waits up to 15 s for the banner, longer than passt's 10 s handshake timeout: a
+/// client that gives up while that passt still waits for the guest makes it spin on the closed
+/// socket (fixed upstream in 2024_09_06), stealing a CPU from the booting guest.
 fn wait_for_sshd(addr: SocketAddr, deadline: Instant) -> bool {
     loop {
         if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(15));
+            let _ = s.set_read_timeout(Some(wait));
             let _ = s.write_all(b"SSH-2.0-kiln-probe\r\n");
             let mut banner = [0u8; 4];
             if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
@@ -242,14 +249,12 @@ impl Host {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if rec.effective_state() != VmState::Running
-                && self.get(name)?.effective_state() != VmState::Running
-            {
+            if self.get(name)?.effective_state() != VmState::Running {
                 return Err(HostError::Stopped(name.to_string()));
             }
             if wait_for_sshd(
                 addr,
-                (Instant::now() + Duration::from_secs(2)).min(deadline),
+                (Instant::now() + Duration::from_secs(15)).min(deadline),
             ) {
                 break;
             }

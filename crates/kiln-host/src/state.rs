@@ -100,7 +100,7 @@ pub struct VmMeta {
     #[serde(default, deserialize_with = "crate::net::net_meta_compat")]
     pub net: crate::NetMeta,
     /// The private key `kiln vm ssh` logs in with (kiln's own, or beside `--ssh-key`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ssh_identity: Option<PathBuf>,
     /// The supervisor's control socket (stop, kill, quit).
     pub control_socket: PathBuf,

@@ -220,6 +220,11 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
                 console_socket: None,
             })?
         }
+        None if matches!(args.net, Some(NetArg::None)) && !args.publish.is_empty() => {
+            anyhow::bail!(
+                "-p publishes a port of the guest's network, and --net none gives it none"
+            )
+        }
         None => host.run(&RunRequest {
             home_size: kiln_rootfs::parse_size(&args.home_size)
                 .map_err(|e| anyhow::anyhow!("--home-size: {e}"))?,
@@ -265,6 +270,9 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
             rec.meta.name
         );
+    }
+    if rec.meta.net.mode == "tap" && host.net_status().is_ok_and(|s| !s.nat.up) {
+        eprintln!("kiln: NAT is down: the VM reaches only the host until `kiln net up`");
     }
     if rec.meta.net.stack == Some(kiln_host::UserStack::Slirp) {
         eprintln!("kiln: passt is not installed (apt-get install passt): using QEMU's slirp");

@@ -9,8 +9,11 @@ use std::path::Path;
 
 use common::netns::{self, World};
 
-/// A TCP listener on the guest's port 80 (perl, from the image's perl-base), in the background.
-const LISTENER: &str = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>80,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"hello from the guest\\n\"; close $c}' </dev/null >/dev/null 2>&1 & sleep 1; echo started";
+/// A TCP listener on the guest's port 80 (perl, from the image's perl-base), in the background:
+/// it reads a request up to its blank line (closing with unread input would reset the
+/// connection and lose the answer), then answers. Perl takes seconds to start under TCG: the
+/// script returns once the port listens.
+const LISTENER: &str = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>80,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){while(<$c>){last if /^\\r?$/} print $c \"hello from the guest\\n\"; close $c}' </dev/null >/dev/null 2>&1 & for i in $(seq 300); do ss -ltn | grep -q ':80 ' && echo started && break; sleep 0.1; done";
 
 fn image() -> Option<std::path::PathBuf> {
     common::debian::debian_image()

@@ -135,8 +135,16 @@ impl World {
                     seen.lock().unwrap().push(peer.ip());
                 }
                 std::thread::spawn(move || {
+                    // The whole request is read before answering: closing a socket with unread
+                    // input resets the connection, and the client would lose the answer.
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
                     let mut line = String::new();
-                    let _ = BufReader::new(conn.try_clone().unwrap()).read_line(&mut line);
+                    let _ = reader.read_line(&mut line);
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).is_ok_and(|n| n > 0) && header.trim() != ""
+                    {
+                        header.clear();
+                    }
                     if line.starts_with("GET /big") {
                         let _ =
                             conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 104857600\r\n\r\n");
