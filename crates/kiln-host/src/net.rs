@@ -135,6 +135,13 @@ impl NetSpec {
         let dns = match self.guest() {
             Some(g) => {
                 args.push(format!("kiln.ip={}/{},{}", g.ip, g.prefix, g.gateway));
+                if let NetSpec::User {
+                    stack: UserStack::Passt,
+                    ..
+                } = self
+                {
+                    args.push(format!("kiln.mtu={}", layout::MTU));
+                }
                 g.dns
             }
             None => kiln_net::dns::upstream_nameservers(),

@@ -211,7 +211,7 @@ pub(crate) fn make_seed(dir: &Path, name: &str, client: &ClientKey) -> Result<Pa
 /// socket (fixed upstream in 2024_09_06), stealing a CPU from the booting guest.
 fn wait_for_sshd(addr: SocketAddr, deadline: Instant) -> bool {
     loop {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
             let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_secs(1), Duration::from_secs(15));
@@ -225,7 +225,7 @@ fn wait_for_sshd(addr: SocketAddr, deadline: Instant) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

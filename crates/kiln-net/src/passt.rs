@@ -21,6 +21,9 @@ pub mod layout {
     pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
     /// The resolver, forwarded to the host's.
     pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+    /// The guest's MTU behind passt, the one passt's DHCP offers: its throughput goes with the
+    /// frame size (100 MiB in 3.3 s at 65520 against 66 s at 1500 here, TCG).
+    pub const MTU: u32 = 65520;
 }
 
 /// What one passt serves.

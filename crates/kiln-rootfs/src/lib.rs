@@ -62,7 +62,7 @@ tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
 /// From the kernel command line: `kiln.name=` (hostname; systemd also reads
 /// `systemd.hostname=`), `kiln.dns=a,b` (/etc/resolv.conf links to /run/kiln/resolv.conf),
 /// `kiln.ip=ADDR/LEN,GW` (static address and default route on the first NIC; Debian's cloud
-/// kernel has no `CONFIG_IP_PNP`, so the kernel's own `ip=` does nothing). From kiln's seed
+/// kernel has no `CONFIG_IP_PNP`, so the kernel's own `ip=` does nothing), `kiln.mtu=N` (its MTU). From kiln's seed
 /// disk (the virtio disk whose serial is [`SEED_SERIAL`], a tar archive kiln writes for each
 /// VM; see kiln-host's `seed`): the SSH host key kiln made and pins
 /// (`ssh_host_ed25519_key`, `.pub`) and the keys root may log in with (`authorized_keys`,
@@ -70,12 +70,13 @@ tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
 /// the VM makes its own host key.
 pub const KILN_HOOK: &str = r#"#!/bin/sh
 # kiln hook: the VM's identity from the kernel command line and kiln's seed disk (see kiln-rootfs).
-name= dns= ip=
+name= dns= ip= mtu=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kiln.name=*) name=${arg#kiln.name=} ;;
         kiln.dns=*) dns=${arg#kiln.dns=} ;;
         kiln.ip=*) ip=${arg#kiln.ip=} ;;
+        kiln.mtu=*) mtu=${arg#kiln.mtu=} ;;
     esac
 done
 mkdir -p /run/kiln
@@ -128,6 +129,7 @@ if [ -n "$ip" ]; then
     done
     if [ -n "$dev" ]; then
         ip link set lo up
+        [ -n "$mtu" ] && ip link set "$dev" mtu "$mtu"
         ip link set "$dev" up
         ip addr add "$addr" dev "$dev"
         [ -n "$gw" ] && ip route add default via "$gw"

@@ -15,8 +15,24 @@ use common::netns::{self, World};
 /// script returns once the port listens.
 const LISTENER: &str = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>80,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){while(<$c>){last if /^\\r?$/} print $c \"hello from the guest\\n\"; close $c}' </dev/null >/dev/null 2>&1 & for i in $(seq 300); do ss -ltn | grep -q ':80 ' && echo started && break; sleep 0.1; done";
 
-fn image() -> Option<std::path::PathBuf> {
-    common::debian::debian_image()
+/// A UDP echo on the guest's port 5300 ("pong:" and what it got), in the background.
+const UDP_ECHO: &str = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>5300,Proto=>\"udp\") or die; while($a=$s->recv($m,512)){$s->send(\"pong:$m\",0,$a)}' </dev/null >/dev/null 2>&1 & for i in $(seq 300); do ss -lun | grep -q ':5300 ' && echo started && break; sleep 0.1; done";
+
+/// The world of namespaces for test `tag`, the Debian image, a kiln home of the test's own and
+/// the guard that ends its VMs; `None` where the test skips.
+fn setup(
+    tag: &str,
+) -> Option<(
+    World,
+    std::path::PathBuf,
+    tempfile::TempDir,
+    common::KillOnDrop,
+)> {
+    let w = World::new(tag)?;
+    let image = common::debian::debian_image()?;
+    let home = tempfile::tempdir().unwrap();
+    let guard = common::KillOnDrop(home.path().to_path_buf());
+    Some((w, image, home, guard))
 }
 
 fn run_vm(w: &World, home: &Path, image: &Path, name: &str, extra: &[&str]) {
@@ -63,16 +79,15 @@ fn counter(s: &serde_json::Value, vm: &str, key: &str) -> u64 {
 
 #[test]
 fn tap_nat_isolation_and_cleanup() {
-    let Some(w) = World::new("tap") else { return };
-    let Some(image) = image() else { return };
-    let home = tempfile::tempdir().unwrap();
-    let _cleanup = common::KillOnDrop(home.path().to_path_buf());
+    let Some((w, image, home, _cleanup)) = setup("tap") else {
+        return;
+    };
     run_vm(
         &w,
         home.path(),
         &image,
         "tap-a",
-        &["--net", "tap", "--pool", netns::POOL, "-p", "8080:80"],
+        &["--net", "tap", "--pool", netns::POOL, "-p", "8080:80", "-p", "5353:5300/udp"],
     );
     run_vm(
         &w,
@@ -120,6 +135,9 @@ fn tap_nat_isolation_and_cleanup() {
         got.contains("hello from the guest"),
         "-p 8080:80 on TAP: {got:?}"
     );
+    let (ok, said) = w.guest(home.path(), "tap-a", UDP_ECHO);
+    assert!(ok && said.contains("started"), "{said}");
+    assert_eq!(w.fetch_udp("127.0.0.1:5353", "ping"), "pong:ping", "-p 5353:5300/udp on TAP");
 
     // NAT down: the internet is out of reach.
     let (ok, said) = w.guest(home.path(), "tap-a", &netns::get_script());
@@ -244,21 +262,31 @@ fn tap_nat_isolation_and_cleanup() {
 
 #[test]
 fn user_mode_passt_ssh_and_published_port() {
-    let Some(w) = World::new("usr") else { return };
-    let Some(image) = image() else { return };
-    let home = tempfile::tempdir().unwrap();
-    let _cleanup = common::KillOnDrop(home.path().to_path_buf());
+    let Some((w, image, home, _cleanup)) = setup("usr") else {
+        return;
+    };
+    // A key of the user's own instead of kiln's.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("mine");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let public = key.with_extension("pub");
     run_vm(
         &w,
         home.path(),
         &image,
         "usr-a",
-        &["--net", "user", "-p", "8080:80"],
+        &["--net", "user", "-p", "8080:80", "-p", "5353:5300/udp", "--ssh-key", public.to_str().unwrap()],
     );
     let rec = kiln_host::Host::new(home.path().to_path_buf())
         .get("usr-a")
         .unwrap();
     assert_eq!(rec.meta.net.mode, "user");
+    assert_eq!(rec.meta.ssh_identity.as_deref(), Some(key.as_path()));
+    assert!(!home.path().join("ssh/id_ed25519").exists(), "kiln made no key of its own");
     assert_eq!(rec.meta.net.stack, Some(kiln_host::UserStack::Passt));
     let passt = rec.meta.net.passt_pid.expect("passt's pid is recorded");
     let uid = std::fs::read_to_string(format!("/proc/{passt}/status"))
@@ -282,6 +310,9 @@ fn user_mode_passt_ssh_and_published_port() {
     // The client speaks first: bookworm's passt completes an inbound handshake only then.
     let got = w.fetch("127.0.0.1:8080", "GET / HTTP/1.0\\r\\n\\r\\n");
     assert!(got.contains("hello from the guest"), "-p 8080:80: {got:?}");
+    let (ok, said) = w.guest(home.path(), "usr-a", UDP_ECHO);
+    assert!(ok && said.contains("started"), "{said}");
+    assert_eq!(w.fetch_udp("127.0.0.1:5353", "ping"), "pong:ping", "-p 5353:5300/udp");
 
     let out = w.kiln(home.path(), &["vm", "stop", "usr-a", "--timeout", "60"]);
     assert!(

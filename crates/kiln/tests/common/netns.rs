@@ -216,6 +216,17 @@ impl World {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Sends one UDP datagram from the host namespace to `addr` (host:port) and returns the
+    /// first answer (empty after 5 s).
+    pub fn fetch_udp(&self, addr: &str, send: &str) -> String {
+        let out = self
+            .command("bash")
+            .args(["-c", &format!("exec 3<>/dev/udp/{}; printf '{send}' >&3; timeout 5 dd bs=65536 count=1 status=none <&3", addr.replace(':', "/"))])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Reads what a TCP client in the host namespace gets from `addr` (host:port), sending
     /// `send` first.
     pub fn fetch(&self, addr: &str, send: &str) -> String {
