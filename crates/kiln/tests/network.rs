@@ -87,7 +87,16 @@ fn tap_nat_isolation_and_cleanup() {
         home.path(),
         &image,
         "tap-a",
-        &["--net", "tap", "--pool", netns::POOL, "-p", "8080:80", "-p", "5353:5300/udp"],
+        &[
+            "--net",
+            "tap",
+            "--pool",
+            netns::POOL,
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:5300/udp",
+        ],
     );
     run_vm(
         &w,
@@ -137,7 +146,11 @@ fn tap_nat_isolation_and_cleanup() {
     );
     let (ok, said) = w.guest(home.path(), "tap-a", UDP_ECHO);
     assert!(ok && said.contains("started"), "{said}");
-    assert_eq!(w.fetch_udp("127.0.0.1:5353", "ping"), "pong:ping", "-p 5353:5300/udp on TAP");
+    assert_eq!(
+        w.fetch_udp("127.0.0.1:5353", "ping"),
+        "pong:ping",
+        "-p 5353:5300/udp on TAP"
+    );
 
     // NAT down: the internet is out of reach.
     let (ok, said) = w.guest(home.path(), "tap-a", &netns::get_script());
@@ -279,14 +292,26 @@ fn user_mode_passt_ssh_and_published_port() {
         home.path(),
         &image,
         "usr-a",
-        &["--net", "user", "-p", "8080:80", "-p", "5353:5300/udp", "--ssh-key", public.to_str().unwrap()],
+        &[
+            "--net",
+            "user",
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:5300/udp",
+            "--ssh-key",
+            public.to_str().unwrap(),
+        ],
     );
     let rec = kiln_host::Host::new(home.path().to_path_buf())
         .get("usr-a")
         .unwrap();
     assert_eq!(rec.meta.net.mode, "user");
     assert_eq!(rec.meta.ssh_identity.as_deref(), Some(key.as_path()));
-    assert!(!home.path().join("ssh/id_ed25519").exists(), "kiln made no key of its own");
+    assert!(
+        !home.path().join("ssh/id_ed25519").exists(),
+        "kiln made no key of its own"
+    );
     assert_eq!(rec.meta.net.stack, Some(kiln_host::UserStack::Passt));
     let passt = rec.meta.net.passt_pid.expect("passt's pid is recorded");
     let uid = std::fs::read_to_string(format!("/proc/{passt}/status"))
@@ -312,7 +337,11 @@ fn user_mode_passt_ssh_and_published_port() {
     assert!(got.contains("hello from the guest"), "-p 8080:80: {got:?}");
     let (ok, said) = w.guest(home.path(), "usr-a", UDP_ECHO);
     assert!(ok && said.contains("started"), "{said}");
-    assert_eq!(w.fetch_udp("127.0.0.1:5353", "ping"), "pong:ping", "-p 5353:5300/udp");
+    assert_eq!(
+        w.fetch_udp("127.0.0.1:5353", "ping"),
+        "pong:ping",
+        "-p 5353:5300/udp"
+    );
 
     let out = w.kiln(home.path(), &["vm", "stop", "usr-a", "--timeout", "60"]);
     assert!(
