@@ -22,6 +22,7 @@ use std::process::{Command, Stdio};
 
 pub mod ext4;
 pub mod manifest;
+pub mod oci;
 pub mod size;
 
 pub use ext4::{extract_dir, make_ext4_disk, make_seeded_disk, Seed};

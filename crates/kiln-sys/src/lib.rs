@@ -3,6 +3,7 @@
 //! the temporary-file discipline every writer shares ([`temp`]).
 //! Everything above it (kiln-host, the CLI, the engines) is safe Rust.
 
+pub mod fs;
 pub mod lock;
 pub mod net;
 pub mod process;
