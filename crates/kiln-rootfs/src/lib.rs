@@ -20,10 +20,13 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+pub mod create;
 pub mod ext4;
+pub mod fs9p;
 pub mod manifest;
 pub mod oci;
 pub mod size;
+pub mod tree;
 
 pub use ext4::{extract_dir, make_ext4_disk, make_seeded_disk, Seed};
 pub use manifest::{ImageManifest, IMAGE_MANIFEST};
@@ -404,6 +407,8 @@ pub fn build_debian(
             "kernel": kernel.file_name().map(|n| n.to_string_lossy().into_owned()),
             "fingerprint": opts.fingerprint(),
         }),
+        arch: Some(tree::Arch::Amd64),
+        fs9p: None,
     };
     manifest.save(out)?;
     progress("cleaning up");

@@ -33,6 +33,21 @@ pub struct ImageManifest {
     /// Builder details (suite, packages, fingerprint), informational.
     #[serde(default)]
     pub builder: serde_json::Value,
+    /// The CPU architecture of its binaries (absent in images made before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<crate::tree::Arch>,
+    /// The root tree as v86's 9p filesystem (i386 images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs9p: Option<Fs9p>,
+}
+
+/// Where an image's 9p filesystem is: v86's index and the content files it names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fs9p {
+    /// `fs.json`.
+    pub index: PathBuf,
+    /// `fs/`.
+    pub files: PathBuf,
 }
 
 impl ImageManifest {
@@ -60,6 +75,10 @@ impl ImageManifest {
         m.initrd = m.initrd.as_deref().map(abs);
         m.home_seed = m.home_seed.as_deref().map(abs);
         m.var_seed = m.var_seed.as_deref().map(abs);
+        if let Some(f) = &mut m.fs9p {
+            f.index = abs(&f.index);
+            f.files = abs(&f.files);
+        }
         Ok(m)
     }
 

@@ -10,7 +10,7 @@
 //! the entry's own last component is never followed. Work is bounded by the input: JSON
 //! documents are read up to 16 MiB, layers are streamed.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -23,8 +23,6 @@ use crate::RootfsError;
 
 /// Largest JSON document (index, manifest, config) read from an image.
 const MAX_JSON: u64 = 16 << 20;
-/// Most symlinks followed while resolving one path (Linux's own limit).
-const MAX_HOPS: u32 = 40;
 /// Most layers an image may have (Docker's own limit is 127).
 const MAX_LAYERS: usize = 256;
 
@@ -327,7 +325,7 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
         ) else {
             continue; // the root itself
         };
-        let dir = resolve(root, parent, layer)?;
+        let dir = in_root(root, parent, layer)?;
         let name_str = name.to_string_lossy();
         if name_str == ".wh..wh..opq" {
             // Opaque: what lower layers put in this directory is gone.
@@ -398,7 +396,7 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
                 let to_rel = clean(&to).ok_or_else(|| {
                     bad_layer(format!("hard link '{}' leaves the root", raw.display()))
                 })?;
-                let to_dir = resolve(root, to_rel.parent().unwrap_or(Path::new("")), layer)?;
+                let to_dir = in_root(root, to_rel.parent().unwrap_or(Path::new("")), layer)?;
                 let source = root
                     .join(to_dir)
                     .join(to_rel.file_name().unwrap_or_default());
@@ -449,6 +447,12 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
+/// The directory `rel` inside `root` as the image sees it (see [`crate::tree`]), made where
+/// missing.
+fn in_root(root: &Path, rel: &Path, layer: &Path) -> Result<PathBuf, RootfsError> {
+    Ok(crate::tree::resolve(root, rel, crate::tree::Missing::Make, layer)?.unwrap_or_default())
+}
+
 /// Removes `path` (a file, link or a whole directory) if it exists; never follows a symlink.
 fn remove(path: &Path) -> Result<(), RootfsError> {
     match fs::symlink_metadata(path) {
@@ -456,66 +460,4 @@ fn remove(path: &Path) -> Result<(), RootfsError> {
         Ok(_) => fs::remove_file(path).map_err(io_err(path, "cannot remove")),
         Err(_) => Ok(()),
     }
-}
-
-/// Resolves the directory `rel` inside `root` as the image sees it: symlinks are followed
-/// within the root (an absolute target starts again at the root, `..` stops at it), at most
-/// [`MAX_HOPS`] of them. Missing directories are made. Returns the resolved path, relative.
-fn resolve(root: &Path, rel: &Path, layer: &Path) -> Result<PathBuf, RootfsError> {
-    let mut todo: VecDeque<std::ffi::OsString> = rel.iter().map(|c| c.to_owned()).collect();
-    let mut cur = PathBuf::new();
-    let mut hops = 0;
-    while let Some(c) = todo.pop_front() {
-        if c == ".." {
-            cur.pop();
-            continue;
-        }
-        if c == "." || c.is_empty() {
-            continue;
-        }
-        let next = cur.join(&c);
-        match fs::symlink_metadata(root.join(&next)) {
-            Ok(m) if m.file_type().is_symlink() => {
-                hops += 1;
-                if hops > MAX_HOPS {
-                    return Err(bad(
-                        layer,
-                        format!("'{}': too many levels of symbolic links", rel.display()),
-                    ));
-                }
-                let to = fs::read_link(root.join(&next))
-                    .map_err(io_err(&root.join(&next), "cannot read"))?;
-                let mut parts: VecDeque<std::ffi::OsString> = to
-                    .components()
-                    .filter_map(|p| match p {
-                        Component::Normal(n) => Some(n.to_owned()),
-                        Component::ParentDir => Some("..".into()),
-                        _ => None,
-                    })
-                    .collect();
-                if to.is_absolute() {
-                    cur = PathBuf::new();
-                }
-                parts.extend(todo.drain(..));
-                todo = parts;
-            }
-            Ok(m) if m.is_dir() => cur = next,
-            Ok(_) => {
-                return Err(bad(
-                    layer,
-                    format!(
-                        "'{}': '{}' is not a directory",
-                        rel.display(),
-                        next.display()
-                    ),
-                ))
-            }
-            Err(_) => {
-                fs::create_dir(root.join(&next))
-                    .map_err(io_err(&root.join(&next), "cannot create"))?;
-                cur = next;
-            }
-        }
-    }
-    Ok(cur)
 }

@@ -30,6 +30,11 @@ pub fn mknod(path: &Path, node: Node, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// A device number's major and minor parts.
+pub fn split_dev(dev: u64) -> (u32, u32) {
+    (libc::major(dev), libc::minor(dev))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -7,6 +7,36 @@ use std::process::ExitCode;
 /// Guest image builders.
 #[derive(clap::Subcommand)]
 pub enum ImageCommand {
+    /// Make an image directory from a root tree or an OCI image (no container runtime):
+    /// OUT/rootfs.ext4, OUT/vmlinuz, OUT/initrd.img, OUT/image.json. Owners, modes, links and
+    /// device nodes are kept; the architecture is read from the tree's /bin/sh.
+    Create {
+        /// Output directory (created; must not exist).
+        out: PathBuf,
+        /// A root directory to copy.
+        #[arg(
+            long,
+            value_name = "DIR",
+            conflicts_with = "from_oci",
+            required_unless_present = "from_oci"
+        )]
+        from_dir: Option<PathBuf>,
+        /// An OCI layout directory, an OCI archive or a `docker save` tarball.
+        #[arg(long, value_name = "PATH")]
+        from_oci: Option<PathBuf>,
+        /// The architecture the image must have: i386 or amd64 (checked, not converted).
+        #[arg(long)]
+        arch: Option<String>,
+        /// The kernel (default: the newest /boot/vmlinuz* of the tree).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// The initrd (default: the tree's /boot/initrd.img*, unless --kernel is given).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Size of rootfs.ext4 (M or G suffix; default: the tree's size and half again).
+        #[arg(long)]
+        size: Option<String>,
+    },
     /// Build a Debian image for `kiln vm run --image OUT` with debootstrap (needs root):
     /// OUT/rootfs.ext4, OUT/vmlinuz, OUT/initrd.img, OUT/home.ext4, OUT/var.ext4, OUT/image.json.
     Debian {
@@ -29,6 +59,44 @@ pub enum ImageCommand {
 
 pub fn dispatch(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        ImageCommand::Create {
+            out,
+            from_dir,
+            from_oci,
+            arch,
+            kernel,
+            initrd,
+            size,
+        } => {
+            let source = match (from_dir, from_oci) {
+                (Some(d), _) => kiln_rootfs::create::Source::Dir(d),
+                (None, Some(o)) => kiln_rootfs::create::Source::Oci(o),
+                (None, None) => anyhow::bail!("give --from-dir DIR or --from-oci PATH"),
+            };
+            let opts = kiln_rootfs::create::CreateOptions {
+                source,
+                arch: arch
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|e: String| anyhow::anyhow!("--arch: {e}"))
+                    })
+                    .transpose()?,
+                kernel,
+                initrd,
+                size: size
+                    .map(|s| {
+                        kiln_rootfs::parse_size(&s).map_err(|e| anyhow::anyhow!("--size: {e}"))
+                    })
+                    .transpose()?,
+            };
+            let show = std::io::stderr().is_terminal();
+            let c = kiln_rootfs::create::create_image(&opts, &out, &mut |step| {
+                if show {
+                    eprintln!("  {step}");
+                }
+            })?;
+            println!("{}: {} ({})", out.display(), c.manifest.name, c.arch.name());
+        }
         ImageCommand::Debian {
             out,
             suite,
