@@ -223,3 +223,54 @@ fn closed_stdout_ends_quietly() {
         assert_ne!(out.status.code(), Some(101), "{args:?} panicked");
     }
 }
+
+#[test]
+fn image_create_refuses_what_is_no_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("img");
+    let out = out.to_str().unwrap();
+    assert_clean_error(
+        &["image", "create", out, "--from-dir", "/nonexistent/tree"],
+        "/nonexistent/tree",
+        "image create --from-dir",
+    );
+    assert_clean_error(
+        &[
+            "image",
+            "create",
+            out,
+            "--from-oci",
+            "/nonexistent/image.tar",
+        ],
+        "/nonexistent/image.tar",
+        "image create --from-oci",
+    );
+    // A directory without /bin/sh, and a file that is no OCI archive.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = assert_clean_error(
+        &[
+            "image",
+            "create",
+            out,
+            "--from-dir",
+            empty.to_str().unwrap(),
+        ],
+        "empty",
+        "image create of an empty tree",
+    );
+    assert!(e.contains("has no /bin/sh"), "{e}");
+    let junk = tmp.path().join("junk.tar");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    assert_clean_error(
+        &["image", "create", out, "--from-oci", junk.to_str().unwrap()],
+        "junk.tar",
+        "image create of junk",
+    );
+    assert_clean_error(
+        &["image", "create", out, "--from-dir", "/", "--arch", "arm64"],
+        "arm64",
+        "image create --arch arm64",
+    );
+    assert_only(tmp.path(), &["empty", "junk.tar"]);
+}
