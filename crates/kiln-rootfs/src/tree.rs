@@ -45,14 +45,7 @@ pub(crate) fn resolve(
     missing: Missing,
     context: &Path,
 ) -> Result<Option<PathBuf>, RootfsError> {
-    let mut todo: VecDeque<OsString> = rel
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_owned()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
+    let mut todo = parts(rel);
     let mut cur = PathBuf::new();
     let mut hops = 0;
     while let Some(c) = todo.pop_front() {
@@ -72,14 +65,7 @@ pub(crate) fn resolve(
                     ));
                 }
                 let to = fs::read_link(&full).map_err(io_err(&full, "cannot read"))?;
-                let mut parts: VecDeque<OsString> = to
-                    .components()
-                    .filter_map(|p| match p {
-                        Component::Normal(n) => Some(n.to_owned()),
-                        Component::ParentDir => Some("..".into()),
-                        _ => None,
-                    })
-                    .collect();
+                let mut parts = parts(&to);
                 if to.is_absolute() {
                     cur = PathBuf::new();
                 }
@@ -105,6 +91,17 @@ pub(crate) fn resolve(
         }
     }
     Ok(Some(cur))
+}
+
+/// The names and `..`s of a path, in order (`/` and `.` dropped).
+fn parts(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Copies the tree `src` to `dest` (which must not exist) exactly: contents, owners (as root),
