@@ -94,7 +94,9 @@ impl Shell {
             let text = String::from_utf8_lossy(&out).into_owned();
             if let (Some(a), Some(b)) = (text.find(&start), text.find(&end)) {
                 if a < b {
-                    return strip_ansi(&text[a + start.len()..b]).trim().to_string();
+                    return without_kernel_messages(&strip_ansi(&text[a + start.len()..b]))
+                        .trim()
+                        .to_string();
                 }
             }
             assert!(
@@ -113,6 +115,26 @@ impl Shell {
             }
         }
     }
+}
+
+/// `s` without the kernel's own console messages (`[   42.26] clocksource: ...`), which the
+/// kernel prints on the serial console whenever it likes (a loaded host makes TCG guests warn
+/// about their TSC), in the middle of a command's output.
+fn without_kernel_messages(s: &str) -> String {
+    s.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let Some(rest) = t.strip_prefix('[') else {
+                return true;
+            };
+            let stamp = rest.split(']').next().unwrap_or_default().trim();
+            !(rest.contains(']')
+                && !stamp.is_empty()
+                && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && stamp.contains('.'))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn strip_ansi(s: &str) -> String {
