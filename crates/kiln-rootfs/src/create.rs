@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::tree::Arch;
-use crate::{ImageManifest, RootfsError};
+use crate::{io_at, refused, ImageManifest, RootfsError};
 
 /// Where the tree comes from.
 #[derive(Clone, Debug)]
@@ -58,15 +58,10 @@ pub fn create_image(
 ) -> Result<Created, RootfsError> {
     let src = opts.source.path();
     if fs::symlink_metadata(out).is_ok() {
-        return Err(RootfsError::Output {
-            path: out.to_path_buf(),
-            why: "exists".into(),
-        });
+        return Err(refused(out, "exists"));
     }
-    let staging = kiln_sys::temp::TempDir::beside(out).map_err(|source| RootfsError::Io {
-        what: format!("{}: cannot make a temporary directory", out.display()),
-        source,
-    })?;
+    let staging = kiln_sys::temp::TempDir::beside(out)
+        .map_err(io_at(out, "cannot make a temporary directory"))?;
     let tree = staging.path().join("tree");
     match &opts.source {
         Source::Dir(dir) => {
@@ -79,35 +74,27 @@ pub fn create_image(
         }
     }
     let arch = crate::tree::arch_of(&tree).map_err(|e| match e {
-        RootfsError::Output { why, .. } => RootfsError::Output {
-            path: src.to_path_buf(),
-            why,
-        },
+        RootfsError::Output { why, .. } => refused(src, why),
         e => e,
     })?;
     if let Some(want) = opts.arch {
         if want != arch {
-            return Err(RootfsError::Output {
-                path: src.to_path_buf(),
-                why: format!(
+            return Err(refused(
+                src,
+                format!(
                     "its binaries are {} (/bin/sh), not {}",
                     arch.name(),
                     want.name()
                 ),
-            });
+            ));
         }
     }
     let image = staging.path().join("image");
-    fs::create_dir(&image).map_err(|source| RootfsError::Io {
-        what: format!("{}: cannot create", image.display()),
-        source,
-    })?;
+    fs::create_dir(&image).map_err(io_at(&image, "cannot create"))?;
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
-        None => boot_file(&tree, "vmlinuz").ok_or_else(|| RootfsError::Output {
-            path: src.to_path_buf(),
-            why: "has no /boot/vmlinuz*: give the kernel with --kernel".into(),
-        })?,
+        None => boot_file(&tree, "vmlinuz")
+            .ok_or_else(|| refused(src, "has no /boot/vmlinuz*: give the kernel with --kernel"))?,
     };
     let initrd = match &opts.initrd {
         Some(i) => Some(i.clone()),
@@ -115,10 +102,7 @@ pub fn create_image(
         None => None,
     };
     let copy = |from: &Path, name: &str| -> Result<PathBuf, RootfsError> {
-        fs::copy(from, image.join(name)).map_err(|source| RootfsError::Io {
-            what: format!("{}: cannot copy", from.display()),
-            source,
-        })?;
+        fs::copy(from, image.join(name)).map_err(io_at(from, "cannot copy"))?;
         Ok(PathBuf::from(name))
     };
     let kernel = copy(&kernel, "vmlinuz")?;
@@ -177,25 +161,15 @@ pub fn create_image(
         ..manifest
     };
     manifest.save(&image)?;
-    fs::rename(&image, out).map_err(|source| RootfsError::Io {
-        what: format!("{}: cannot rename into place", out.display()),
-        source,
-    })?;
+    fs::rename(&image, out).map_err(io_at(out, "cannot rename into place"))?;
     Ok(Created { arch, manifest })
 }
 
-/// The newest `/boot/PREFIX*` regular file of the tree (symlinks are not followed: a link there
-/// may name a host path).
+/// The newest `/boot/PREFIX*` regular file of the tree, if it has one.
 fn boot_file(tree: &Path, prefix: &str) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = fs::read_dir(tree.join("boot"))
-        .ok()?
+    crate::newest_file(&tree.join("boot"), prefix)
+        .ok()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found.pop()
 }
 
 /// The bytes of the regular files under `dir` (links not followed).

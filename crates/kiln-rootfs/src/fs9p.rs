@@ -13,12 +13,12 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::RootfsError;
+use crate::{io_at, refused, RootfsError};
 
 /// v86's filesystem JSON version.
 pub const VERSION: u32 = 3;
@@ -44,24 +44,16 @@ pub struct Written {
 /// Writes `tree` as `out/fs.json` and `out/fs/` (which must not exist).
 pub fn write(tree: &Path, out: &Path) -> Result<Written, RootfsError> {
     let files = out.join(FILES);
-    fs::create_dir(&files).map_err(|source| RootfsError::Io {
-        what: format!("{}: cannot create", files.display()),
-        source,
-    })?;
+    fs::create_dir(&files).map_err(io_at(&files, "cannot create"))?;
     let mut w = Written::default();
     let mut seen = HashSet::new();
     let root = children(tree, tree, &files, &mut seen, &mut w)?;
     let index = json!({ "fsroot": root, "version": VERSION, "size": w.bytes });
-    let text = serde_json::to_vec(&index).map_err(|e| RootfsError::Output {
-        path: out.join(INDEX),
-        why: format!("cannot encode: {e}"),
-    })?;
-    kiln_sys::temp::write_atomic(&out.join(INDEX), &text, None, 0o644).map_err(|source| {
-        RootfsError::Io {
-            what: format!("{}: cannot write", out.join(INDEX).display()),
-            source,
-        }
-    })?;
+    let path = out.join(INDEX);
+    let text =
+        serde_json::to_vec(&index).map_err(|e| refused(&path, format!("cannot encode: {e}")))?;
+    kiln_sys::temp::write_atomic(&path, &text, None, 0o644)
+        .map_err(io_at(&path, "cannot write"))?;
     Ok(w)
 }
 
@@ -72,15 +64,7 @@ fn children(
     seen: &mut HashSet<String>,
     w: &mut Written,
 ) -> Result<Vec<Value>, RootfsError> {
-    let io = |p: &Path, what: &str| {
-        let what = format!("{}: {what}", p.display());
-        move |source| RootfsError::Io { what, source }
-    };
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(io(dir, "cannot read"))?
-        .collect::<Result<_, _>>()
-        .map_err(io(dir, "cannot read"))?;
-    entries.sort_by_key(|e| e.file_name());
+    let entries = crate::tree::sorted_entries(dir)?;
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         let p = e.path();
@@ -88,57 +72,41 @@ fn children(
         let name = e
             .file_name()
             .into_string()
-            .map_err(|_| RootfsError::Output {
-                path: p.clone(),
-                why: "its name is not UTF-8, which v86's 9p cannot carry".into(),
-            })?;
-        let m = fs::symlink_metadata(&p).map_err(io(&p, "cannot read"))?;
+            .map_err(|_| refused(&p, "its name is not UTF-8, which v86's 9p cannot carry"))?;
+        let m = fs::symlink_metadata(&p).map_err(io_at(&p, "cannot read"))?;
         let t = m.file_type();
-        let mtime = m.mtime().clamp(0, u32::MAX as i64);
-        let head = |size: u64| json!([name, size, mtime, m.mode(), m.uid(), m.gid()]);
-        let entry = if t.is_dir() {
-            let mut v = head(0);
-            v.as_array_mut()
-                .expect("an array")
-                .push(Value::Array(children(tree, &p, files, seen, w)?));
-            v
+        let (size, x) = if t.is_dir() {
+            (0, Value::Array(children(tree, &p, files, seen, w)?))
         } else if t.is_symlink() {
-            let to = fs::read_link(&p).map_err(io(&p, "cannot read"))?;
-            let to = to
-                .into_os_string()
-                .into_string()
-                .map_err(|_| RootfsError::Output {
-                    path: p.clone(),
-                    why: "its symlink target is not UTF-8, which v86's 9p cannot carry".into(),
-                })?;
-            let mut v = head(to.len() as u64);
-            v.as_array_mut().expect("an array").push(Value::String(to));
-            v
+            let to = fs::read_link(&p).map_err(io_at(&p, "cannot read"))?;
+            let to = to.into_os_string().into_string().map_err(|_| {
+                refused(
+                    &p,
+                    "its symlink target is not UTF-8, which v86's 9p cannot carry",
+                )
+            })?;
+            (to.len() as u64, Value::String(to))
         } else if t.is_file() {
             if m.len() > MAX_FILE {
-                return Err(RootfsError::Output {
-                    path: PathBuf::from("/").join(rel),
-                    why: "is 4 GiB or larger: v86's 9p sizes are 32-bit".into(),
-                });
+                return Err(refused(
+                    &PathBuf::from("/").join(rel),
+                    "is 4 GiB or larger: v86's 9p sizes are 32-bit",
+                ));
             }
             let blob = store(&p, m.len(), files, seen, w)?;
             w.bytes += m.len();
-            let mut v = head(m.len());
-            v.as_array_mut()
-                .expect("an array")
-                .push(Value::String(blob));
-            v
+            (m.len(), Value::String(blob))
         } else {
             w.skipped += 1;
             continue;
         };
+        let mtime = m.mtime().clamp(0, u32::MAX as i64);
+        let entry = json!([name, size, mtime, m.mode(), m.uid(), m.gid(), x]);
         w.entries += 1;
         out.push(entry);
     }
     Ok(out)
 }
-
-use std::path::PathBuf;
 
 /// Stores the content of `path` under `files` by its SHA-256 (once per content) and returns
 /// its file name there.
@@ -149,16 +117,12 @@ fn store(
     seen: &mut HashSet<String>,
     w: &mut Written,
 ) -> Result<String, RootfsError> {
-    let io = |what: String| move |source| RootfsError::Io { what, source };
     let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
     fs::File::open(path)
         .and_then(|f| f.take(len).read_to_end(&mut data))
-        .map_err(io(format!("{}: cannot read", path.display())))?;
+        .map_err(io_at(path, "cannot read"))?;
     if data.len() as u64 != len {
-        return Err(RootfsError::Output {
-            path: path.to_path_buf(),
-            why: "changed size while it was read".into(),
-        });
+        return Err(refused(path, "changed size while it was read"));
     }
     let hex = format!("{:x}", Sha256::digest(&data));
     let compressed = if data.len() >= 512 {
@@ -175,10 +139,8 @@ fn store(
     if seen.insert(name.clone()) {
         let target = files.join(&name);
         let bytes = compressed.as_deref().unwrap_or(&data);
-        let mut f = fs::File::create(&target)
-            .map_err(io(format!("{}: cannot create", target.display())))?;
-        f.write_all(bytes)
-            .map_err(io(format!("{}: cannot write", target.display())))?;
+        let mut f = fs::File::create(&target).map_err(io_at(&target, "cannot create"))?;
+        f.write_all(bytes).map_err(io_at(&target, "cannot write"))?;
         w.blobs += 1;
     }
     Ok(name)

@@ -225,6 +225,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RootfsError> {
     })
 }
 
+/// The I/O error of `what` done to `path` (`PATH: cannot read`).
+pub(crate) fn io_at(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> RootfsError {
+    io(format!("{}: {what}", path.display()))
+}
+
+/// `path` is not what it must be.
+pub(crate) fn refused(path: &Path, why: impl Into<String>) -> RootfsError {
+    RootfsError::Output {
+        path: path.to_path_buf(),
+        why: why.into(),
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
     let what = what.into();
     move |source| RootfsError::Io { what, source }
@@ -530,20 +543,25 @@ fn tool_exists(tool: &str) -> bool {
 
 /// The lexically newest `prefix*` file in `dir` (the installed kernel/initrd).
 fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, RootfsError> {
-    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+    newest_file(dir, prefix)
         .map_err(io(format!("{}: cannot read", dir.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        .ok_or_else(|| RootfsError::Output {
+            path: dir.to_path_buf(),
+            why: format!("no {prefix}* found: the kernel package did not install"),
         })
+}
+
+/// The last by name of the regular files in `dir` whose names start with `prefix` (a symlink
+/// is never taken: in an image's tree it may name a host path).
+pub(crate) fn newest_file(dir: &Path, prefix: &str) -> std::io::Result<Option<PathBuf>> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
         .collect();
     found.sort();
-    found.pop().ok_or_else(|| RootfsError::Output {
-        path: dir.to_path_buf(),
-        why: format!("no {prefix}* found: the kernel package did not install"),
-    })
+    Ok(found.pop())
 }
 
 /// Runs a long tool with its output appended to `log`; on failure the error quotes its last line.

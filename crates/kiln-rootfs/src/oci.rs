@@ -19,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::RootfsError;
+use crate::{io_at, refused, RootfsError};
 
 /// Largest JSON document (index, manifest, config) read from an image.
 const MAX_JSON: u64 = 16 << 20;
@@ -36,28 +36,16 @@ pub struct OciImage {
     pub layers: usize,
 }
 
-fn bad(path: &Path, why: impl Into<String>) -> RootfsError {
-    RootfsError::Output {
-        path: path.to_path_buf(),
-        why: why.into(),
-    }
-}
-
-fn io_err(path: &Path, what: &str) -> impl FnOnce(io::Error) -> RootfsError {
-    let what = format!("{}: {what}", path.display());
-    move |source| RootfsError::Io { what, source }
-}
-
 /// Unpacks the image at `source` into `dest`, which must not exist (it is made through a
 /// temporary name beside it and renamed when complete, so a failure leaves nothing).
 pub fn unpack(source: &Path, dest: &Path) -> Result<OciImage, RootfsError> {
     if fs::symlink_metadata(dest).is_ok() {
-        return Err(bad(dest, "exists"));
+        return Err(refused(dest, "exists"));
     }
     let scratch = kiln_sys::temp::TempDir::beside(dest)
-        .map_err(io_err(dest, "cannot make a temporary directory"))?;
+        .map_err(io_at(dest, "cannot make a temporary directory"))?;
     let tree = scratch.path().join("tree");
-    fs::create_dir(&tree).map_err(io_err(&tree, "cannot create"))?;
+    fs::create_dir(&tree).map_err(io_at(&tree, "cannot create"))?;
     let layout = if source.is_dir() {
         source.to_path_buf()
     } else {
@@ -67,7 +55,7 @@ pub fn unpack(source: &Path, dest: &Path) -> Result<OciImage, RootfsError> {
     };
     let (config, layers) = read_manifest(source, &layout)?;
     if layers.len() > MAX_LAYERS {
-        return Err(bad(
+        return Err(refused(
             source,
             format!("{} layers (at most {MAX_LAYERS})", layers.len()),
         ));
@@ -75,7 +63,7 @@ pub fn unpack(source: &Path, dest: &Path) -> Result<OciImage, RootfsError> {
     for layer in &layers {
         apply_layer(layer, &tree)?;
     }
-    fs::rename(&tree, dest).map_err(io_err(dest, "cannot rename into place"))?;
+    fs::rename(&tree, dest).map_err(io_at(dest, "cannot rename into place"))?;
     Ok(OciImage {
         architecture: config
             .get("architecture")
@@ -89,11 +77,11 @@ pub fn unpack(source: &Path, dest: &Path) -> Result<OciImage, RootfsError> {
 /// Extracts the regular files of an image archive (blobs, index, manifests) into `out`: only
 /// plain relative names, never a link or a device.
 fn extract_archive(archive: &Path, out: &Path) -> Result<(), RootfsError> {
-    let file = fs::File::open(archive).map_err(io_err(archive, "cannot open"))?;
-    fs::create_dir(out).map_err(io_err(out, "cannot create"))?;
+    let file = fs::File::open(archive).map_err(io_at(archive, "cannot open"))?;
+    fs::create_dir(out).map_err(io_at(out, "cannot create"))?;
     let mut ar = tar::Archive::new(BufReader::new(file));
     let not_tar = |e: io::Error| {
-        bad(
+        refused(
             archive,
             format!("not an OCI archive or docker save tarball: {e}"),
         )
@@ -105,7 +93,7 @@ fn extract_archive(archive: &Path, out: &Path) -> Result<(), RootfsError> {
         }
         let path = e.path().map_err(not_tar)?.into_owned();
         let Some(rel) = clean(&path) else {
-            return Err(bad(
+            return Err(refused(
                 archive,
                 format!("entry '{}' leaves the archive", path.display()),
             ));
@@ -115,10 +103,10 @@ fn extract_archive(archive: &Path, out: &Path) -> Result<(), RootfsError> {
         }
         let target = out.join(&rel);
         if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent, "cannot create"))?;
+            fs::create_dir_all(parent).map_err(io_at(parent, "cannot create"))?;
         }
-        let mut f = fs::File::create(&target).map_err(io_err(&target, "cannot create"))?;
-        io::copy(&mut e, &mut f).map_err(io_err(archive, "cannot read"))?;
+        let mut f = fs::File::create(&target).map_err(io_at(&target, "cannot create"))?;
+        io::copy(&mut e, &mut f).map_err(io_at(archive, "cannot read"))?;
     }
     Ok(())
 }
@@ -173,11 +161,11 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RootfsErr
     let mut text = Vec::new();
     fs::File::open(path)
         .and_then(|f| f.take(MAX_JSON + 1).read_to_end(&mut text))
-        .map_err(io_err(path, "cannot read"))?;
+        .map_err(io_at(path, "cannot read"))?;
     if text.len() as u64 > MAX_JSON {
-        return Err(bad(path, "larger than 16 MiB"));
+        return Err(refused(path, "larger than 16 MiB"));
     }
-    serde_json::from_slice(&text).map_err(|e| bad(path, format!("invalid: {e}")))
+    serde_json::from_slice(&text).map_err(|e| refused(path, format!("invalid: {e}")))
 }
 
 /// The blob `digest` names in `layout`, after checking its content has that digest.
@@ -189,7 +177,7 @@ fn blob(source: &Path, layout: &Path, digest: &str) -> Result<PathBuf, RootfsErr
                 && h.bytes()
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         })
-        .ok_or_else(|| bad(source, format!("digest '{digest}' is not a sha256 digest")))?;
+        .ok_or_else(|| refused(source, format!("digest '{digest}' is not a sha256 digest")))?;
     let path = layout.join("blobs").join("sha256").join(hex);
     verify(source, &path, hex)?;
     Ok(path)
@@ -199,15 +187,15 @@ fn verify(source: &Path, path: &Path, hex: &str) -> Result<(), RootfsError> {
     let mut f = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(bad(source, format!("blob sha256:{hex} is missing")))
+            return Err(refused(source, format!("blob sha256:{hex} is missing")))
         }
-        Err(e) => return Err(io_err(path, "cannot open")(e)),
+        Err(e) => return Err(io_at(path, "cannot open")(e)),
     };
     let mut h = Sha256::new();
-    io::copy(&mut f, &mut h).map_err(io_err(path, "cannot read"))?;
+    io::copy(&mut f, &mut h).map_err(io_at(path, "cannot read"))?;
     let got = format!("{:x}", h.finalize());
     if got != hex {
-        return Err(bad(
+        return Err(refused(
             source,
             format!("blob sha256:{hex} has digest sha256:{got}"),
         ));
@@ -227,7 +215,7 @@ fn read_manifest(
         let mut depth = 0;
         let manifest = loop {
             let Some(d) = idx.manifests.first() else {
-                return Err(bad(source, "its index names no manifest"));
+                return Err(refused(source, "its index names no manifest"));
             };
             let d = idx
                 .manifests
@@ -255,11 +243,11 @@ fn read_manifest(
         let manifests: Vec<DockerManifest> = read_json(&docker)?;
         let m = manifests
             .first()
-            .ok_or_else(|| bad(source, "its manifest.json names no image"))?;
+            .ok_or_else(|| refused(source, "its manifest.json names no image"))?;
         let file = |name: &str| -> Result<PathBuf, RootfsError> {
             let rel = clean(Path::new(name))
                 .filter(|r| !r.as_os_str().is_empty())
-                .ok_or_else(|| bad(source, format!("'{name}' leaves the archive")))?;
+                .ok_or_else(|| refused(source, format!("'{name}' leaves the archive")))?;
             let path = layout.join(&rel);
             // Blobs named by their digest (docker 25 and later) are checked like OCI blobs.
             if let (Some("blobs"), Some("sha256"), Some(hex)) = (
@@ -269,7 +257,7 @@ fn read_manifest(
             ) {
                 verify(source, &path, hex)?;
             } else if !path.is_file() {
-                return Err(bad(source, format!("'{name}' is missing")));
+                return Err(refused(source, format!("'{name}' is missing")));
             }
             Ok(path)
         };
@@ -277,7 +265,7 @@ fn read_manifest(
         let layers = m.layers.iter().map(|l| file(l)).collect::<Result<_, _>>()?;
         return Ok((config, layers));
     }
-    Err(bad(
+    Err(refused(
         source,
         "not an OCI layout, OCI archive or docker save tarball (no index.json or manifest.json)",
     ))
@@ -285,11 +273,11 @@ fn read_manifest(
 
 /// A layer's bytes, decompressed as their magic says (gzip, zstd, or a plain tar).
 fn open_layer(path: &Path) -> Result<Box<dyn Read>, RootfsError> {
-    let mut f = BufReader::new(fs::File::open(path).map_err(io_err(path, "cannot open"))?);
+    let mut f = BufReader::new(fs::File::open(path).map_err(io_at(path, "cannot open"))?);
     let mut magic = [0u8; 4];
     let n = {
         use std::io::BufRead;
-        let buf = f.fill_buf().map_err(io_err(path, "cannot read"))?;
+        let buf = f.fill_buf().map_err(io_at(path, "cannot read"))?;
         let n = buf.len().min(4);
         magic[..n].copy_from_slice(&buf[..n]);
         n
@@ -297,7 +285,7 @@ fn open_layer(path: &Path) -> Result<Box<dyn Read>, RootfsError> {
     Ok(match &magic[..n] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(f)),
         [0x28, 0xb5, 0x2f, 0xfd] => Box::new(
-            zstd::stream::read::Decoder::with_buffer(f).map_err(io_err(path, "cannot read"))?,
+            zstd::stream::read::Decoder::with_buffer(f).map_err(io_at(path, "cannot read"))?,
         ),
         _ => Box::new(f),
     })
@@ -305,7 +293,7 @@ fn open_layer(path: &Path) -> Result<Box<dyn Read>, RootfsError> {
 
 /// Applies one layer to `root`.
 fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
-    let bad_layer = |why: String| bad(layer, why);
+    let bad_layer = |why: String| refused(layer, why);
     let mut ar = tar::Archive::new(open_layer(layer)?);
     let mut mine: HashSet<PathBuf> = HashSet::new();
     let entries = ar
@@ -361,7 +349,7 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
         if existing.is_some() && !keep_dir {
             remove(&target)?;
         }
-        let made = |r: io::Result<()>| r.map_err(io_err(&target, "cannot create"));
+        let made = |r: io::Result<()>| r.map_err(io_at(&target, "cannot create"));
         match kind {
             tar::EntryType::Directory => {
                 if !keep_dir {
@@ -373,7 +361,7 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
                     .write(true)
                     .create_new(true)
                     .open(&target)
-                    .map_err(io_err(&target, "cannot create"))?;
+                    .map_err(io_at(&target, "cannot create"))?;
                 io::copy(&mut e, &mut f)
                     .map_err(|err| bad_layer(format!("'{}': {err}", raw.display())))?;
             }
@@ -436,11 +424,11 @@ fn apply_layer(layer: &Path, root: &Path) -> Result<(), RootfsError> {
                     .map_err(|_| bad_layer(format!("'{}': id {v} is out of range", raw.display())))
             };
             std::os::unix::fs::lchown(&target, Some(id(uid)?), Some(id(gid)?))
-                .map_err(io_err(&target, "cannot chown"))?;
+                .map_err(io_at(&target, "cannot chown"))?;
         }
         if kind != tar::EntryType::Symlink {
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-                .map_err(io_err(&target, "cannot chmod"))?;
+                .map_err(io_at(&target, "cannot chmod"))?;
         }
         mine.insert(rel);
     }
@@ -456,8 +444,8 @@ fn in_root(root: &Path, rel: &Path, layer: &Path) -> Result<PathBuf, RootfsError
 /// Removes `path` (a file, link or a whole directory) if it exists; never follows a symlink.
 fn remove(path: &Path) -> Result<(), RootfsError> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io_err(path, "cannot remove")),
-        Ok(_) => fs::remove_file(path).map_err(io_err(path, "cannot remove")),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io_at(path, "cannot remove")),
+        Ok(_) => fs::remove_file(path).map_err(io_at(path, "cannot remove")),
         Err(_) => Ok(()),
     }
 }

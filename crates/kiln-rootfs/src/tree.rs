@@ -9,22 +9,10 @@ use std::io::Read;
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::RootfsError;
+use crate::{io_at, refused, RootfsError};
 
 /// Most symlinks followed while resolving one path (Linux's own limit).
 const MAX_HOPS: u32 = 40;
-
-fn io_err(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> RootfsError {
-    let what = format!("{}: {what}", path.display());
-    move |source| RootfsError::Io { what, source }
-}
-
-fn bad(path: &Path, why: impl Into<String>) -> RootfsError {
-    RootfsError::Output {
-        path: path.to_path_buf(),
-        why: why.into(),
-    }
-}
 
 /// What [`resolve`] does with a missing directory on the way.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,12 +47,12 @@ pub(crate) fn resolve(
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_HOPS {
-                    return Err(bad(
+                    return Err(refused(
                         context,
                         format!("'{}': too many levels of symbolic links", rel.display()),
                     ));
                 }
-                let to = fs::read_link(&full).map_err(io_err(&full, "cannot read"))?;
+                let to = fs::read_link(&full).map_err(io_at(&full, "cannot read"))?;
                 let mut parts = parts(&to);
                 if to.is_absolute() {
                     cur = PathBuf::new();
@@ -74,7 +62,7 @@ pub(crate) fn resolve(
             }
             Ok(m) if m.is_dir() || todo.is_empty() => cur = next,
             Ok(_) => {
-                return Err(bad(
+                return Err(refused(
                     context,
                     format!(
                         "'{}': '{}' is not a directory",
@@ -85,7 +73,7 @@ pub(crate) fn resolve(
             }
             Err(_) if missing == Missing::Fail => return Ok(None),
             Err(_) => {
-                fs::create_dir(&full).map_err(io_err(&full, "cannot create"))?;
+                fs::create_dir(&full).map_err(io_at(&full, "cannot create"))?;
                 cur = next;
             }
         }
@@ -108,9 +96,9 @@ fn parts(path: &Path) -> VecDeque<OsString> {
 /// modes, symlinks (never followed), hard links (as links), device nodes and FIFOs. Sockets are
 /// skipped: they are not files.
 pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), RootfsError> {
-    let meta = fs::symlink_metadata(src).map_err(io_err(src, "cannot read"))?;
+    let meta = fs::symlink_metadata(src).map_err(io_at(src, "cannot read"))?;
     if !meta.is_dir() {
-        return Err(bad(src, "not a directory"));
+        return Err(refused(src, "not a directory"));
     }
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     copy_entry(src, dest, &meta, &mut links)
@@ -123,21 +111,16 @@ fn copy_entry(
     links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> Result<(), RootfsError> {
     let t = meta.file_type();
-    let made = |r: std::io::Result<()>| r.map_err(io_err(dest, "cannot create"));
+    let made = |r: std::io::Result<()>| r.map_err(io_at(dest, "cannot create"));
     if t.is_dir() {
         made(fs::create_dir(dest))?;
-        let mut entries: Vec<_> = fs::read_dir(src)
-            .map_err(io_err(src, "cannot read"))?
-            .collect::<Result<_, _>>()
-            .map_err(io_err(src, "cannot read"))?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
+        for e in sorted_entries(src)? {
             let p = e.path();
-            let m = fs::symlink_metadata(&p).map_err(io_err(&p, "cannot read"))?;
+            let m = fs::symlink_metadata(&p).map_err(io_at(&p, "cannot read"))?;
             copy_entry(&p, &dest.join(e.file_name()), &m, links)?;
         }
     } else if t.is_symlink() {
-        let to = fs::read_link(src).map_err(io_err(src, "cannot read"))?;
+        let to = fs::read_link(src).map_err(io_at(src, "cannot read"))?;
         made(symlink(to, dest))?;
     } else if t.is_file() {
         if meta.nlink() > 1 {
@@ -146,13 +129,13 @@ fn copy_entry(
             }
             links.insert((meta.dev(), meta.ino()), dest.to_path_buf());
         }
-        let mut from = fs::File::open(src).map_err(io_err(src, "cannot open"))?;
+        let mut from = fs::File::open(src).map_err(io_at(src, "cannot open"))?;
         let mut to = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(dest)
-            .map_err(io_err(dest, "cannot create"))?;
-        std::io::copy(&mut from, &mut to).map_err(io_err(src, "cannot copy"))?;
+            .map_err(io_at(dest, "cannot create"))?;
+        std::io::copy(&mut from, &mut to).map_err(io_at(src, "cannot copy"))?;
     } else if t.is_fifo() || t.is_char_device() || t.is_block_device() {
         let (major, minor) = kiln_sys::fs::split_dev(meta.rdev());
         let node = if t.is_fifo() {
@@ -168,13 +151,24 @@ fn copy_entry(
     }
     if kiln_sys::process::is_root() {
         std::os::unix::fs::lchown(dest, Some(meta.uid()), Some(meta.gid()))
-            .map_err(io_err(dest, "cannot chown"))?;
+            .map_err(io_at(dest, "cannot chown"))?;
     }
     if !t.is_symlink() {
         fs::set_permissions(dest, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io_err(dest, "cannot chmod"))?;
+            .map_err(io_at(dest, "cannot chmod"))?;
     }
     Ok(())
+}
+
+/// The entries of the directory `dir`, sorted by name (so what is written from a tree does not
+/// depend on the order the file system lists it in).
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<fs::DirEntry>, RootfsError> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io_at(dir, "cannot read"))?
+        .collect::<Result<_, _>>()
+        .map_err(io_at(dir, "cannot read"))?;
+    entries.sort_by_key(|e| e.file_name());
+    Ok(entries)
 }
 
 /// A CPU architecture of an image.
@@ -212,15 +206,15 @@ impl std::str::FromStr for Arch {
 /// header. The error names what is wrong: no `/bin/sh`, not ELF, another CPU.
 pub fn arch_of(root: &Path) -> Result<Arch, RootfsError> {
     let Some(sh) = resolve(root, Path::new("bin/sh"), Missing::Fail, root)? else {
-        return Err(bad(root, "has no /bin/sh: not a root filesystem"));
+        return Err(refused(root, "has no /bin/sh: not a root filesystem"));
     };
     let path = root.join(&sh);
     let mut head = [0u8; 20];
     let n = fs::File::open(&path)
         .and_then(|f| f.take(20).read(&mut head))
-        .map_err(io_err(&path, "cannot read"))?;
+        .map_err(io_at(&path, "cannot read"))?;
     if n < 20 || &head[..4] != b"\x7fELF" {
-        return Err(bad(
+        return Err(refused(
             root,
             format!("/bin/sh (/{}) is not an ELF binary", sh.display()),
         ));
@@ -234,7 +228,7 @@ pub fn arch_of(root: &Path) -> Result<Arch, RootfsError> {
     match machine {
         3 => Ok(Arch::I386),
         62 => Ok(Arch::Amd64),
-        m => Err(bad(
+        m => Err(refused(
             root,
             format!("/bin/sh is built for ELF machine {m}, neither i386 nor amd64"),
         )),
