@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
 use kiln_net::passt::{self, layout, PasstOptions};
-use kiln_net::{nat, pool, Ipv4Net, Lease, PortForward};
+use kiln_net::{nat, pool, Ipv4Net, PortForward};
 use kiln_qemu::NetBackend;
 use serde::{Deserialize, Serialize};
 
@@ -63,9 +63,9 @@ pub enum NetSpec {
         ssh_port: u16,
         forwards: Vec<PortForward>,
     },
-    /// A TAP device and the /30 `subnet`: the host is `.1`, the guest `.2`.
+    /// A TAP device (named after the subnet, [`kiln_net::pool::tap_of`]) and the /30
+    /// `subnet`: the host is `.1`, the guest `.2`.
     Tap {
-        tap: String,
         mac: String,
         subnet: Ipv4Net,
         dns: Vec<IpAddr>,
@@ -107,6 +107,14 @@ impl NetSpec {
                 gateway: subnet.host(1),
                 dns: dns.clone(),
             }),
+        }
+    }
+
+    /// The VM's TAP device, in TAP mode.
+    pub fn tap(&self) -> Option<String> {
+        match self {
+            NetSpec::Tap { subnet, .. } => Some(pool::tap_of(*subnet)),
+            _ => None,
         }
     }
 
@@ -179,10 +187,10 @@ impl NetSpec {
                     socket: dir.join("passt.socket"),
                 },
             ),
-            NetSpec::Tap { tap, mac, .. } => (
+            NetSpec::Tap { mac, subnet, .. } => (
                 mac,
                 NetBackend::Tap {
-                    ifname: tap.clone(),
+                    ifname: pool::tap_of(*subnet),
                     fd,
                 },
             ),
@@ -222,18 +230,13 @@ impl NetSpec {
                 Ok(())
             }
             NetSpec::Tap {
-                tap,
                 mac,
                 subnet,
                 dns,
                 forwards,
             } => {
-                let lease = Lease {
-                    subnet: *subnet,
-                    vm: String::new(),
-                };
-                if subnet.prefix() != 30 || lease.tap() != *tap || !mac_ok(mac) {
-                    return Err(bad("a /30, its TAP name and a MAC"));
+                if subnet.prefix() != 30 || !mac_ok(mac) {
+                    return Err(bad("a /30 and a MAC"));
                 }
                 if dns.len() > 3 || forwards.len() > MAX_FORWARDS {
                     return Err(bad("at most 3 resolvers and 64 published ports"));
@@ -287,10 +290,7 @@ impl NetMeta {
                 NetSpec::User { stack, .. } => Some(*stack),
                 _ => None,
             },
-            tap: match spec {
-                NetSpec::Tap { tap, .. } => Some(tap.clone()),
-                _ => None,
-            },
+            tap: spec.tap(),
             mac: match spec {
                 NetSpec::User { mac, .. } | NetSpec::Tap { mac, .. } => Some(mac.clone()),
                 NetSpec::None => None,
@@ -342,7 +342,6 @@ pub(crate) fn resolve(host: &Host, name: &str, req: &NetRequest) -> Result<NetSp
             let vms = host.vms_dir();
             let lease = pool::lease(&host.net_dir(), pool, name, &|vm| vms.join(vm).exists())?;
             Ok(NetSpec::Tap {
-                tap: lease.tap(),
                 mac,
                 subnet: lease.subnet,
                 dns: kiln_net::dns::upstream_nameservers(),
@@ -480,21 +479,15 @@ pub(crate) fn attach(net: &NetSpec, log: &Path) -> Result<Attached, HostError> {
             a.peer = Some(socket.peer);
         }
         NetSpec::Tap {
-            tap,
-            subnet,
-            forwards,
-            ..
+            subnet, forwards, ..
         } => {
-            let lease = Lease {
-                subnet: *subnet,
-                vm: String::new(),
-            };
             // The relays bind first: a port taken since the request fails the start.
             let proxy = kiln_net::proxy::Proxy::bind(forwards)?;
-            let device = kiln_net::tap::Tap::create(&lease)?;
-            a.tap_name = Some(tap.clone());
-            nat::add_vm(tap, lease.guest_ip())?;
-            proxy.start(lease.guest_ip())?;
+            let device = kiln_net::tap::Tap::create(*subnet)?;
+            let guest = subnet.host(2);
+            a.tap_name = Some(device.name().to_string());
+            nat::add_vm(device.name(), guest)?;
+            proxy.start(guest)?;
             a.tap = Some(device);
             a.proxy = Some(proxy);
         }
@@ -504,9 +497,9 @@ pub(crate) fn attach(net: &NetSpec, log: &Path) -> Result<Attached, HostError> {
 
 /// Removes what a VM whose supervisor is gone left of its network (its chains).
 pub(crate) fn tidy(net: &NetSpec) {
-    if let NetSpec::Tap { tap, .. } = net {
-        if kiln_sys::process::is_root() && !kiln_net::tap::exists(tap) {
-            let _ = nat::remove_vm(tap);
+    if let Some(tap) = net.tap() {
+        if kiln_sys::process::is_root() && !kiln_net::tap::exists(&tap) {
+            let _ = nat::remove_vm(&tap);
         }
     }
 }

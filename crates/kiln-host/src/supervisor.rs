@@ -459,7 +459,6 @@ fn start_and_run(
 /// Removes the sockets the supervisor served once nothing serves them (an engine removes its
 /// own, e.g. QEMU's QMP socket, when it is dropped).
 pub(crate) fn cleanup(spec: &crate::VmSpec) {
-    crate::net::tidy(&spec.net);
     let _ = fs::remove_file(spec.control_socket());
     if let Some(c) = spec.console_socket() {
         let _ = fs::remove_file(c);

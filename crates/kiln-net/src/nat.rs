@@ -48,6 +48,10 @@ fn locked() -> Result<FileLock, NetError> {
 }
 
 /// The table as nftables shows it; `None` when it does not exist.
+fn table() -> Result<Option<Table>, NetError> {
+    Ok(table_json()?.map(|j| Table::parse(&j)))
+}
+
 fn table_json() -> Result<Option<serde_json::Value>, NetError> {
     match crate::run_tool(
         "nft",
@@ -86,12 +90,13 @@ add rule {TABLE} postrouting iifname {any} oifname @uplink masquerade
     )
 }
 
-/// Creates the table if it does not exist (a `create` that fails atomically if it does).
-fn ensure_table() -> Result<(), NetError> {
-    if table_json()?.is_some() {
-        return Ok(());
+/// The table, made first if it does not exist (a `create` that fails atomically if it does).
+fn ensure_table() -> Result<Table, NetError> {
+    if let Some(t) = table()? {
+        return Ok(t);
     }
-    nft(&base_script()).map(drop)
+    nft(&base_script())?;
+    Ok(Table::default())
 }
 
 fn check_tap(tap: &str) -> Result<(), NetError> {
@@ -109,8 +114,7 @@ fn check_tap(tap: &str) -> Result<(), NetError> {
 pub fn add_vm(tap: &str, guest: Ipv4Addr) -> Result<(), NetError> {
     check_tap(tap)?;
     let _lock = locked()?;
-    ensure_table()?;
-    let mut script = removal_script(tap)?;
+    let mut script = removal_script(&ensure_table()?, tap);
     script.push_str(&format!(
         "add chain {TABLE} from-{tap}
 add rule {TABLE} from-{tap} ip saddr != {guest} counter drop comment \"spoofed\"
@@ -134,19 +138,21 @@ pub fn remove_vm(tap: &str) -> Result<(), NetError> {
         return Ok(());
     }
     let _lock = locked()?;
-    let script = removal_script(tap)?;
+    let Some(t) = table()? else {
+        return Ok(());
+    };
+    let mut script = removal_script(&t, tap);
+    if t.uplink.is_empty() && !t.has_vm_chains(Some(tap)) {
+        script.push_str(&format!("delete table {TABLE}\n"));
+    }
     if !script.is_empty() {
         nft(&script)?;
     }
-    drop_table_if_idle()
+    Ok(())
 }
 
-/// The commands that remove `tap`'s map entries and chains, those that exist.
-fn removal_script(tap: &str) -> Result<String, NetError> {
-    let Some(json) = table_json()? else {
-        return Ok(String::new());
-    };
-    let t = Table::parse(&json);
+/// The commands that remove `tap`'s map entries and chains, those that exist in `t`.
+fn removal_script(t: &Table, tap: &str) -> String {
     let mut s = String::new();
     for (map, chain) in [
         ("from_vm", format!("from-{tap}")),
@@ -161,23 +167,7 @@ fn removal_script(tap: &str) -> Result<String, NetError> {
             ));
         }
     }
-    Ok(s)
-}
-
-fn drop_table_if_idle() -> Result<(), NetError> {
-    let Some(json) = table_json()? else {
-        return Ok(());
-    };
-    let t = Table::parse(&json);
-    if t.uplink.is_empty()
-        && !t
-            .chains
-            .iter()
-            .any(|c| c.starts_with("from-") || c.starts_with("to-"))
-    {
-        nft(&format!("delete table {TABLE}\n"))?;
-    }
-    Ok(())
+    s
 }
 
 /// What `up` did.
@@ -213,8 +203,7 @@ pub fn up(uplink: &str, state_dir: &Path) -> Result<Up, NetError> {
         ));
     }
     let _lock = locked()?;
-    ensure_table()?;
-    let t = table_json()?.map(|j| Table::parse(&j)).unwrap_or_default();
+    let t = ensure_table()?;
     let result = match t.uplink.first() {
         Some(u) if u == uplink => Up::AlreadyUp,
         Some(u) => Up::Moved { from: u.clone() },
@@ -240,19 +229,25 @@ pub fn up(uplink: &str, state_dir: &Path) -> Result<Up, NetError> {
 /// if kiln turned it on. Returns false when NAT was not up (nothing done).
 pub fn down(state_dir: &Path) -> Result<bool, NetError> {
     let _lock = locked()?;
-    let Some(json) = table_json()? else {
+    let Some(t) = table()? else {
         return Ok(false);
     };
-    let was_up = !Table::parse(&json).uplink.is_empty();
+    let was_up = !t.uplink.is_empty();
+    let mut script = String::new();
     if was_up {
-        nft(&format!("flush set {TABLE} uplink\n"))?;
+        script.push_str(&format!("flush set {TABLE} uplink\n"));
+    }
+    if !t.has_vm_chains(None) {
+        script.push_str(&format!("delete table {TABLE}\n"));
+    }
+    if !script.is_empty() {
+        nft(&script)?;
     }
     let note = state_dir.join(FORWARDING_NOTE);
     if note.exists() {
         set_forwarding(false)?;
         let _ = std::fs::remove_file(&note);
     }
-    drop_table_if_idle()?;
     Ok(was_up)
 }
 
@@ -311,13 +306,12 @@ pub fn status() -> Result<NatStatus, NetError> {
             hint: "",
         });
     }
-    let Some(json) = table_json()? else {
+    let Some(t) = table()? else {
         return Ok(NatStatus {
             forwarding,
             ..NatStatus::default()
         });
     };
-    let t = Table::parse(&json);
     Ok(NatStatus {
         table: true,
         up: !t.uplink.is_empty(),
@@ -402,6 +396,14 @@ impl Table {
             }
         }
         t
+    }
+
+    /// Whether a VM other than `except` (a TAP) has chains.
+    fn has_vm_chains(&self, except: Option<&str>) -> bool {
+        self.chains
+            .iter()
+            .filter_map(|c| split_vm_chain(c))
+            .any(|(_, tap)| Some(tap) != except)
     }
 
     fn map_keys(&self, name: &str) -> Vec<String> {

@@ -30,11 +30,16 @@ impl Lease {
         self.subnet.host(2)
     }
 
-    /// The TAP device's name: kiln's prefix and the guest address in hex (`kn-ac100002`), 11
-    /// characters whatever the VM's name (Linux takes 15).
+    /// The TAP device's name (see [`tap_of`]).
     pub fn tap(&self) -> String {
-        format!("{TAP_PREFIX}{:08x}", u32::from(self.guest_ip()))
+        tap_of(self.subnet)
     }
+}
+
+/// The TAP device of the VM on the /30 `subnet`: kiln's prefix and the guest address (`.2`) in
+/// hex (`kn-ac100002`), 11 characters whatever the VM's name (Linux takes 15).
+pub fn tap_of(subnet: Ipv4Net) -> String {
+    format!("{TAP_PREFIX}{:08x}", u32::from(subnet.host(2)))
 }
 
 /// The lease directory of a kiln home.

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use crate::{Lease, NetError};
+use crate::{Ipv4Net, NetError};
 
 /// An open TAP device.
 pub struct Tap {
@@ -13,18 +13,19 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates `lease`'s TAP device, gives it the host's address and brings it up.
-    pub fn create(lease: &Lease) -> Result<Tap, NetError> {
+    /// Creates the TAP device of the VM on the /30 `subnet`, gives it the host's address (`.1`)
+    /// and brings it up.
+    pub fn create(subnet: Ipv4Net) -> Result<Tap, NetError> {
         if !kiln_sys::process::is_root() {
             return Err(NetError::NeedsRoot {
                 what: "--net tap",
                 hint: ", or use --net user",
             });
         }
-        let name = lease.tap();
+        let name = crate::pool::tap_of(subnet);
         let fd = kiln_sys::net::create_tap(&name)
             .map_err(|e| NetError::io(format!("{name}: cannot create the TAP device"), e))?;
-        let addr = format!("{}/30", lease.host_ip());
+        let addr = format!("{}/30", subnet.host(1));
         crate::run_tool(
             "ip",
             "iproute2",

@@ -51,7 +51,7 @@ fn chains_up_down_and_cleanup() {
         .unwrap_err();
         assert_eq!(e.to_string(), "pool 198.51.100.0/24 overlaps the host route 198.51.100.0/30 on up0; choose another pool");
         let a = pool::lease(home.path(), pool, "a", &|_| true).unwrap();
-        let tap = Tap::create(&a).unwrap();
+        let tap = Tap::create(a.subnet).unwrap();
         assert!(kiln_net::tap::exists(tap.name()));
         // The TAP's route makes its /30 taken for any other kiln home too.
         let other_home = tempfile::tempdir().unwrap();
