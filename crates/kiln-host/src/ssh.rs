@@ -29,23 +29,17 @@ fn alias(name: &str) -> String {
 }
 
 fn keygen(args: &[&str], what: &str) -> Result<(), HostError> {
-    let out = Command::new("ssh-keygen")
-        .args(args)
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => HostError::Tool {
-                tool: "ssh-keygen".into(),
-                detail: "not installed (apt-get install openssh-client)".into(),
-            },
-            _ => HostError::io("cannot run ssh-keygen", e),
-        })?;
-    if !out.status.success() {
-        return Err(HostError::Tool {
-            tool: "ssh-keygen".into(),
-            detail: format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-        });
-    }
-    Ok(())
+    use kiln_sys::process::ToolError;
+    let detail = match kiln_sys::process::run_tool(Command::new("ssh-keygen").args(args), None) {
+        Ok(_) => return Ok(()),
+        Err(ToolError::Missing) => "not installed (apt-get install openssh-client)".into(),
+        Err(ToolError::Io(e)) => return Err(HostError::io("cannot run ssh-keygen", e)),
+        Err(ToolError::Failed { stderr, .. }) => format!("{what}: {}", stderr.trim()),
+    };
+    Err(HostError::Tool {
+        tool: "ssh-keygen".into(),
+        detail,
+    })
 }
 
 /// Reads one OpenSSH public key line from `path` and checks its shape.

@@ -111,42 +111,21 @@ pub(crate) fn run_tool(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, NetError> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => NetError::MissingTool { tool, package },
-        _ => NetError::io(format!("cannot run {tool}"), e),
-    })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| NetError::io(format!("{tool}: cannot write its input"), e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| NetError::io(format!("{tool}: cannot wait"), e))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let detail = err
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or("(no message)")
-            .to_string();
-        return Err(NetError::Tool {
+    use kiln_sys::process::ToolError;
+    let mut cmd = std::process::Command::new(tool);
+    cmd.args(args);
+    match kiln_sys::process::run_tool(&mut cmd, stdin.map(str::as_bytes)) {
+        Ok(out) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Err(ToolError::Missing) => Err(NetError::MissingTool { tool, package }),
+        Err(ToolError::Io(e)) => Err(NetError::io(format!("cannot run {tool}"), e)),
+        Err(ToolError::Failed { status, stderr }) => Err(NetError::Tool {
             tool,
-            detail: format!("{} ({})", detail, out.status),
-        });
+            detail: format!(
+                "{} ({status})",
+                kiln_sys::process::stderr_line(&stderr, false).unwrap_or("(no message)")
+            ),
+        }),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -164,27 +164,19 @@ pub fn extract_dir(image: &Path, dir: &str, dest: &Path) -> Result<PathBuf, Root
 
 /// Runs an external tool, turning a missing binary or a failure into a one-line error.
 pub(crate) fn run_tool(cmd: &mut Command, tool: &str, install: &str) -> Result<(), RootfsError> {
-    let out = cmd.output().map_err(|e| RootfsError::ToolFailed {
-        tool: tool.to_string(),
-        detail: if e.kind() == std::io::ErrorKind::NotFound {
-            format!("not installed ({install})")
-        } else {
-            e.to_string()
-        },
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let detail = stderr
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .unwrap_or("no message")
-        .to_string();
+    use kiln_sys::process::ToolError;
+    let detail = match kiln_sys::process::run_tool(cmd, None) {
+        Ok(_) => return Ok(()),
+        Err(ToolError::Missing) => format!("not installed ({install})"),
+        Err(ToolError::Io(e)) => e.to_string(),
+        Err(ToolError::Failed { status, stderr }) => format!(
+            "{} ({status})",
+            kiln_sys::process::stderr_line(&stderr, true).unwrap_or("no message")
+        ),
+    };
     Err(RootfsError::ToolFailed {
         tool: tool.to_string(),
-        detail: format!("{} ({})", detail, out.status),
+        detail,
     })
 }
 

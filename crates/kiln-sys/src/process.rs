@@ -141,6 +141,60 @@ pub fn configure(command: &mut Command, setup: ChildSetup) {
     }
 }
 
+/// How running a tool to its end went wrong ([`run_tool`]).
+#[derive(Debug)]
+pub enum ToolError {
+    /// The program is not installed.
+    Missing,
+    /// Starting it, feeding it its input or waiting for it failed.
+    Io(io::Error),
+    /// It ran and failed: its exit status and what it printed on stderr.
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// The first (or, with `last`, the last) non-empty line of what a tool printed on stderr.
+pub fn stderr_line(stderr: &str, last: bool) -> Option<&str> {
+    let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    if last {
+        lines.next_back()
+    } else {
+        lines.next()
+    }
+}
+
+/// Runs `cmd` to its end with `stdin` as its input (none: /dev/null) and returns its stdout;
+/// a non-zero exit is [`ToolError::Failed`] with its stderr. For short tools (nft, ip,
+/// ssh-keygen, mkfs.ext4): their output is kept in memory.
+pub fn run_tool(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<Vec<u8>, ToolError> {
+    use std::io::Write;
+    use std::process::Stdio;
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ToolError::Missing,
+        _ => ToolError::Io(e),
+    })?;
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(bytes).map_err(ToolError::Io)?;
+    }
+    let out = child.wait_with_output().map_err(ToolError::Io)?;
+    if !out.status.success() {
+        return Err(ToolError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(out.stdout)
+}
+
 /// Marks every descriptor from `first` up close-on-exec, so children started later inherit
 /// none of them (a shell's pipes kept open for a VM's lifetime would hang its caller).
 pub fn cloexec_from(first: u32) {
