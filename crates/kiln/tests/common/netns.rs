@@ -3,7 +3,7 @@
 //! .1, the internet router .2), with an HTTP server in "internet" on 203.0.113.80, an address
 //! that is not the gateway. Nothing leaves the namespaces the test created.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -219,31 +219,29 @@ impl World {
     /// Sends one UDP datagram from the host namespace to `addr` (host:port) and returns the
     /// first answer (empty after 5 s).
     pub fn fetch_udp(&self, addr: &str, send: &str) -> String {
-        let out = self
-            .command("bash")
-            .args(["-c", &format!("exec 3<>/dev/udp/{}; printf '{send}' >&3; timeout 5 dd bs=65536 count=1 status=none <&3", addr.replace(':', "/"))])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.exchange(
+            "udp",
+            addr,
+            send,
+            "timeout 5 dd bs=65536 count=1 status=none",
+        )
     }
 
     /// Reads what a TCP client in the host namespace gets from `addr` (host:port), sending
     /// `send` first.
     pub fn fetch(&self, addr: &str, send: &str) -> String {
-        let out = self
-            .command("bash")
-            .args([
-                "-c",
-                &format!(
-                    "exec 3<>/dev/tcp/{}; printf '{send}' >&3; timeout 10 cat <&3",
-                    addr.replace(':', "/")
-                ),
-            ])
-            .output()
-            .unwrap();
-        let mut s = String::new();
-        let _ = out.stdout.as_slice().read_to_string(&mut s);
-        s
+        self.exchange("tcp", addr, send, "timeout 10 cat")
+    }
+
+    /// bash's `/dev/PROTO/HOST/PORT` in the host namespace: `send` (a printf format), then
+    /// what `read` prints of the answer.
+    fn exchange(&self, proto: &str, addr: &str, send: &str, read: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/{proto}/{}; printf '{send}' >&3; {read} <&3",
+            addr.replace(':', "/")
+        );
+        let out = self.command("bash").args(["-c", &script]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
