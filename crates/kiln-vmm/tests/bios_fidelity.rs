@@ -175,23 +175,7 @@ fn decode_screen(vga: &[u8]) -> String {
 #[test]
 fn text_program_screen_matches_qemu_seabios() {
     use std::io::{BufRead, Write};
-    use std::process::{Command, Stdio};
-    let qemu = require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("text.img");
-    std::fs::write(&img, disk_image(&text_program(false), 1 << 20)).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(qemu)
-            .args(["-machine", "pc", "-accel", "tcg", "-m", "16", "-nodefaults"])
-            .args(["-vga", "std", "-display", "none", "-serial", "none"])
-            .args(["-no-reboot", "-monitor", "stdio", "-drive"])
-            .arg(format!("file={},format=raw,if=ide", img.display()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start QEMU"),
-    );
+    let (dir, mut child) = qemu_pc(&text_program(false), Stdio::Monitor);
     let mut monitor = child.0.stdin.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.0.stdout.take().unwrap();
@@ -574,28 +558,45 @@ fn unknown_ports_and_mmio_are_logged_once_per_region() {
     );
 }
 
+/// What a [`qemu_pc`] connects to its standard input and output.
+enum Stdio {
+    /// The human monitor (to read guest memory with `xp`).
+    Monitor,
+    /// COM1.
+    Serial,
+}
+
+/// Starts QEMU's pc machine (TCG, SeaBIOS, 16 MiB, standard VGA, no display) booting `sector`
+/// from a 1 MiB IDE disk, with `stdio` on piped standard input and output. The directory holds
+/// the disk for as long as QEMU runs.
+fn qemu_pc(sector: &[u8], stdio: Stdio) -> (tempfile::TempDir, KillOnDrop) {
+    let qemu = require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("boot.img");
+    std::fs::write(&img, disk_image(sector, 1 << 20)).unwrap();
+    let (monitor, serial) = match stdio {
+        Stdio::Monitor => ("stdio", "none"),
+        Stdio::Serial => ("none", "stdio"),
+    };
+    let child = std::process::Command::new(qemu)
+        .args(["-machine", "pc", "-accel", "tcg", "-m", "16", "-nodefaults"])
+        .args(["-vga", "std", "-display", "none", "-monitor", monitor])
+        .args(["-serial", serial, "-no-reboot", "-drive"])
+        .arg(format!("file={},format=raw,if=ide", img.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start QEMU");
+    (dir, KillOnDrop(child))
+}
+
 /// Boots `sector` on QEMU (pc, TCG) with SeaBIOS until it powers off and returns what it
 /// wrote to COM1; when `answer` is `(after, byte)`, sends `byte` as soon as the output ends
 /// with `after`.
 fn run_on_qemu(sector: &[u8], answer: Option<(&str, u8)>) -> String {
     use std::io::{Read, Write};
-    use std::process::{Command, Stdio};
-    let qemu = require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("boot.img");
-    std::fs::write(&img, disk_image(sector, 1 << 20)).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(qemu)
-            .args(["-machine", "pc", "-accel", "tcg", "-m", "16", "-nodefaults"])
-            .args(["-vga", "std", "-display", "none", "-monitor", "none"])
-            .args(["-serial", "stdio", "-no-reboot", "-drive"])
-            .arg(format!("file={},format=raw,if=ide", img.display()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start QEMU"),
-    );
+    let (_dir, mut child) = qemu_pc(sector, Stdio::Serial);
     let mut input = child.0.stdin.take().unwrap();
     let mut stdout = child.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
