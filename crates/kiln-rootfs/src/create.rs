@@ -101,15 +101,62 @@ pub fn create_image(
         None if opts.kernel.is_none() => boot_file(&tree, "initrd.img"),
         None => None,
     };
+    let spec = ImageSpec {
+        name: src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into()),
+        arch,
+        kernel,
+        initrd,
+        size: opts.size,
+        cmdline: String::new(),
+        builder: serde_json::json!({
+            "builder": "kiln image create",
+            "source": src,
+            "from": match opts.source { Source::Dir(_) => "dir", Source::Oci(_) => "oci" },
+            "arch": arch.name(),
+        }),
+    };
+    let manifest = write_image(&tree, &image, &spec, progress)?;
+    fs::rename(&image, out).map_err(io_at(out, "cannot rename into place"))?;
+    Ok(Created { arch, manifest })
+}
+
+/// What [`write_image`] writes besides the tree.
+pub(crate) struct ImageSpec {
+    pub name: String,
+    pub arch: Arch,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Size of rootfs.ext4 (default: the tree's size and half again, at least 256 MiB).
+    pub size: Option<u64>,
+    pub cmdline: String,
+    pub builder: serde_json::Value,
+}
+
+/// Writes the image directory `image` (existing, empty) from `tree`: the kernel and initrd,
+/// `rootfs.ext4`, for i386 v86's 9p filesystem, and `image.json`. Shared by `kiln image
+/// create` and the i386 Debian builder.
+pub(crate) fn write_image(
+    tree: &Path,
+    image: &Path,
+    spec: &ImageSpec,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageManifest, RootfsError> {
     let copy = |from: &Path, name: &str| -> Result<PathBuf, RootfsError> {
         fs::copy(from, image.join(name)).map_err(io_at(from, "cannot copy"))?;
         Ok(PathBuf::from(name))
     };
-    let kernel = copy(&kernel, "vmlinuz")?;
-    let initrd = initrd.map(|i| copy(&i, "initrd.img")).transpose()?;
-    let size = match opts.size {
+    let kernel = copy(&spec.kernel, "vmlinuz")?;
+    let initrd = spec
+        .initrd
+        .as_deref()
+        .map(|i| copy(i, "initrd.img"))
+        .transpose()?;
+    let size = match spec.size {
         Some(s) => s,
-        None => (tree_bytes(&tree) / 2 * 3)
+        None => (tree_bytes(tree) / 2 * 3)
             .max(256 << 20)
             .next_multiple_of(1 << 20),
     };
@@ -117,31 +164,10 @@ pub fn create_image(
         "making rootfs.ext4 ({})",
         crate::format_size(size)
     ));
-    crate::make_ext4_disk(&image.join("rootfs.ext4"), size, Some(&tree), "kiln-root")?;
-    let manifest = ImageManifest {
-        name: src
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into()),
-        rootfs: "rootfs.ext4".into(),
-        kernel,
-        initrd,
-        cmdline: String::new(),
-        home_seed: None,
-        var_seed: None,
-        created_at: Some(kiln_sys::now_rfc3339()),
-        builder: serde_json::json!({
-            "builder": "kiln image create",
-            "source": src,
-            "from": match opts.source { Source::Dir(_) => "dir", Source::Oci(_) => "oci" },
-            "arch": arch.name(),
-        }),
-        arch: None,
-        fs9p: None,
-    };
-    let fs9p = if arch == Arch::I386 {
+    crate::make_ext4_disk(&image.join("rootfs.ext4"), size, Some(tree), "kiln-root")?;
+    let fs9p = if spec.arch == Arch::I386 {
         progress("writing the 9p filesystem for v86 (fs.json, fs/)");
-        let w = crate::fs9p::write(&tree, &image)?;
+        let w = crate::fs9p::write(tree, image)?;
         if w.skipped > 0 {
             progress(&format!(
                 "{} device nodes, FIFOs or sockets are not in the 9p filesystem (v86 has none)",
@@ -156,13 +182,20 @@ pub fn create_image(
         None
     };
     let manifest = ImageManifest {
-        arch: Some(arch),
+        name: spec.name.clone(),
+        rootfs: "rootfs.ext4".into(),
+        kernel,
+        initrd,
+        cmdline: spec.cmdline.clone(),
+        home_seed: None,
+        var_seed: None,
+        created_at: Some(kiln_sys::now_rfc3339()),
+        builder: spec.builder.clone(),
+        arch: Some(spec.arch),
         fs9p,
-        ..manifest
     };
-    manifest.save(&image)?;
-    fs::rename(&image, out).map_err(io_at(out, "cannot rename into place"))?;
-    Ok(Created { arch, manifest })
+    manifest.save(image)?;
+    Ok(manifest)
 }
 
 /// The newest `/boot/PREFIX*` regular file of the tree, if it has one.

@@ -23,19 +23,22 @@ use std::process::{Command, Stdio};
 pub mod create;
 pub mod ext4;
 pub mod fs9p;
+pub mod initramfs;
 pub mod manifest;
 pub mod oci;
 pub mod size;
 pub mod tree;
+pub mod v86;
 
 pub use ext4::{extract_dir, make_ext4_disk, make_seeded_disk, Seed};
 pub use manifest::{ImageManifest, IMAGE_MANIFEST};
 pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE, DISK_SIZES};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
-const BUILDER_VERSION: u32 = 3;
+const BUILDER_VERSION: u32 = 4;
 
-/// Packages installed on top of debootstrap's minbase.
+/// Packages installed on top of debootstrap's minbase for an amd64 microVM image (i386 v86
+/// images: [`v86::PACKAGES`]).
 pub const PACKAGES: &[&str] = &[
     "systemd-sysv",
     "dbus",
@@ -252,8 +255,10 @@ pub struct DebianOptions {
     pub size: u64,
     /// The Debian mirror debootstrap downloads from.
     pub mirror: String,
-    /// Packages beyond [`PACKAGES`].
+    /// Packages beyond [`PACKAGES`] (or [`v86::PACKAGES`]).
     pub extra_packages: Vec<String>,
+    /// amd64: a microVM image (QEMU, systemd); i386: a v86 image (9p root, busybox init).
+    pub arch: tree::Arch,
 }
 
 impl Default for DebianOptions {
@@ -263,6 +268,7 @@ impl Default for DebianOptions {
             size: 2 << 30,
             mirror: "http://deb.debian.org/debian".into(),
             extra_packages: Vec::new(),
+            arch: tree::Arch::Amd64,
         }
     }
 }
@@ -280,15 +286,30 @@ impl DebianOptions {
         for p in self.packages() {
             h.add(p.as_bytes());
         }
-        for text in [FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN, SSHD_CONFIG] {
+        h.add(self.arch.name().as_bytes());
+        let texts: &[&str] = match self.arch {
+            tree::Arch::Amd64 => &[FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN, SSHD_CONFIG],
+            tree::Arch::I386 => &[
+                v86::INITTAB,
+                v86::KILN_RC,
+                v86::UDHCPC_SCRIPT,
+                v86::PAM_LOGIN,
+                v86::CMDLINE,
+                initramfs::INIT,
+            ],
+        };
+        for text in texts {
             h.add(text.as_bytes());
         }
         format!("{:016x}", h.0)
     }
 
     fn packages(&self) -> Vec<String> {
-        PACKAGES
-            .iter()
+        let base = match self.arch {
+            tree::Arch::Amd64 => PACKAGES,
+            tree::Arch::I386 => v86::PACKAGES,
+        };
+        base.iter()
             .map(|s| s.to_string())
             .chain(self.extra_packages.iter().cloned())
             .collect()
@@ -371,13 +392,21 @@ pub fn build_debian(
         opts.suite, opts.mirror
     ));
     let mut cmd = Command::new("debootstrap");
-    cmd.arg("--variant=minbase")
+    cmd.arg(format!("--arch={}", opts.arch.name()))
+        .arg("--variant=minbase")
         .arg(format!("--include={}", opts.packages().join(",")))
         .arg(&opts.suite)
         .arg(&root)
         .arg(&opts.mirror);
     run_logged(&mut cmd, "debootstrap", &log)?;
 
+    drop_apt_caches(&root)?;
+    if opts.arch == tree::Arch::I386 {
+        let m = finish_v86(opts, &root, out, progress)?;
+        progress("cleaning up");
+        fs::remove_dir_all(&work).map_err(io(format!("{}: cannot remove", work.display())))?;
+        return Ok(m);
+    }
     progress("configuring: fstab, kiln hook, serial autologin");
     configure(&root)?;
 
@@ -484,7 +513,57 @@ fn configure(root: &Path) -> Result<(), RootfsError> {
             fs::remove_file(&p).map_err(io(format!("{}: cannot remove", p.display())))?;
         }
     }
-    // Downloaded packages and index files are large and stale in a VM: drop them.
+    Ok(())
+}
+
+/// The i386 image for v86: busybox init, kiln's slim 9p initramfs, the 9p filesystem.
+fn finish_v86(
+    opts: &DebianOptions,
+    root: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageManifest, RootfsError> {
+    progress("configuring for v86: busybox init, serial autologin, DHCP");
+    v86::configure(root)?;
+    let release = initramfs::release(root)?;
+    let boot = root.join("boot");
+    // initramfs-tools' initrd (26 MB) gives way to the slim one.
+    for e in fs::read_dir(&boot)
+        .map_err(io_at(&boot, "cannot read"))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("initrd.img") {
+            fs::remove_file(e.path()).map_err(io_at(&e.path(), "cannot remove"))?;
+        }
+    }
+    progress("making the slim initramfs (busybox, 9p and virtio modules)");
+    let initrd = boot.join(format!("initrd.img-{release}"));
+    let slim = initramfs::write(root, &release, &initrd)?;
+    let kernel = boot.join(format!("vmlinuz-{release}"));
+    let spec = create::ImageSpec {
+        name: format!("debian-{}-i386", opts.suite),
+        arch: tree::Arch::I386,
+        kernel,
+        initrd: Some(initrd),
+        size: Some(opts.size),
+        cmdline: v86::CMDLINE.into(),
+        builder: serde_json::json!({
+            "builder": "kiln image debian",
+            "version": BUILDER_VERSION,
+            "suite": opts.suite,
+            "arch": "i386",
+            "mirror": opts.mirror,
+            "packages": opts.packages(),
+            "kernel": release,
+            "initramfs": { "bytes": slim.bytes, "modules": slim.modules },
+            "fingerprint": opts.fingerprint(),
+        }),
+    };
+    create::write_image(root, out, &spec, progress)
+}
+
+/// Downloaded packages and index files are large and stale in a VM: drop them.
+fn drop_apt_caches(root: &Path) -> Result<(), RootfsError> {
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         for entry in fs::read_dir(root.join(dir)).map_err(io(format!("{dir}: cannot read")))? {
             let p = entry.map_err(io(format!("{dir}: cannot read")))?.path();

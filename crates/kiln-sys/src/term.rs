@@ -52,3 +52,67 @@ impl Drop for SavedTerminal {
         self.restore();
     }
 }
+
+// Consoles: one escape sequence for all of them (kiln-host's consoles, kiln-web's `kiln boot`).
+// Keys: Ctrl-A X quits, Ctrl-A D detaches (only where there is something to detach from),
+// Ctrl-A Ctrl-A sends one Ctrl-A.
+
+/// Ctrl-A, the console escape (as in QEMU and screen).
+pub const ESCAPE: u8 = 0x01;
+
+/// The line shown when a console opens on a terminal.
+pub fn escape_help(detach: bool) -> &'static str {
+    if detach {
+        "Ctrl-A X quits (ends the VM), Ctrl-A D detaches"
+    } else {
+        "Ctrl-A X quits"
+    }
+}
+
+/// What a key press sequence asks for besides data for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EscapeAction {
+    Quit,
+    Detach,
+}
+
+/// The escape-sequence decoder: feeds bytes typed by the user, yields what goes to the guest.
+#[derive(Clone, Debug, Default)]
+pub struct Escape {
+    pending: bool,
+    /// Whether Ctrl-A D detaches (else it is passed on like any other key).
+    pub detach: bool,
+}
+
+impl Escape {
+    /// A decoder; `detach` makes Ctrl-A D detach.
+    pub fn new(detach: bool) -> Escape {
+        Escape {
+            pending: false,
+            detach,
+        }
+    }
+
+    /// Splits `input` into the bytes for the guest (appended to `out`) and the first action,
+    /// if any; bytes after an action are dropped.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<EscapeAction> {
+        for &b in input {
+            if !self.pending {
+                if b == ESCAPE {
+                    self.pending = true;
+                } else {
+                    out.push(b);
+                }
+                continue;
+            }
+            self.pending = false;
+            match b {
+                b'x' | b'X' => return Some(EscapeAction::Quit),
+                b'd' | b'D' if self.detach => return Some(EscapeAction::Detach),
+                // Ctrl-A Ctrl-A sends one Ctrl-A; any other key after Ctrl-A goes as itself.
+                other => out.push(other),
+            }
+        }
+        None
+    }
+}

@@ -8,7 +8,7 @@ use crate::{Result, WebError};
 /// The page sources, compiled in from the repository's `web/src` (they are kiln's own code).
 pub(crate) const INDEX_HTML: &str = include_str!("../../../web/src/index.html");
 pub(crate) const KILN_JS: &str = include_str!("../../../web/src/kiln.js");
-pub(crate) const WARM_MJS: &str = include_str!("../../../web/src/warm.mjs");
+pub(crate) const V86_MJS: &str = include_str!("../../../web/src/v86.mjs");
 
 const NPM_HINT: &str = "install the page's npm packages with `npm ci` in kiln's web/ directory (scripts/setup does it), or point KILN_WEB_DIR at a directory holding node_modules";
 const SEABIOS_HINT: &str =
@@ -68,7 +68,12 @@ impl Assets {
         self.web_dir.join("node_modules").join(rel)
     }
 
-    /// The v86 ES module used by `--warm` under Node.
+    /// A file of the npm packages (`v86/build/v86.wasm`).
+    pub(crate) fn npm_file(&self, rel: &str) -> PathBuf {
+        self.npm(rel)
+    }
+
+    /// The v86 ES module used under Node (kiln boot, `--warm`).
     pub(crate) fn libv86_mjs(&self) -> PathBuf {
         self.npm("v86/build/libv86.mjs")
     }

@@ -21,6 +21,17 @@ pub enum DiskKind {
     Cdrom,
 }
 
+impl DiskKind {
+    /// v86's option for the drive (`hda`, `fda`, `cdrom`).
+    pub fn v86_option(self) -> &'static str {
+        match self {
+            DiskKind::Hda => "hda",
+            DiskKind::Fda => "fda",
+            DiskKind::Cdrom => "cdrom",
+        }
+    }
+}
+
 /// A disk image read into memory as v86 needs it.
 #[derive(Clone, Debug)]
 pub struct Disk {

@@ -66,6 +66,10 @@ pub enum WebError {
         msg: String,
     },
     /// A SITE directory given to serve is not a kiln site.
+    /// A Linux image directory, its 9p index, a content file or a saved state is not what it
+    /// must be.
+    #[error("{}: {why}", path.display())]
+    BadImage { path: PathBuf, why: String },
     #[error("{}: not a kiln site (no kiln.json) and not a disk image", path.display())]
     NotASite {
         /// The directory.
@@ -80,6 +84,14 @@ impl From<kiln_image::ImageError> for WebError {
 }
 
 impl WebError {
+    /// `path` is not a usable Linux image (or part of one) because of `why`.
+    pub(crate) fn bad(path: impl Into<PathBuf>, why: impl Into<String>) -> WebError {
+        WebError::BadImage {
+            path: path.into(),
+            why: why.into(),
+        }
+    }
+
     pub(crate) fn io(
         path: impl Into<PathBuf>,
         what: impl Into<String>,

@@ -15,13 +15,18 @@
 
 mod access;
 mod assets;
+pub mod boot;
 mod ctl;
 mod disk;
 mod error;
+pub mod linux;
+mod linux_site;
 mod net;
 mod serve;
+pub mod session;
 mod site;
 mod sitefs;
+pub mod state;
 mod warm;
 
 pub use assets::Assets;

@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::access::{key_matches, origin_ok, random_key, Hosts};
 use crate::ctl::{self, Hub, CONSOLE_MSG_MAX};
+use crate::site::Content;
 use crate::sitefs::{self, Refused};
 use crate::{build_site, PrepareOptions, Result, Site, WebError};
 
@@ -40,7 +41,9 @@ const CONFIG_MAX: u64 = 1 << 20;
 /// What to serve.
 #[derive(Clone, Debug)]
 pub enum ServeSource {
-    /// A disk image: prepared in memory; saved states go beside it.
+    /// A disk image or a Linux image directory: prepared in memory (a Linux image's 9p
+    /// content files stay on disk); saved states go beside a disk, into a Linux image's
+    /// directory as `saved.state.zst` (never over its `initial.state.zst`).
     Image(PathBuf),
     /// A directory written by `kiln prepare`; saved states go into its `state/` directory.
     Site(PathBuf),
@@ -52,6 +55,8 @@ impl ServeSource {
         if path.is_dir() {
             if path.join("kiln.json").is_file() {
                 Ok(ServeSource::Site(path.to_path_buf()))
+            } else if crate::linux::is_linux_image(path) {
+                Ok(ServeSource::Image(path.to_path_buf()))
             } else {
                 Err(WebError::NotASite {
                     path: path.to_path_buf(),
@@ -181,11 +186,12 @@ pub fn serve(
                 .get("kiln.json")
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default();
-            (
-                Files::Memory(site),
-                dir.join(format!("{stem}.state.zst")),
-                config,
-            )
+            let save = if p.is_dir() {
+                p.join("saved.state.zst")
+            } else {
+                dir.join(format!("{stem}.state.zst"))
+            };
+            (Files::Memory(site), save, config)
         }
         ServeSource::Site(d) => {
             let cfg_path = d.join("kiln.json");
@@ -372,8 +378,16 @@ async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
         return (headers, cfg.to_string()).into_response();
     }
     match &app.files {
-        Files::Memory(site) => match site.get(&path) {
-            Some(b) => (headers, b.clone()).into_response(),
+        Files::Memory(site) => match site.entry(&path) {
+            Some(Content::Bytes(b)) => (headers, b.clone()).into_response(),
+            // A file kiln checked when it built the site (a Linux image's 9p content).
+            Some(Content::File(p, _)) => match std::fs::File::open(p).and_then(|f| {
+                let len = f.metadata()?.len();
+                Ok((f, len))
+            }) {
+                Ok((f, len)) => stream(headers, f, len),
+                Err(_) => not_found(),
+            },
             None => not_found(),
         },
         Files::Dir(dir) => {
@@ -382,29 +396,7 @@ async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
                 .await
                 .unwrap_or(Err(Refused::NotFound));
             match opened {
-                Ok((f, len)) => {
-                    // Streamed in chunks: a large disk costs no more memory than a small one.
-                    let stream = futures_util::stream::unfold(
-                        tokio::fs::File::from_std(f),
-                        |mut f| async move {
-                            let mut buf = vec![0u8; 64 << 10];
-                            match tokio::io::AsyncReadExt::read(&mut f, &mut buf).await {
-                                Ok(0) => None,
-                                Ok(n) => {
-                                    buf.truncate(n);
-                                    Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
-                                }
-                                Err(e) => Some((Err(e), f)),
-                            }
-                        },
-                    );
-                    (
-                        headers,
-                        [(header::CONTENT_LENGTH, len.to_string())],
-                        Body::from_stream(stream),
-                    )
-                        .into_response()
-                }
+                Ok((f, len)) => stream(headers, f, len),
                 Err(Refused::Symlink) => refuse(
                     StatusCode::FORBIDDEN,
                     format!("/{path}: a symlink; kiln serve serves no symlinks"),
@@ -413,6 +405,32 @@ async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
             }
         }
     }
+}
+
+/// A file's content as the response body, streamed in chunks: a large file costs no more
+/// memory than a small one.
+fn stream(
+    headers: [(header::HeaderName, &'static str); 2],
+    f: std::fs::File,
+    len: u64,
+) -> Response {
+    let stream = futures_util::stream::unfold(tokio::fs::File::from_std(f), |mut f| async move {
+        let mut buf = vec![0u8; 64 << 10];
+        match tokio::io::AsyncReadExt::read(&mut f, &mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    (
+        headers,
+        [(header::CONTENT_LENGTH, len.to_string())],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]

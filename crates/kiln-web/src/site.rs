@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::assets::{self, Assets};
 use crate::disk::{load_disk, Disk};
+use crate::session::Job;
 use crate::{warm, Result, WebError};
 
 /// What [`prepare`] and [`build_site`] do.
@@ -17,8 +18,8 @@ pub struct PrepareOptions {
     pub warm: Option<String>,
     /// How long the warm boot may take.
     pub warm_timeout: Duration,
-    /// Guest memory in MiB.
-    pub memory_mib: u32,
+    /// Guest memory in MiB (default: 16 for a disk, the image's for a Linux image).
+    pub memory_mib: Option<u32>,
     /// Where the assets are (default: [`Assets::locate`]).
     pub assets: Option<Assets>,
 }
@@ -28,7 +29,7 @@ impl Default for PrepareOptions {
         PrepareOptions {
             warm: None,
             warm_timeout: Duration::from_secs(60),
-            memory_mib: 16,
+            memory_mib: None,
             assets: None,
         }
     }
@@ -37,27 +38,62 @@ impl Default for PrepareOptions {
 /// A site: file paths relative to its root (`/`-separated) and their content.
 #[derive(Clone, Debug, Default)]
 pub struct Site {
-    files: BTreeMap<String, Bytes>,
+    files: BTreeMap<String, Content>,
+}
+
+/// A site file's content: in memory, or a file kiln checked (a Linux image's 9p content
+/// files, hundreds of megabytes, stay on disk).
+#[derive(Clone, Debug)]
+pub enum Content {
+    Bytes(Bytes),
+    /// A regular file and its size when it was checked.
+    File(PathBuf, u64),
+}
+
+impl Content {
+    pub fn len(&self) -> u64 {
+        match self {
+            Content::Bytes(b) => b.len() as u64,
+            Content::File(_, n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Site {
-    /// The content at a site path such as `index.html` or `state/manifest.json`.
+    /// The in-memory content at a site path such as `index.html` or `state/manifest.json`.
     pub fn get(&self, path: &str) -> Option<&Bytes> {
+        match self.files.get(path) {
+            Some(Content::Bytes(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The content at a site path, wherever it is.
+    pub fn entry(&self, path: &str) -> Option<&Content> {
         self.files.get(path)
     }
 
     /// All files, sorted by path.
-    pub fn files(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+    pub fn files(&self) -> impl Iterator<Item = (&str, &Content)> {
         self.files.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Total size in bytes.
     pub fn total_size(&self) -> u64 {
-        self.files.values().map(|b| b.len() as u64).sum()
+        self.files.values().map(Content::len).sum()
     }
 
     pub(crate) fn insert(&mut self, path: impl Into<String>, content: impl Into<Bytes>) {
-        self.files.insert(path.into(), content.into());
+        self.files
+            .insert(path.into(), Content::Bytes(content.into()));
+    }
+
+    pub(crate) fn insert_file(&mut self, path: impl Into<String>, source: PathBuf, len: u64) {
+        self.files.insert(path.into(), Content::File(source, len));
     }
 
     /// Write the site to `out` all-or-nothing: into a temporary sibling directory, checked
@@ -139,7 +175,11 @@ impl Site {
             if let Some(d) = p.parent() {
                 std::fs::create_dir_all(d).map_err(|e| WebError::io(d, "create directory", e))?;
             }
-            std::fs::write(&p, content).map_err(|e| WebError::io(out.join(rel), "write", e))?;
+            match content {
+                Content::Bytes(b) => std::fs::write(&p, b).map(|_| ()),
+                Content::File(src, _) => std::fs::copy(src, &p).map(|_| ()),
+            }
+            .map_err(|e| WebError::io(out.join(rel), "write", e))?;
         }
         // Every asset the page needs must be there before we claim success: a missing BIOS
         // makes v86 hang silently.
@@ -148,7 +188,7 @@ impl Site {
             let len = std::fs::metadata(&p)
                 .map_err(|e| WebError::io(out.join(rel), "verify written file", e))?
                 .len();
-            if len != content.len() as u64 {
+            if len != content.len() {
                 return Err(WebError::io(
                     out.join(rel),
                     "verify written file",
@@ -172,29 +212,51 @@ pub struct PrepareReport {
     pub files: usize,
     /// Total bytes.
     pub bytes: u64,
-    /// How the disk is attached: "hda", "fda" or "cdrom".
-    pub disk: crate::DiskKind,
+    /// How the disk is attached: "hda", "fda" or "cdrom" (none for a Linux image).
+    pub disk: Option<crate::DiskKind>,
+    /// Whether it boots a Linux image (kernel, initrd and 9p filesystem).
+    pub linux: bool,
     /// Whether a warm state ships (and its compressed size).
     pub warm_state_bytes: Option<u64>,
 }
 
-/// Build the site for `image` in memory (see [`prepare`]).
-pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
-    let assets = opts.assets.clone().unwrap_or_else(Assets::locate);
+/// Where an asset of the site comes from.
+pub(crate) fn asset_source(assets: &Assets, site_path: &str) -> PathBuf {
+    assets
+        .files()
+        .into_iter()
+        .find(|f| f.site_path == site_path)
+        .map(|f| f.source)
+        .unwrap_or_default()
+}
+
+/// The page and its assets, the same for every site.
+pub(crate) fn site_base(assets: &Assets) -> Result<Site> {
     // Assets first: a missing one is the most common setup problem and cheap to find.
     assets.check()?;
-    let disk = load_disk(image)?;
     let mut site = Site::default();
     for f in assets.files() {
         site.insert(f.site_path, Assets::read(&f)?);
     }
     site.insert("index.html", assets::INDEX_HTML);
     site.insert("kiln.js", assets::KILN_JS);
+    Ok(site)
+}
+
+/// Build the site for `image` (a disk image, or a Linux image directory: see
+/// [`crate::linux`]) in memory (see [`prepare`]).
+pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
+    let assets = opts.assets.clone().unwrap_or_else(Assets::locate);
+    if image.is_dir() {
+        return crate::linux_site::build(image, opts, &assets);
+    }
+    let mut site = site_base(&assets)?;
+    let disk = load_disk(image)?;
     let disk_path = format!("disk/{}", disk.file_name);
     let mut config = serde_json::json!({
         "kiln": 1,
         "name": image.file_name().and_then(|s| s.to_str()).unwrap_or("disk"),
-        "memory_size": u64::from(opts.memory_mib) << 20,
+        "memory_size": u64::from(opts.memory_mib.unwrap_or(16)) << 20,
         "vga_memory_size": 2u64 << 20,
         "libv86": "libv86.js",
         "xterm": "xterm.mjs",
@@ -205,8 +267,30 @@ pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
         "state": null,
     });
     if let Some(marker) = &opts.warm {
-        let parts = warm::warm_state(&assets, &disk, &config, marker, opts.warm_timeout)?;
-        for (name, content) in parts {
+        // The same machine the page makes: memory sizes, firmware, the disk.
+        let scratch = kiln_sys::temp::TempDir::beside(&std::env::temp_dir().join("kiln-warm"))
+            .map_err(|e| WebError::io(std::env::temp_dir(), "create temp dir", e))?;
+        let disk_file = scratch.path().join("disk");
+        std::fs::write(&disk_file, &disk.bytes)
+            .map_err(|e| WebError::io(&disk_file, "write", e))?;
+        let mut job = Job::default();
+        for k in ["memory_size", "vga_memory_size"] {
+            job.options.insert(k.into(), config[k].clone());
+        }
+        job.files
+            .insert("bios", asset_source(&assets, "bios/seabios.bin"));
+        job.files
+            .insert("vga_bios", asset_source(&assets, "bios/vgabios.bin"));
+        job.files.insert(disk.kind.v86_option(), disk_file);
+        let (raw, serial, ms) = warm::boot_and_save(&assets, job, marker, opts.warm_timeout)
+            .map_err(|e| WebError::Warm {
+                image: image.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        let z = crate::state::compress(&raw, crate::state::LEVEL)?;
+        for (name, content) in
+            warm::state_files(&z, raw.len() as u64, Some(marker), &serial, Some(ms))?
+        {
             site.insert(format!("state/{name}"), content);
         }
         config["state"] = "state/manifest.json".into();
@@ -231,9 +315,10 @@ pub fn prepare(image: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepar
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default();
     let disk = match config["disk"]["kind"].as_str() {
-        Some("fda") => crate::DiskKind::Fda,
-        Some("cdrom") => crate::DiskKind::Cdrom,
-        _ => crate::DiskKind::Hda,
+        Some("fda") => Some(crate::DiskKind::Fda),
+        Some("cdrom") => Some(crate::DiskKind::Cdrom),
+        Some(_) => Some(crate::DiskKind::Hda),
+        None => None,
     };
     let warm_state_bytes = site
         .get("state/manifest.json")
@@ -242,6 +327,7 @@ pub fn prepare(image: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepar
     Ok(PrepareReport {
         out: out.to_path_buf(),
         files: site.files.len(),
+        linux: config["filesystem"].is_object(),
         bytes: site.total_size(),
         disk,
         warm_state_bytes,

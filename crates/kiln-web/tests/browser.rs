@@ -24,7 +24,7 @@ fn browser_boot_repl_save_restore_warm_serve_ctl_net() {
 
     let site = tmp.path().join("site");
     let r = prepare(&img, &site, &PrepareOptions::default()).expect("prepare");
-    assert_eq!(r.disk, kiln_web::DiskKind::Hda);
+    assert_eq!(r.disk, Some(kiln_web::DiskKind::Hda));
     let warm = tmp.path().join("warm");
     let opts = PrepareOptions {
         warm: Some("ClientAPI".into()),

@@ -37,8 +37,11 @@ pub enum ImageCommand {
         #[arg(long)]
         size: Option<String>,
     },
-    /// Build a Debian image for `kiln vm run --image OUT` with debootstrap (needs root):
-    /// OUT/rootfs.ext4, OUT/vmlinuz, OUT/initrd.img, OUT/home.ext4, OUT/var.ext4, OUT/image.json.
+    /// Build a Debian image with debootstrap (needs root). amd64 (the default): a microVM image
+    /// for `kiln vm run --image OUT` (rootfs.ext4, vmlinuz, initrd.img, home.ext4, var.ext4,
+    /// image.json). i386: a v86 image for `kiln boot OUT` and `kiln prepare` (bookworm's
+    /// linux-image-686, busybox init, a slim 9p initramfs, root logged in on the serial
+    /// console; fs.json + fs/, rootfs.ext4, vmlinuz, initrd.img, image.json).
     Debian {
         /// Output directory (created; must be empty).
         out: PathBuf,
@@ -54,6 +57,9 @@ pub enum ImageCommand {
         /// Extra packages to install (comma-separated).
         #[arg(long, value_delimiter = ',')]
         packages: Vec<String>,
+        /// amd64 (a microVM image) or i386 (a v86 image).
+        #[arg(long, default_value = "amd64")]
+        arch: String,
     },
 }
 
@@ -75,12 +81,7 @@ pub fn dispatch(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             };
             let opts = kiln_rootfs::create::CreateOptions {
                 source,
-                arch: arch
-                    .map(|a| {
-                        a.parse()
-                            .map_err(|e: String| anyhow::anyhow!("--arch: {e}"))
-                    })
-                    .transpose()?,
+                arch: arch.as_deref().map(parse_arch).transpose()?,
                 kernel,
                 initrd,
                 size: size
@@ -103,12 +104,14 @@ pub fn dispatch(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             size,
             mirror,
             packages,
+            arch,
         } => {
             let opts = kiln_rootfs::DebianOptions {
                 suite,
                 size: kiln_rootfs::parse_size(&size)?,
                 mirror,
                 extra_packages: packages,
+                arch: parse_arch(&arch)?,
             };
             let show = std::io::stderr().is_terminal();
             let t0 = std::time::Instant::now();
@@ -126,4 +129,9 @@ pub fn dispatch(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_arch(a: &str) -> anyhow::Result<kiln_rootfs::tree::Arch> {
+    a.parse()
+        .map_err(|e: String| anyhow::anyhow!("--arch: {e}"))
 }

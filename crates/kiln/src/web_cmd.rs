@@ -7,9 +7,39 @@ use std::time::Duration;
 
 use kiln_web::{PrepareOptions, ServeOptions, ServeSource};
 
-/// Web commands, flattened into kiln's top level (`kiln prepare`, `kiln serve`).
+/// Web commands, flattened into kiln's top level (`kiln boot`, `kiln prepare`, `kiln serve`).
 #[derive(clap::Subcommand)]
 pub enum WebCommand {
+    /// Boot a Linux image (i386: `kiln image debian --arch i386`, `kiln image create`, or an
+    /// env86 image directory) on v86 under Node, with the serial console on the terminal
+    /// (Ctrl-A X quits). Resumes from the image's saved state unless --cold.
+    Boot {
+        /// The image directory.
+        image: std::path::PathBuf,
+        /// Write the machine's state into the image when the session ends, so the next boot
+        /// resumes there (a guest that powers off leaves no state: the next boot is cold).
+        #[arg(long)]
+        save: bool,
+        /// Ignore the image's saved state and boot from the kernel.
+        #[arg(long)]
+        cold: bool,
+        /// Give the guest a network through passt (DHCP, DNS, NAT to the host).
+        #[arg(long)]
+        net: bool,
+        /// Forward a host TCP port to the guest: [HOST_IP:]HOST_PORT:GUEST_PORT[/udp]
+        /// (repeatable; implies --net).
+        #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+        publish: Vec<String>,
+        /// End the session when TEXT appears on serial.
+        #[arg(long, value_name = "TEXT")]
+        exit_on: Option<String>,
+        /// Guest memory in MiB (default: the image's, 256 for kiln's images).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
+        /// Print how the session went as JSON on stderr at its end.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a static site that boots IMAGE in the browser (v86); works under any base path.
     Prepare {
         /// Any image kiln reads: a disk boots as a hard disk (a floppy-sized one as a floppy),
@@ -24,9 +54,9 @@ pub enum WebCommand {
         /// Seconds the warm boot may take.
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         warm_timeout: u64,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 16, value_name = "MIB")]
-        memory: u32,
+        /// Guest memory in MiB (default: 16 for a disk, the image's own for a Linux image).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
         /// Print what was written as JSON.
         #[arg(long)]
         json: bool,
@@ -42,9 +72,10 @@ pub enum WebCommand {
         /// Allow a non-loopback address (the console and relay then face the network).
         #[arg(long)]
         public: bool,
-        /// Guest memory in MiB when preparing an image.
-        #[arg(long, default_value_t = 16, value_name = "MIB")]
-        memory: u32,
+        /// Guest memory in MiB when preparing an image (default: 16 for a disk, the image's
+        /// own for a Linux image).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
         /// The passt binary used by /net.
         #[arg(long, default_value = "passt")]
         passt: PathBuf,
@@ -60,6 +91,44 @@ pub enum WebCommand {
 
 pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        WebCommand::Boot {
+            image,
+            save,
+            cold,
+            net,
+            publish,
+            exit_on,
+            memory,
+            json,
+        } => {
+            let forwards = publish
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<kiln_net::ports::PortForward>, _>>()?;
+            let opts = kiln_web::boot::BootOptions {
+                cold,
+                save,
+                net,
+                forwards,
+                exit_on,
+                memory_mib: memory,
+                assets: None,
+                passt: None,
+            };
+            let r = kiln_web::boot::boot(&image, &opts, &mut |line| eprintln!("{line}\r"))?;
+            if json {
+                eprintln!("{}", serde_json::to_string(&r)?);
+            } else if let Some(n) = r.saved_bytes {
+                eprintln!(
+                    "\r\nkiln boot: state saved into {} ({} KiB)",
+                    image.display(),
+                    n.div_ceil(1024)
+                );
+            } else if r.state_removed {
+                eprintln!("\r\nkiln boot: the guest powered off; its saved state is removed (the next boot is cold)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         WebCommand::Prepare {
             image,
             out,
@@ -82,12 +151,15 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                     .warm_state_bytes
                     .map(|n| format!(", warm state {} KiB", n.div_ceil(1024)))
                     .unwrap_or_default();
+                let what = match r.disk {
+                    Some(d) => format!("disk as {}", d.v86_option()),
+                    None => "Linux on a 9p filesystem".into(),
+                };
                 println!(
-                    "{}: {} files, {} KiB, disk as {}{warm}",
+                    "{}: {} files, {} KiB, {what}{warm}",
                     r.out.display(),
                     r.files,
                     r.bytes.div_ceil(1024),
-                    serde_json::to_value(r.disk)?.as_str().unwrap_or("?"),
                 );
             }
             Ok(ExitCode::SUCCESS)
