@@ -11,6 +11,10 @@
  *       vm.serialText();                // everything written to COM1 so far
  *       const s = await vm.saveState(); // ArrayBuffer
  *       await vm.restoreState(s);
+ *       // Linux guests:
+ *       await vm.waitFor("root@");       // until the text appears on serial
+ *       const out = await vm.run("cat /etc/os-release"); // its output, up to the next prompt
+ *       vm.onProgress(({ phase, loaded, total }) => ...); // state and file downloads
  *     </script>
  *
  * Every URL is resolved against the site's kiln.json (by default next to this file), never
@@ -22,13 +26,22 @@
  *             null for none)
  *   warm:     false to cold-boot even when the site ships a saved state
  *   ctl:      false to not connect to `kiln serve`'s /ctl debug console when served by it
+ *   onProgress: fn({phase: "state" | "files", loaded, total, file}) while the saved state and
+ *             the files v86 loads whole (kernel, initrd, disk) download
+ *
+ * A site is a disk (kiln.json `disk`) or a Linux image (kiln.json `filesystem`: a 9p root whose
+ * files v86 fetches from `baseurl` when the guest reads them; `bzimage`, `initrd`, `cmdline`
+ * for a cold boot, which a warm start never fetches).
  *
  * The handle: ready (Promise of the handle), mode ("cold" | "warm"), emulator (the V86 object),
  * serialText(), sendSerial(text), onSerial(fn), terminalText(), saveState(), restoreState(buf),
- * pause(), resume(), reset(), destroy().
+ * pause(), resume(), reset(), destroy(), waitFor(text, {timeout}), run(command, {prompt,
+ * timeout}), onProgress(fn).
  */
 
 const HERE = new URL(".", import.meta.url);
+// Terminal control sequences (colours, bracketed paste) in serial text.
+const ANSI = /\x1b\[[0-9;?]*[ -\/]*[@-~]|\x1b[()][0-9A-B]/g;
 
 /** Boot the site's VM inside `element`; returns the handle at once (await `handle.ready`). */
 export function boot(element, options = {}) {
@@ -72,11 +85,43 @@ function wsUrl(path, base) {
   return u.href;
 }
 
+/** Fetch a response's body, reporting each chunk's size to `onBytes`. */
+async function readBody(r, onBytes) {
+  if (!r.body || !r.body.getReader) {
+    const b = new Uint8Array(await r.arrayBuffer());
+    onBytes(b.length);
+    return b;
+  }
+  const reader = r.body.getReader();
+  const chunks = [];
+  let n = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    n += value.length;
+    onBytes(value.length);
+  }
+  const all = new Uint8Array(n);
+  let off = 0;
+  for (const c of chunks) {
+    all.set(c, off);
+    off += c.length;
+  }
+  return all;
+}
+
 /** Fetch a state manifest and its parts; returns {buffer, serial}. */
-async function loadState(manifestUrl) {
+async function loadState(manifestUrl, progress) {
   const m = await (await fetchOk(manifestUrl)).json();
+  let loaded = 0;
+  const tick = (n) => {
+    loaded += n;
+    progress({ phase: "state", loaded, total: m.size });
+  };
+  tick(0);
   const parts = await Promise.all(
-    m.parts.map(async (p) => new Uint8Array(await (await fetchOk(new URL(p.url, manifestUrl))).arrayBuffer())),
+    m.parts.map(async (p) => readBody(await fetchOk(new URL(p.url, manifestUrl)), tick)),
   );
   const total = parts.reduce((n, p) => n + p.length, 0);
   if (total !== m.size) throw new Error(`${manifestUrl}: state is ${total} bytes, manifest says ${m.size}`);
@@ -101,6 +146,8 @@ class KilnVM {
     this._listeners = [];
     this._decoder = new TextDecoder();
     this._ctl = null;
+    this._progress = options.onProgress ? [options.onProgress] : [];
+    this._waiters = [];
     this.ready = this._start();
   }
 
@@ -115,7 +162,8 @@ class KilnVM {
     this.config = cfg;
     const u = (p) => new URL(p, configUrl).href;
     const wantTerm = this.options.terminal !== null;
-    const warmP = cfg.state && this.options.warm !== false ? loadState(u(cfg.state)).catch((e) => {
+    const progress = (p) => this._progress.forEach((fn) => fn(p));
+    const warmP = cfg.state && this.options.warm !== false ? loadState(u(cfg.state), progress).catch((e) => {
       console.warn("kiln: saved state unusable, booting cold:", e);
       return null;
     }) : Promise.resolve(null);
@@ -155,20 +203,36 @@ class KilnVM {
       disable_mouse: true,
       disable_speaker: true,
     };
-    opts[cfg.disk.kind] = { url: u(cfg.disk.url), size: cfg.disk.size, async: false };
+    if (cfg.disk) opts[cfg.disk.kind] = { url: u(cfg.disk.url), size: cfg.disk.size, async: false };
+    if (cfg.filesystem) {
+      // Linux: the root is v86's 9p filesystem; content files are fetched as the guest reads
+      // them. A saved state holds the whole inode table, so a warm start needs only baseurl.
+      opts.filesystem = { baseurl: u(cfg.filesystem.baseurl) };
+      if (cfg.mac_address_translation) opts.mac_address_translation = true;
+    }
     if (state) {
-      // The state holds the BIOS in guest memory: a warm page never fetches or runs firmware.
+      // The state holds the BIOS (and a Linux kernel) in guest memory: a warm page never
+      // fetches or runs firmware, a kernel or the 9p index.
       opts.initial_state = { buffer: state.buffer };
       this.mode = "warm";
     } else {
       opts.bios = { url: u(cfg.bios) };
       opts.vga_bios = { url: u(cfg.vga_bios) };
+      if (cfg.filesystem) {
+        opts.filesystem.basefs = u(cfg.filesystem.basefs);
+        opts.bzimage = { url: u(cfg.bzimage) };
+        if (cfg.initrd) opts.initrd = { url: u(cfg.initrd) };
+        opts.cmdline = cfg.cmdline;
+      }
       this.mode = "cold";
     }
     if (cfg.net) opts.net_device = { type: "ne2k", relay_url: wsUrl(cfg.net, configUrl) };
 
     const emu = new globalThis.V86(opts);
     this.emulator = emu;
+    emu.add_listener("download-progress", (e) =>
+      progress({ phase: "files", loaded: e.loaded, total: e.total, file: e.file_name }),
+    );
     emu.add_listener("serial0-output-byte", (b) =>
       this._output(this._decoder.decode(new Uint8Array([b]), { stream: true })),
     );
@@ -182,6 +246,7 @@ class KilnVM {
   _output(text) {
     if (!text) return;
     this._serial += text;
+    this._waiters = this._waiters.filter((w) => !w.check());
     if (this.terminal) this.terminal.write(text);
     for (const fn of this._listeners) fn(text);
     if (this._ctl && this._ctl.readyState === 1) this._ctl.send(JSON.stringify({ ev: "serial", data: text }));
@@ -190,6 +255,57 @@ class KilnVM {
   /** All text the guest has written to COM1 so far (with a warm start: since the original boot). */
   serialText() {
     return this._serial;
+  }
+
+  /** Call `fn({phase, loaded, total, file})` while the state and v86's files download. */
+  onProgress(fn) {
+    this._progress.push(fn);
+  }
+
+  /**
+   * Resolves with the serial text from now on once `test` (a string, or a RegExp tested on
+   * the text with terminal escapes removed) is in it; rejects after `timeout` ms.
+   */
+  waitFor(test, { timeout = 30000, from = this._serial.length } = {}) {
+    const match =
+      typeof test === "string" ? (t) => t.includes(test) : (t) => test.test(t.replace(ANSI, ""));
+    return new Promise((resolve, reject) => {
+      const w = {
+        check: () => {
+          const t = this._serial.slice(from);
+          if (!match(t)) return false;
+          clearTimeout(w.timer);
+          resolve(t);
+          return true;
+        },
+      };
+      if (w.check()) return;
+      w.timer = setTimeout(() => {
+        this._waiters = this._waiters.filter((x) => x !== w);
+        reject(new Error(`${test} did not appear on serial within ${timeout} ms`));
+      }, timeout);
+      this._waiters.push(w);
+    });
+  }
+
+  /**
+   * Types `command` and Enter on the serial console and resolves with what it printed: the
+   * lines after the echoed command up to the next shell prompt (`prompt`, tested on the last
+   * line; default: a line ending in "# " or "$ "), terminal escapes removed.
+   */
+  async run(command, { prompt = /[#$] $/, timeout = 30000 } = {}) {
+    const from = this._serial.length;
+    const done = (t) => {
+      const nl = t.indexOf("\n");
+      if (nl < 0) return false;
+      const last = t.slice(t.lastIndexOf("\n") + 1);
+      return t.lastIndexOf("\n") >= nl && prompt.test(last);
+    };
+    this.sendSerial(command + "\n");
+    const untilPrompt = { test: done, toString: () => `the prompt after ${JSON.stringify(command)}` };
+    const text = (await this.waitFor(untilPrompt, { timeout, from })).replace(ANSI, "");
+    const lines = text.replace(/\r/g, "").split("\n");
+    return lines.slice(1, -1).join("\n");
   }
 
   /** Type `text` on COM1 (use "\r" for Enter). */

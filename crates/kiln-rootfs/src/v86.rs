@@ -9,7 +9,7 @@
 //! - **[`KILN_RC`]** mounts the kernel filesystems and tmpfs on /run and /tmp, sets the
 //!   hostname, loads the drivers of the network cards present (PCI class 02, no udev) and runs
 //!   busybox's DHCP client on each card in the background ([`UDHCPC_SCRIPT`] applies the lease;
-//!   it retries every few seconds, so a page that restores a saved state gets its network
+//!   it asks every second, so a page that restores a saved state gets its network
 //!   right after the restore). It uses only busybox applets: a static program starts in a
 //!   tenth of the time of a dynamically linked one on v86.
 //! - **root** logs in automatically on the serial console; root's password is empty, and
@@ -73,7 +73,7 @@ done
 for n in /sys/class/net/*; do
     dev=${n##*/}
     [ "$dev" = lo ] && continue
-    $b udhcpc -f -S -A 3 -i "$dev" -s /usr/lib/kiln/udhcpc >/dev/null 2>&1 &
+    $b udhcpc -f -S -T 1 -A 1 -i "$dev" -s /usr/lib/kiln/udhcpc >/dev/null 2>&1 &
 done
 exit 0
 "#;

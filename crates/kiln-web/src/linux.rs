@@ -145,6 +145,16 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
         }
         ImageFormat::Env86 => (dir.join("fs.json"), dir.join("fs")),
     };
+    match fs::symlink_metadata(&files) {
+        Ok(m) if m.file_type().is_dir() => {}
+        Ok(_) => {
+            return Err(WebError::bad(
+                &files,
+                "is not a directory (a symlink is refused)",
+            ))
+        }
+        Err(e) => return Err(WebError::io(&files, "open", e)),
+    }
     let checked = check_index(&index_path, &files)?;
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
     let memory_size = match obj.get("memory_size") {
@@ -393,7 +403,7 @@ impl Walk<'_> {
                     let blob = a[6].as_str().unwrap_or("");
                     if !is_blob_name(blob) {
                         return Err(bad(format!(
-                            "{here}: content file name {:?} is not a plain file name",
+                            "{here}: content file name {:?} is not a hash and .bin or .bin.zst",
                             a[6]
                         )));
                     }
@@ -430,13 +440,20 @@ impl Walk<'_> {
     }
 }
 
-/// A content file name: letters, digits, `.`, `_`, `-`, not starting with a dot.
+/// A content file name as v86's tools make them: a hex hash (kiln: 64 digits, env86: 8) and
+/// `.bin`, or `.bin.zst` for a zstd-compressed one. Nothing else is ever looked up in `fs/`,
+/// so an index cannot name `passwd` next to a planted link.
 pub(crate) fn is_blob_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    hash_stem(s).is_some()
+}
+
+/// The length of the hash a content file name is made of.
+pub(crate) fn hash_stem(name: &str) -> Option<usize> {
+    let stem = name
+        .strip_suffix(".bin.zst")
+        .or_else(|| name.strip_suffix(".bin"))?;
+    ((8..=128).contains(&stem.len()) && stem.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(stem.len())
 }
 
 /// v86's `bzimage_initrd_from_filesystem` rule on the checked index: among the regular files

@@ -19,9 +19,19 @@ use tokio::sync::OwnedSemaphorePermit;
 /// WebSocket message `/net` accepts.
 pub(crate) const MAX_FRAME: usize = 65536;
 
-/// Relay `ws` through a new passt until either side ends; `slot` is held until then.
-pub(crate) async fn relay(ws: WebSocket, passt: PathBuf, slot: OwnedSemaphorePermit) {
+/// Relay `ws` through a new passt until either side ends; `slot` is held until then, and so
+/// are the published ports `forwards` gives this relay's passt.
+pub(crate) async fn relay(
+    ws: WebSocket,
+    passt: PathBuf,
+    slot: OwnedSemaphorePermit,
+    forwards: Option<(Vec<kiln_net::ports::PortForward>, OwnedSemaphorePermit)>,
+) {
     let _slot = slot;
+    let (forwards, _forwards_slot) = match forwards {
+        Some((f, permit)) => (f, Some(permit)),
+        None => (Vec::new(), None),
+    };
     let (mut ws_tx, mut ws_rx) = ws.split();
     let socket = match kiln_net::passt::socket_pair() {
         Ok(p) => p,
@@ -30,12 +40,16 @@ pub(crate) async fn relay(ws: WebSocket, passt: PathBuf, slot: OwnedSemaphorePer
             return;
         }
     };
-    // kiln's one passt command: foreground, quiet, on its end of the pair, no port forwarded
-    // into the guest (the guest only reaches out), SIGKILL if the server dies.
+    // kiln's one passt command: foreground, quiet, on its end of the pair, kiln's user-mode
+    // layout (the guest 10.0.2.15, the host's loopback behind the gateway 10.0.2.2), the
+    // published ports if this relay holds them, SIGKILL if the server dies.
     let mut cmd = tokio::process::Command::from(kiln_net::passt::command(
         &passt,
         &socket,
-        &kiln_net::passt::PasstOptions::default(),
+        &kiln_net::passt::PasstOptions {
+            forwards,
+            guest_layout: true,
+        },
     ));
     cmd.stderr(std::process::Stdio::null()).kill_on_drop(true);
     let mut child = match cmd.spawn() {

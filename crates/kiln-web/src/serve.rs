@@ -84,6 +84,9 @@ pub struct ServeOptions {
     pub allow_hosts: Vec<String>,
     /// Network relays (one passt each) at once; more get HTTP 503. 0 turns `/net` off.
     pub max_relays: usize,
+    /// Host ports forwarded into the guest through a relay's passt (`-p`). A port can be
+    /// bound once: the first relay holds them until it ends, the next one then takes them.
+    pub forwards: Vec<kiln_net::ports::PortForward>,
 }
 
 impl Default for ServeOptions {
@@ -95,6 +98,7 @@ impl Default for ServeOptions {
             passt: PathBuf::from("passt"),
             allow_hosts: Vec::new(),
             max_relays: DEFAULT_MAX_RELAYS,
+            forwards: Vec::new(),
         }
     }
 }
@@ -127,6 +131,9 @@ struct App {
     console_key: String,
     relays: Arc<Semaphore>,
     max_relays: usize,
+    forwards: Vec<kiln_net::ports::PortForward>,
+    /// Held by the relay whose passt holds `forwards`.
+    forwards_slot: Arc<Semaphore>,
 }
 
 fn listen_err(addr: &str) -> impl Fn(std::io::Error) -> WebError + '_ {
@@ -170,6 +177,10 @@ pub fn serve(
     }
     // Checked before anything slow happens.
     Hosts::new(opts.addr, &opts.allow_hosts)?;
+    kiln_net::ports::check_free(&opts.forwards).map_err(|e| WebError::BadOption {
+        field: "-p",
+        msg: e.to_string(),
+    })?;
     let (files, save_path, config) = match &source {
         ServeSource::Image(p) => {
             let site = build_site(p, &opts.prepare)?;
@@ -240,6 +251,8 @@ pub fn serve(
         console_key: key("console")?,
         relays: Arc::new(Semaphore::new(opts.max_relays)),
         max_relays: opts.max_relays,
+        forwards: opts.forwards,
+        forwards_slot: Arc::new(Semaphore::new(1)),
     });
     let serving = Serving {
         addr: bound,
@@ -528,7 +541,16 @@ async fn net(
         );
     };
     let passt = app.passt.clone();
+    let forwards = if app.forwards.is_empty() {
+        None
+    } else {
+        app.forwards_slot
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|permit| (app.forwards.clone(), permit))
+    };
     ws.max_message_size(crate::net::MAX_FRAME)
         .max_frame_size(crate::net::MAX_FRAME)
-        .on_upgrade(move |s| crate::net::relay(s, passt, slot))
+        .on_upgrade(move |s| crate::net::relay(s, passt, slot, forwards))
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::linux::{is_blob_name, LinuxImage};
+use crate::linux::{hash_stem, is_blob_name, LinuxImage};
 use crate::{Result, WebError};
 
 const MAGIC: u32 = 0x8676_8676;
@@ -107,8 +107,8 @@ pub fn check_state(
             format!("is damaged: its info block is not JSON ({e})"),
         )
     })?;
-    // Content file names are hashes (64 hex digits in kiln's images, 8 in env86's) and
-    // `.bin` or `.bin.zst`: strings of that shape with a hash length the image uses.
+    // Content file names are hashes (64 hex digits in kiln's images, 8 in env86's): strings
+    // of that shape with a hash length the image uses.
     let stems: BTreeSet<usize> = image.blobs.iter().filter_map(|b| hash_stem(b)).collect();
     let mut names = BTreeSet::new();
     collect_blob_names(&info, &stems, &mut names, 0);
@@ -134,14 +134,6 @@ pub fn check_state(
         files: names.len(),
     };
     Ok((raw, checked))
-}
-
-/// The length of the hex hash a content file name is made of (`HASH.bin`, `HASH.bin.zst`).
-fn hash_stem(name: &str) -> Option<usize> {
-    let stem = name
-        .strip_suffix(".bin.zst")
-        .or_else(|| name.strip_suffix(".bin"))?;
-    (stem.len() >= 8 && stem.bytes().all(|b| b.is_ascii_hexdigit())).then_some(stem.len())
 }
 
 /// Strings in the info block shaped like the image's content file names.

@@ -86,6 +86,10 @@ pub enum WebCommand {
         /// Network relays (each a passt process) at once; more get HTTP 503. 0 turns /net off.
         #[arg(long, default_value_t = kiln_web::DEFAULT_MAX_RELAYS, value_name = "N")]
         max_relays: usize,
+        /// Forward a host port to the guest through the page's relay (passt):
+        /// [HOST_IP:]HOST_PORT:GUEST_PORT[/udp] (repeatable).
+        #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+        publish: Vec<String>,
     },
 }
 
@@ -172,8 +176,13 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
             passt,
             allow_hosts,
             max_relays,
+            publish,
         } => {
             let src = ServeSource::from_path(&source)?;
+            let forwards = publish
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<kiln_net::ports::PortForward>, _>>()?;
             let opts = ServeOptions {
                 addr,
                 public,
@@ -184,6 +193,7 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                 passt,
                 allow_hosts,
                 max_relays,
+                forwards,
             };
             kiln_web::serve(src, opts, |s| {
                 println!(

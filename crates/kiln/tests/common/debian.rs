@@ -13,6 +13,19 @@ pub fn required() -> bool {
 /// The Debian image, built once per machine under `$KILN_TEST_CACHE` (default /var/tmp) and
 /// reused. `None` (with a message) when not root, unless KILN_REQUIRE_KVM=1.
 pub fn debian_image() -> Option<PathBuf> {
+    cached_image(&kiln_rootfs::DebianOptions::default())
+}
+
+/// The i386 Debian image for v86 (`kiln image debian --arch i386`), cached like the amd64 one.
+#[allow(dead_code)]
+pub fn debian_i386_image() -> Option<PathBuf> {
+    cached_image(&kiln_rootfs::DebianOptions {
+        arch: kiln_rootfs::tree::Arch::I386,
+        ..kiln_rootfs::DebianOptions::default()
+    })
+}
+
+fn cached_image(opts: &kiln_rootfs::DebianOptions) -> Option<PathBuf> {
     if !kiln_sys::process::is_root() {
         assert!(
             !required(),
@@ -25,12 +38,8 @@ pub fn debian_image() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     let t0 = Instant::now();
-    let dir = kiln_rootfs::cached_debian_image(
-        &kiln_rootfs::DebianOptions::default(),
-        &cache,
-        &mut |s| eprintln!("image: {s}"),
-    )
-    .unwrap_or_else(|e| panic!("building the Debian test image failed: {e}"));
+    let dir = kiln_rootfs::cached_debian_image(opts, &cache, &mut |s| eprintln!("image: {s}"))
+        .unwrap_or_else(|e| panic!("building the Debian test image failed: {e}"));
     eprintln!("image {} ready in {:?}", dir.display(), t0.elapsed());
     Some(dir)
 }
