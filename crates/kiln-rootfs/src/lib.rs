@@ -458,36 +458,50 @@ pub fn build_debian(
     Ok(manifest)
 }
 
+/// Writes into an image tree being configured: files (replacing what is there) and symlinks,
+/// creating parent directories. Shared by the microVM and the v86 configurations.
+pub(crate) struct TreeWriter<'a>(pub &'a Path);
+
+impl TreeWriter<'_> {
+    pub(crate) fn write(&self, rel: &str, text: &str, mode: u32) -> Result<(), RootfsError> {
+        let p = self.0.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent, "cannot create"))?;
+        }
+        let _ = fs::remove_file(&p);
+        fs::write(&p, text).map_err(io_at(&p, "cannot write"))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io_at(&p, "cannot chmod"))
+    }
+
+    pub(crate) fn link(&self, target: &str, rel: &str) -> Result<(), RootfsError> {
+        let p = self.0.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent, "cannot create"))?;
+        }
+        let _ = fs::remove_file(&p);
+        symlink(target, &p).map_err(io_at(&p, "cannot link"))
+    }
+
+    /// The hostname `kiln` (a VM's own name is applied at boot) and /etc/resolv.conf as a link
+    /// to the one kiln's boot hook or DHCP script writes under /run/kiln.
+    pub(crate) fn identity(&self) -> Result<(), RootfsError> {
+        self.write("etc/hostname", "kiln\n", 0o644)?;
+        self.write(
+            "etc/hosts",
+            "127.0.0.1\tlocalhost\n127.0.1.1\tkiln\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            0o644,
+        )?;
+        self.link("/run/kiln/resolv.conf", "etc/resolv.conf")
+    }
+}
+
 /// Writes kiln's configuration into a debootstrapped tree.
 fn configure(root: &Path) -> Result<(), RootfsError> {
-    let write = |rel: &str, text: &str, mode: u32| -> Result<(), RootfsError> {
-        let p = root.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent)
-                .map_err(io(format!("{}: cannot create", parent.display())))?;
-        }
-        let _ = fs::remove_file(&p);
-        fs::write(&p, text).map_err(io(format!("{}: cannot write", p.display())))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode))
-            .map_err(io(format!("{}: cannot chmod", p.display())))
-    };
-    let link = |target: &str, rel: &str| -> Result<(), RootfsError> {
-        let p = root.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent)
-                .map_err(io(format!("{}: cannot create", parent.display())))?;
-        }
-        let _ = fs::remove_file(&p);
-        symlink(target, &p).map_err(io(format!("{}: cannot link", p.display())))
-    };
+    let t = TreeWriter(root);
+    let write = |rel: &str, text: &str, mode: u32| t.write(rel, text, mode);
+    let link = |target: &str, rel: &str| t.link(target, rel);
     write("etc/fstab", FSTAB, 0o644)?;
-    write("etc/hostname", "kiln\n", 0o644)?;
-    write(
-        "etc/hosts",
-        "127.0.0.1\tlocalhost\n127.0.1.1\tkiln\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        0o644,
-    )?;
-    link("/run/kiln/resolv.conf", "etc/resolv.conf")?;
+    t.identity()?;
     write("usr/lib/kiln/kiln-hook", KILN_HOOK, 0o755)?;
     write("etc/systemd/system/kiln-hook.service", HOOK_UNIT, 0o644)?;
     write("etc/ssh/sshd_config.d/kiln.conf", SSHD_CONFIG, 0o644)?;

@@ -17,7 +17,6 @@
 //!   `common-auth`, so no other service takes it).
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use crate::{io_at, RootfsError};
@@ -109,33 +108,16 @@ auth sufficient pam_unix.so nullok
 
 /// Configures a debootstrapped i386 tree for v86 (see the module's documentation).
 pub fn configure(root: &Path) -> Result<(), RootfsError> {
-    let write = |rel: &str, text: &str, mode: u32| -> Result<(), RootfsError> {
-        let p = root.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent, "cannot create"))?;
-        }
-        let _ = fs::remove_file(&p);
-        fs::write(&p, text).map_err(io_at(&p, "cannot write"))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io_at(&p, "cannot chmod"))
-    };
-    let link = |target: &str, rel: &str| -> Result<(), RootfsError> {
-        let p = root.join(rel);
-        let _ = fs::remove_file(&p);
-        symlink(target, &p).map_err(io_at(&p, "cannot link"))
-    };
+    let t = crate::TreeWriter(root);
+    let write = |rel: &str, text: &str, mode: u32| t.write(rel, text, mode);
+    let link = |target: &str, rel: &str| t.link(target, rel);
     write("etc/inittab", INITTAB, 0o644)?;
     write("usr/lib/kiln/kiln-rc", KILN_RC, 0o755)?;
     write("usr/lib/kiln/udhcpc", UDHCPC_SCRIPT, 0o755)?;
     for name in ["init", "poweroff", "reboot", "halt"] {
         link("/bin/busybox", &format!("usr/sbin/{name}"))?;
     }
-    write("etc/hostname", "kiln\n", 0o644)?;
-    write(
-        "etc/hosts",
-        "127.0.0.1\tlocalhost\n127.0.1.1\tkiln\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        0o644,
-    )?;
-    link("/run/kiln/resolv.conf", "etc/resolv.conf")?;
+    t.identity()?;
     write(
         "etc/fstab",
         "# kiln: / is v86's 9p filesystem; kiln-rc mounts the rest\n",

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::linux::{load_linux_image, Start};
-use crate::site::{site_base, Site};
+use crate::site::{page_config, site_base, Site};
 use crate::{state, warm, Assets, PrepareOptions, Result, WebError};
 
 /// Builds the site of the Linux image directory `dir`.
@@ -31,25 +31,13 @@ pub(crate) fn build(dir: &Path, opts: &PrepareOptions, assets: &Assets) -> Resul
     if let Some(i) = &img.initrd {
         site.insert("boot/initrd.img", i.read()?);
     }
-    let mut config = serde_json::json!({
-        "kiln": 1,
-        "kind": "linux",
-        "name": img.name,
-        "memory_size": memory,
-        "vga_memory_size": 2u64 << 20,
-        "libv86": "libv86.js",
-        "xterm": "xterm.mjs",
-        "wasm": "v86.wasm",
-        "bios": "bios/seabios.bin",
-        "vga_bios": "bios/vgabios.bin",
-        "cmdline": img.cmdline,
-        "bzimage": img.kernel.as_ref().map(|_| "boot/vmlinuz"),
-        "initrd": img.initrd.as_ref().map(|_| "boot/initrd.img"),
-        "filesystem": { "basefs": "fs.json", "baseurl": "fs/" },
-        "mac_address_translation": true,
-        "disk": null,
-        "state": null,
-    });
+    let mut config = page_config(&img.name, memory);
+    config["kind"] = "linux".into();
+    config["cmdline"] = img.cmdline.clone().into();
+    config["bzimage"] = img.kernel.as_ref().map(|_| "boot/vmlinuz").into();
+    config["initrd"] = img.initrd.as_ref().map(|_| "boot/initrd.img").into();
+    config["filesystem"] = serde_json::json!({ "basefs": "fs.json", "baseurl": "fs/" });
+    config["mac_address_translation"] = true.into();
     let shipped = if let Some(marker) = &opts.warm {
         let scratch = kiln_sys::temp::TempDir::beside(&std::env::temp_dir().join("kiln-warm"))
             .map_err(|e| WebError::io(std::env::temp_dir(), "create temp dir", e))?;

@@ -230,6 +230,25 @@ pub(crate) fn asset_source(assets: &Assets, site_path: &str) -> PathBuf {
         .unwrap_or_default()
 }
 
+/// What every site's `kiln.json` says: the machine's memory and where the page's assets are
+/// (a disk site adds `disk`, a Linux site `filesystem` and the kernel; `state` when it ships
+/// one).
+pub(crate) fn page_config(name: &str, memory_size: u64) -> serde_json::Value {
+    serde_json::json!({
+        "kiln": 1,
+        "name": name,
+        "memory_size": memory_size,
+        "vga_memory_size": 2u64 << 20,
+        "libv86": "libv86.js",
+        "xterm": "xterm.mjs",
+        "wasm": "v86.wasm",
+        "bios": "bios/seabios.bin",
+        "vga_bios": "bios/vgabios.bin",
+        "disk": null,
+        "state": null,
+    })
+}
+
 /// The page and its assets, the same for every site.
 pub(crate) fn site_base(assets: &Assets) -> Result<Site> {
     // Assets first: a missing one is the most common setup problem and cheap to find.
@@ -253,19 +272,10 @@ pub fn build_site(image: &Path, opts: &PrepareOptions) -> Result<Site> {
     let mut site = site_base(&assets)?;
     let disk = load_disk(image)?;
     let disk_path = format!("disk/{}", disk.file_name);
-    let mut config = serde_json::json!({
-        "kiln": 1,
-        "name": image.file_name().and_then(|s| s.to_str()).unwrap_or("disk"),
-        "memory_size": u64::from(opts.memory_mib.unwrap_or(16)) << 20,
-        "vga_memory_size": 2u64 << 20,
-        "libv86": "libv86.js",
-        "xterm": "xterm.mjs",
-        "wasm": "v86.wasm",
-        "bios": "bios/seabios.bin",
-        "vga_bios": "bios/vgabios.bin",
-        "disk": { "kind": disk.kind, "url": disk_path, "size": disk.bytes.len() },
-        "state": null,
-    });
+    let name = image.file_name().and_then(|s| s.to_str()).unwrap_or("disk");
+    let mut config = page_config(name, u64::from(opts.memory_mib.unwrap_or(16)) << 20);
+    config["disk"] =
+        serde_json::json!({ "kind": disk.kind, "url": disk_path, "size": disk.bytes.len() });
     if let Some(marker) = &opts.warm {
         // The same machine the page makes: memory sizes, firmware, the disk.
         let scratch = kiln_sys::temp::TempDir::beside(&std::env::temp_dir().join("kiln-warm"))

@@ -147,6 +147,12 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                 memory_mib: memory,
                 assets: None,
             };
+            if let Some(m) = &opts.warm {
+                eprintln!(
+                    "kiln prepare: booting {} under Node until {m:?} appears on serial (a Linux image takes about 40 s)",
+                    image.display()
+                );
+            }
             let r = kiln_web::prepare(&image, &out, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
