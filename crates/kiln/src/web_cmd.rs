@@ -147,9 +147,9 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
                 memory_mib: memory,
                 assets: None,
             };
-            if let Some(m) = &opts.warm {
+            if let (Some(m), true) = (&opts.warm, image.is_dir()) {
                 eprintln!(
-                    "kiln prepare: booting {} under Node until {m:?} appears on serial (a Linux image takes about 40 s)",
+                    "kiln prepare: booting {} under Node until {m:?} appears on serial (about 40 s)",
                     image.display()
                 );
             }

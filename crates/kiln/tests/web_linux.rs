@@ -115,6 +115,32 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     assert!(loaded < 3000, "the restore took {loaded} ms");
     eprintln!("warm: restored in {loaded} ms, answered after {answered:?}");
 
+    // --net: a DHCP lease from passt right after the restore; -p reaches a guest listener.
+    let fwd = free_port();
+    let spec = format!("{fwd}:7777");
+    let mut s = boot(&img, &["--net", "-p", &spec, "--exit-on", "NET-DONE"]);
+    s.send("for i in $(seq 60); do ip -4 addr show eth0 | grep -q 'inet ' && break; sleep 0.5; done; ip -4 -br addr show eth0\n");
+    s.expect("10.0.2.15/24", Duration::from_secs(60));
+    s.send("echo from-guest | busybox nc -l -p 7777; echo NET-''DONE\n");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", fwd)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // bookworm's passt completes the guest's handshake once the client sends.
+    std::io::Write::write_all(&mut c, b"hi\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("from-guest") {
+        match std::io::Read::read(&mut c, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("from-guest"), "-p {spec} answered {got:?}");
+    drop(c);
+    let r = finish(s);
+    assert_eq!(r["end"], "exit-on", "{r}");
+
     // --cold ignores the state and boots from the kernel.
     let s = boot(
         &img,
