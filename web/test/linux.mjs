@@ -63,6 +63,12 @@ try {
         check(!fetched.some(([p]) => p.endsWith(never)), `a warm start fetched ${never}`);
       }
       check(fetched.some(([p]) => p.includes("/fs/")), "no 9p file was fetched lazily");
+      // The page's progress bar followed the state's download to its end.
+      const bar = await page.evaluate(() => {
+        const p = document.getElementById("progress");
+        return { value: p.value, hidden: p.hidden };
+      });
+      check(bar.value === 1 && bar.hidden, `the progress bar ended at ${JSON.stringify(bar)}`);
       await page.close();
     } finally {
       server.close();

@@ -115,6 +115,32 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     assert!(loaded < 3000, "the restore took {loaded} ms");
     eprintln!("warm: restored in {loaded} ms, answered after {answered:?}");
 
+    // Root has an empty password, which PAM takes on the serial console only; Ctrl-A X quits.
+    let mut s = boot(&img, &[]);
+    s.send("passwd -S root | cut -d' ' -f2; grep -c nullok /etc/pam.d/common-auth; grep -c 'tty in ttyS0' /etc/pam.d/login; echo PAM-''CHECKED\n");
+    let out = s.settle_until(
+        "PAM-CHECKED",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    );
+    // Each line as the terminal shows it: what follows its last carriage return.
+    let lines: Vec<&str> = out
+        .lines()
+        .map(|l| {
+            l.trim_end_matches('\r')
+                .rsplit('\r')
+                .next()
+                .unwrap_or("")
+                .trim()
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    let at = lines.iter().position(|l| *l == "PAM-CHECKED").unwrap();
+    assert_eq!(&lines[at - 3..at], ["NP", "0", "1"], "{out:?}");
+    s.send("\x01x");
+    let r = finish(s);
+    assert_eq!(r["end"], "quit", "{r}");
+
     // --net: a DHCP lease from passt right after the restore; -p reaches a guest listener.
     let fwd = free_port();
     let spec = format!("{fwd}:7777");
