@@ -19,6 +19,7 @@ mod host;
 mod linux;
 mod name;
 mod net;
+pub mod snapshot;
 mod spec;
 mod ssh;
 mod state;
