@@ -32,8 +32,10 @@ const CONFIG_MAX: u64 = 1 << 20;
 const MAX_DEPTH: usize = 64;
 /// Most entries accepted in the index.
 const MAX_ENTRIES: usize = 4_000_000;
-/// Guest memory of a Linux image unless it says otherwise.
+/// Guest memory of a kiln Linux image unless it says otherwise.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Guest memory of an env86 image unless it says otherwise (env86's own default).
+pub const ENV86_DEFAULT_MEMORY: u64 = 512 << 20;
 /// Most guest memory accepted (v86 is 32-bit).
 const MAX_MEMORY: u64 = 3 << 30;
 /// The saved state's file name in an image directory (as env86 names its zstd state).
@@ -158,6 +160,7 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
     let checked = check_index(&index_path, &files)?;
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
     let memory_size = match obj.get("memory_size") {
+        None | Some(Value::Null) if format == ImageFormat::Env86 => ENV86_DEFAULT_MEMORY,
         None | Some(Value::Null) => DEFAULT_MEMORY,
         Some(v) => match v.as_u64() {
             Some(m) if (16 << 20..=MAX_MEMORY).contains(&m) && m % (1 << 20) == 0 => m,
@@ -620,5 +623,131 @@ impl LinuxImage {
         }
         let bytes = read_bounded(path, self.memory_size + (512 << 20))?;
         crate::state::check_state(path, &bytes, self).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// An env86-style image whose index has `root` as its fsroot; `/boot/vmlinuz-1` and
+    /// `/boot/initrd.img-1` hold 3 bytes of the same content file.
+    fn image(root: Value) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("fs")).unwrap();
+        fs::write(d.path().join("fs").join(format!("{H}.bin")), b"abc").unwrap();
+        fs::write(
+            d.path().join("image.json"),
+            json!({ "bzimage_initrd_from_filesystem": true }).to_string(),
+        )
+        .unwrap();
+        fs::write(
+            d.path().join("fs.json"),
+            json!({ "fsroot": root, "version": 3, "size": 3 }).to_string(),
+        )
+        .unwrap();
+        d
+    }
+
+    fn boot_dir() -> Value {
+        json!([
+            "boot",
+            0,
+            0,
+            0o40755,
+            0,
+            0,
+            [
+                ["vmlinuz-1", 3, 0, 0o100644, 0, 0, format!("{H}.bin")],
+                ["initrd.img-1", 3, 0, 0o100644, 0, 0, format!("{H}.bin")],
+            ]
+        ])
+    }
+
+    fn refused(root: Value, needle: &str) {
+        let d = image(root);
+        let e = load_linux_image(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(needle) && !e.contains('\n'),
+            "{needle:?} not in {e}"
+        );
+    }
+
+    #[test]
+    fn a_good_index_is_reencoded_and_its_kernel_found() {
+        let d = image(json!([
+            boot_dir(),
+            ["sh", 4, 0, 0o120777, 0, 0, "busybox", "extra"]
+        ]));
+        let img = load_linux_image(d.path()).unwrap();
+        assert_eq!(img.format, ImageFormat::Env86);
+        assert_eq!(img.memory_size, ENV86_DEFAULT_MEMORY);
+        assert_eq!(img.file_count, 2);
+        assert!(img
+            .kernel
+            .as_ref()
+            .unwrap()
+            .path
+            .ends_with(format!("{H}.bin")));
+        assert_eq!(img.initrd.as_ref().unwrap().read().unwrap(), b"abc");
+        // kiln's encoding keeps the seven fields v86 reads, nothing else.
+        let text = String::from_utf8(img.index.clone()).unwrap();
+        assert!(!text.contains("extra"), "{text}");
+    }
+
+    #[test]
+    fn hostile_indexes_are_refused_with_one_line() {
+        let file = |name: &str, size: u64, blob: &str| json!([name, size, 0, 0o100644, 0, 0, blob]);
+        refused(json!([file("..", 3, &format!("{H}.bin"))]), "bad name");
+        refused(json!([file("a/b", 3, &format!("{H}.bin"))]), "bad name");
+        refused(json!([file("passwd", 3, "passwd")]), "is not a hash");
+        refused(
+            json!([file("x", 3, &format!("{H}.bin/../../etc"))]),
+            "is not a hash",
+        );
+        refused(
+            json!([file("x", 4, &format!("{H}.bin"))]),
+            "holds 3 bytes, but",
+        );
+        refused(
+            json!([file("x", 3, &format!("{}.bin", &H[..60]))]),
+            "is missing",
+        );
+        refused(
+            json!([
+                file("x", 3, &format!("{H}.bin")),
+                file("x", 3, &format!("{H}.bin"))
+            ]),
+            "lists /x twice",
+        );
+        refused(
+            json!([["null", 0, 0, 0o020666, 0, 0, null]]),
+            "is not a directory, regular file or symlink",
+        );
+        refused(
+            json!([["x", 0, 0]]),
+            "is not [name, size, mtime, mode, uid, gid, x]",
+        );
+        let mut deep = json!([]);
+        for _ in 0..70 {
+            deep = json!([["d", 0, 0, 0o40755, 0, 0, deep]]);
+        }
+        // serde_json's own nesting limit (128 levels: 64 directories) comes first.
+        refused(deep, "fs.json: not valid JSON: recursion limit exceeded");
+    }
+
+    #[test]
+    fn a_symlinked_content_directory_is_refused() {
+        let d = image(json!([boot_dir()]));
+        let real = d.path().join("real");
+        fs::rename(d.path().join("fs"), &real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("fs")).unwrap();
+        let e = load_linux_image(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a directory (a symlink is refused)"),
+            "{e}"
+        );
     }
 }
