@@ -53,6 +53,16 @@ fn finish(mut s: Session) -> serde_json::Value {
     report(&s)
 }
 
+/// `kiln boot IMAGE --cold` starts from the kernel and reaches the serial autologin.
+fn boots_cold_to_the_login(image: &Path) {
+    let s = boot(
+        image,
+        &["--cold", "--exit-on", "login: root (automatic login)"],
+    );
+    let r = finish(s);
+    assert_eq!(r["mode"], "cold", "{r}");
+}
+
 /// `kiln boot ARGS` must fail at once with one line naming `needle`.
 fn refused(image: &Path, needle: &str) {
     let out = kiln(&["boot", image.to_str().unwrap()]);
@@ -168,12 +178,7 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     assert_eq!(r["end"], "exit-on", "{r}");
 
     // --cold ignores the state and boots from the kernel.
-    let s = boot(
-        &img,
-        &["--cold", "--exit-on", "login: root (automatic login)"],
-    );
-    let r = finish(s);
-    assert_eq!(r["mode"], "cold", "{r}");
+    boots_cold_to_the_login(&img);
     assert!(
         img.join("initial.state.zst").is_file(),
         "--cold without --save keeps the state"
@@ -203,12 +208,7 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     s.expect("ENV-86", Duration::from_secs(30));
     let r = finish(s);
     assert_eq!(r["mode"], "warm", "{r}");
-    let s = boot(
-        &env86,
-        &["--cold", "--exit-on", "login: root (automatic login)"],
-    );
-    let r = finish(s);
-    assert_eq!(r["mode"], "cold", "{r}");
+    boots_cold_to_the_login(&env86);
 
     // The prepared site resumes in Chromium under a sub-path; kiln serve gives it a network.
     // The site ships a state made by `--warm` (booted cold under Node until the prompt);
