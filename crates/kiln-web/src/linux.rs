@@ -124,10 +124,15 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
     } else {
         ImageFormat::Env86
     };
-    let (index_path, files) = match format {
-        ImageFormat::Kiln => {
-            let m = kiln_rootfs::ImageManifest::load(dir)
-                .map_err(|e| WebError::bad(&config_path, e.to_string()))?;
+    let manifest = match format {
+        ImageFormat::Kiln => Some(
+            kiln_rootfs::ImageManifest::load(dir)
+                .map_err(|e| WebError::bad(&config_path, e.to_string()))?,
+        ),
+        ImageFormat::Env86 => None,
+    };
+    let (index_path, files) = match &manifest {
+        Some(m) => {
             if m.arch != Some(kiln_rootfs::tree::Arch::I386) {
                 return Err(WebError::bad(
                     dir,
@@ -145,7 +150,7 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
             };
             (plain_inside(dir, &f.index)?, plain_inside(dir, &f.files)?)
         }
-        ImageFormat::Env86 => (dir.join("fs.json"), dir.join("fs")),
+        None => (dir.join("fs.json"), dir.join("fs")),
     };
     match fs::symlink_metadata(&files) {
         Ok(m) if m.file_type().is_dir() => {}
@@ -174,10 +179,8 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
             }
         },
     };
-    let (kernel, initrd, cmdline, name) = match format {
-        ImageFormat::Kiln => {
-            let m = kiln_rootfs::ImageManifest::load(dir)
-                .map_err(|e| WebError::bad(&config_path, e.to_string()))?;
+    let (kernel, initrd, cmdline, name) = match manifest {
+        Some(m) => {
             let kernel = file_payload(dir, &m.kernel)?;
             let initrd = m
                 .initrd
@@ -191,7 +194,7 @@ pub fn load_linux_image(dir: &Path) -> Result<LinuxImage> {
             };
             (Some(kernel), initrd, cmdline, m.name)
         }
-        ImageFormat::Env86 => {
+        None => {
             let url = |k: &str| -> Result<Option<Payload>> {
                 match obj
                     .get(k)
