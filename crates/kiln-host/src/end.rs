@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// |---|---|---:|
 /// | `powered-off` | the guest powered itself off (ACPI S5), e.g. after the power button | 0 |
 /// | `quit` | quit from the console (Ctrl-A X) | 0 |
+/// | `snapshotted` | stopped after a snapshot (`kiln vm snapshot --stop`) | 0 |
 /// | `killed-after-timeout` | the guest ignored the power button for the whole timeout | 2 |
 /// | `killed` | killed on request (`kiln kill`, a second SIGTERM) | 2 |
 /// | `reset` | the guest reset (a reboot ends the VM) | 3 |
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub enum End {
     PoweredOff,
     Quit,
+    Snapshotted { tag: String },
     KilledAfterTimeout { timeout_s: f64 },
     Killed,
     Reset,
@@ -29,18 +31,20 @@ impl End {
     /// The process exit code of a command that reports this end (see the table above).
     pub fn exit_code(&self) -> u8 {
         match self {
-            End::PoweredOff | End::Quit => 0,
+            End::PoweredOff | End::Quit | End::Snapshotted { .. } => 0,
             End::KilledAfterTimeout { .. } | End::Killed => 2,
             End::Reset => 3,
             End::Crashed { .. } => 4,
         }
     }
 
-    /// `powered-off`, `quit`, `killed-after-timeout`, `killed`, `reset` or `crashed`.
+    /// `powered-off`, `quit`, `snapshotted`, `killed-after-timeout`, `killed`, `reset` or
+    /// `crashed`.
     pub fn kind(&self) -> &'static str {
         match self {
             End::PoweredOff => "powered-off",
             End::Quit => "quit",
+            End::Snapshotted { .. } => "snapshotted",
             End::KilledAfterTimeout { .. } => "killed-after-timeout",
             End::Killed => "killed",
             End::Reset => "reset",
@@ -59,6 +63,7 @@ impl std::fmt::Display for End {
         match self {
             End::PoweredOff => f.write_str("guest powered off"),
             End::Quit => f.write_str("quit from the console"),
+            End::Snapshotted { tag } => write!(f, "stopped after snapshot '{tag}'"),
             End::KilledAfterTimeout { timeout_s } => write!(
                 f,
                 "guest did not power off within {timeout_s} s of the power button; killed"
@@ -79,6 +84,7 @@ mod tests {
         let table = [
             (End::PoweredOff, 0, "powered-off"),
             (End::Quit, 0, "quit"),
+            (End::Snapshotted { tag: "t".into() }, 0, "snapshotted"),
             (
                 End::KilledAfterTimeout { timeout_s: 1.0 },
                 2,

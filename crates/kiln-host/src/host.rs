@@ -19,7 +19,7 @@ use crate::state::{
     held_lock, record_path, remove_stale_sockets, VmKind, CONSOLE_SOCKET, CREATE_LOCK, LOCK,
     SUPERVISOR_LOCK,
 };
-use crate::supervisor::{self, Request};
+use crate::supervisor::{self, Request, Start};
 use crate::{
     default_firmware_engine, generate_name, validate_name, Boot, BrokenVm, ConsoleSpec, End,
     EngineKind, HostError, NetSpec, VmDisk, VmEntry, VmMeta, VmRecord, VmSpec, VmState,
@@ -277,7 +277,7 @@ impl Host {
         let result = (|| {
             // The supervisor starts first: from now on, if this process dies, it removes the
             // half-made VM (see [`supervise_main`]).
-            let supervisor = self.spawn_supervisor(&claim.dir, &claim.name)?;
+            let supervisor = self.spawn_supervisor(&claim.dir, &claim.name, &Start::Boot)?;
             let spec = self.disk_spec(req, &claim.name, &claim.dir, true)?;
             let rec = new_record(spec, Some(req.image.clone()), false);
             rec.save(&record_path(&claim.dir))?;
@@ -306,7 +306,7 @@ impl Host {
                 }
                 true
             };
-            supervisor::run_vm(&claim.dir, stop_timeout, &mut ready)
+            supervisor::run_vm(&claim.dir, stop_timeout, &Start::Boot, &mut ready)
         })();
         // A foreground VM leaves nothing behind, however it ended: dropping the claim removes
         // its directory.
@@ -317,7 +317,14 @@ impl Host {
     /// Starts the supervisor of the VM recorded in `dir`: a re-executed kiln in a session of
     /// its own, so it outlives this process. It waits for [`Supervisor::go`] before it reads the
     /// record, so its start-up overlaps whatever the caller still prepares (the VM's disks).
-    pub(crate) fn spawn_supervisor(&self, dir: &Path, name: &str) -> Result<Supervisor, HostError> {
+    /// It starts the VM as `start` says; resuming an existing VM, it leaves the VM in place if
+    /// this process dies before it runs.
+    pub(crate) fn spawn_supervisor(
+        &self,
+        dir: &Path,
+        name: &str,
+        start: &Start,
+    ) -> Result<Supervisor, HostError> {
         let log_path = dir.join("engine.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -329,6 +336,11 @@ impl Host {
             .arg(SUPERVISE_COMMAND)
             .arg(&self.home)
             .arg(name)
+            .args(match start {
+                Start::Boot => Vec::new(),
+                Start::Resume(tag) => vec![RESUME_FLAG.to_string(), tag.clone()],
+                Start::Clone { from, tag } => vec![CLONE_FLAG.to_string(), format!("{from}:{tag}")],
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
@@ -493,7 +505,7 @@ impl Host {
         }
     }
 
-    fn running(&self, name: &str) -> Result<VmRecord, HostError> {
+    pub(crate) fn running(&self, name: &str) -> Result<VmRecord, HostError> {
         let rec = match self.get(name) {
             Err(HostError::NoSuchVm(_)) => return Err(HostError::NotRunning(name.to_string())),
             other => other?,
@@ -512,6 +524,17 @@ impl Host {
     pub fn remove(&self, name: &str, force: bool) -> Result<(), HostError> {
         let dir = self.vm_dir(name);
         let seen = self.entry(name)?;
+        let users = self.users_of(&dir.join(crate::snapshot::SNAPSHOTS_DIR));
+        if !users.is_empty() {
+            return Err(HostError::invalid(
+                "vm",
+                name,
+                format!(
+                    "its snapshots back the disks of {} (cloned from them); remove those first",
+                    users.join(", ")
+                ),
+            ));
+        }
         match &seen {
             VmEntry::Vm(rec) => {
                 let state = rec.effective_state();
@@ -702,6 +725,11 @@ impl Drop for Supervisor {
     }
 }
 
+/// The flag of [`SUPERVISE_COMMAND`] that resumes the VM from a snapshot: `--resume TAG`.
+pub const RESUME_FLAG: &str = "--resume";
+/// The flag of [`SUPERVISE_COMMAND`] that starts a new clone: `--clone VM:TAG`.
+pub const CLONE_FLAG: &str = "--clone";
+
 /// The word that lets a waiting supervisor run its VM.
 const GO: &[u8] = b"go\n";
 /// The word that tells a waiting supervisor its creator gave up (and cleans up itself).
@@ -825,6 +853,7 @@ pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool)
             home_disk: None,
             var_disk: None,
             state: VmState::Creating,
+            resumed_from: None,
             end: None,
             exit_reason: None,
         },
@@ -840,7 +869,10 @@ pub(crate) fn new_record(spec: VmSpec, image: Option<PathBuf>, foreground: bool)
 /// instead (Ctrl-C, kill -9) closes the pipe without a word, or is gone when the VM runs and
 /// "ok" cannot be told to it: the supervisor then ends the VM and removes what was created, so
 /// a failed `kiln vm run` leaves no name behind.
-pub fn supervise_main(home: &Path, name: &str) -> u8 {
+///
+/// Resuming a stopped VM ([`Start::Resume`]), nothing is created: a creator that gave up or
+/// died leaves the VM as it was.
+pub fn supervise_main(home: &Path, name: &str, start: &Start) -> u8 {
     // Descriptors inherited from whoever ran `kiln vm run` (a shell's pipes) must not reach
     // the engine, which would keep them open for the VM's lifetime.
     process::cloexec_from(3);
@@ -850,7 +882,10 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
     }
     let dir = home.join("vms").join(name);
     // The creation lock of this very creation (a VM made later under the name has another).
-    let creation = LockFile::open(&dir.join(CREATE_LOCK)).ok();
+    let creation = match start {
+        Start::Resume(_) => None,
+        Start::Boot | Start::Clone { .. } => LockFile::open(&dir.join(CREATE_LOCK)).ok(),
+    };
     // Wait for the word: the VM's creator may still be making its disks.
     let mut word = String::new();
     let _ = std::io::stdin().read_line(&mut word);
@@ -881,7 +916,7 @@ pub fn supervise_main(home: &Path, name: &str) -> u8 {
         }
         heard
     };
-    let result = supervisor::run_vm(&dir, supervisor::DEFAULT_STOP_TIMEOUT, &mut ready);
+    let result = supervisor::run_vm(&dir, supervisor::DEFAULT_STOP_TIMEOUT, start, &mut ready);
     if creator_gone.get() {
         remove_abandoned(&dir, creation);
     }

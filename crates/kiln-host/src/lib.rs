@@ -11,6 +11,7 @@
 //! - The supervisor (`supervisor`) runs every VM: in the `kiln run` process for a foreground
 //!   VM, in a re-executed `kiln __supervise` ([`supervise_main`]) for a background one.
 
+mod clone;
 mod console;
 mod end;
 mod engine;
@@ -25,11 +26,12 @@ mod ssh;
 mod state;
 mod supervisor;
 
+pub use clone::CloneRequest;
 pub use console::{
     attach_console, escape_help, ConsoleEnd, Escape, EscapeAction, SocketConsole, ESCAPE,
 };
 pub use end::End;
-pub use engine::{engine, Engine, Running};
+pub use engine::{engine, Engine, Restore, Running};
 pub use error::HostError;
 pub use host::{supervise_main, DiskRequest, Host, SUPERVISE_COMMAND};
 pub use linux::{RunRequest, DEFAULT_RAM_MIB, DEFAULT_VCPUS};
@@ -40,7 +42,7 @@ pub use spec::{
     MAX_RAM_MIB, MAX_VCPUS, MIN_LINUX_RAM_MIB,
 };
 pub use state::{BrokenVm, VmEntry, VmKind, VmMeta, VmRecord, VmState, VM_JSON};
-pub use supervisor::DEFAULT_STOP_TIMEOUT;
+pub use supervisor::{Start, DEFAULT_STOP_TIMEOUT};
 
 /// Result alias for this crate.
 pub type Result<T, E = HostError> = std::result::Result<T, E>;

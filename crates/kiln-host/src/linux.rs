@@ -103,17 +103,17 @@ impl Host {
         let t0 = Instant::now();
         // The supervisor starts now and waits: its start-up overlaps making the disks, and if
         // this process dies from now on, it removes the half-made VM.
-        let supervisor = self.spawn_supervisor(dir, name)?;
+        let supervisor = self.spawn_supervisor(dir, name, &crate::supervisor::Start::Boot)?;
         let overlay = dir.join("root.qcow2");
         let home_disk = dir.join("home.ext4");
         let var_disk = dir.join("var.ext4");
         let net = crate::net::resolve(self, name, &req.net)?;
         let client = self.client_key(req.ssh_key.as_deref())?;
-        let mut extra = vec![
-            format!("systemd.hostname={name}"),
-            format!("kiln.name={name}"),
-        ];
-        extra.extend(net.kernel_args());
+        // The VM's identity, on the kernel command line and on its seed disk (which a VM
+        // cloned from a snapshot reads again: its kernel's command line is the origin's).
+        let identity = identity_args(name, &net);
+        let mut extra = vec![format!("systemd.hostname={name}")];
+        extra.extend(identity.iter().cloned());
         extra.push(inputs.image_cmdline.clone());
         extra.extend(req.cmdline.clone());
         let cmdline =
@@ -134,7 +134,7 @@ impl Host {
             backing: None,
             serial: None,
         };
-        let seed = crate::ssh::make_seed(dir, name, &client)?;
+        let seed = crate::ssh::make_seed(dir, name, &client, &identity.join(" "))?;
         let seed_size = fs::metadata(&seed)
             .map_err(|e| HostError::io(format!("{}: cannot read", seed.display()), e))?
             .len();
@@ -221,6 +221,13 @@ impl Host {
         tracing::debug!("{name}: /home and /var disks made after {:?}", t0.elapsed());
         Ok(supervisor)
     }
+}
+
+/// The `kiln.*` kernel arguments that give a VM its identity (see kiln-rootfs's kiln hook).
+pub(crate) fn identity_args(name: &str, net: &crate::NetSpec) -> Vec<String> {
+    let mut args = vec![format!("kiln.name={name}")];
+    args.extend(net.kernel_args());
+    args
 }
 
 fn validate(req: &RunRequest) -> Result<Inputs, HostError> {

@@ -13,11 +13,12 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::{EngineKind, HostError, Result, VmSpec};
+use crate::engine::{Engine, Restore, Running};
+use crate::{EngineKind, HostError, Result, VmRecord, VmSpec};
 
 /// The store's directory in a VM's directory.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
@@ -25,6 +26,8 @@ pub const SNAPSHOTS_DIR: &str = "snapshots";
 pub const MANIFEST: &str = "snapshot.json";
 /// Version of [`Manifest`].
 pub const FORMAT: u32 = 1;
+/// The machine state's file name in a snapshot.
+pub const MACHINE: &str = "machine";
 /// Largest manifest read.
 const MANIFEST_MAX: u64 = 1 << 20;
 
@@ -97,7 +100,16 @@ impl SnapshotConfig {
 pub struct FileEntry {
     pub name: String,
     pub size: u64,
-    pub sha256: String,
+    /// [`kiln_sys::sparse::digest`]: a SHA-256 of the content that never reads holes.
+    pub digest: String,
+}
+
+/// A guest disk's content at the snapshot: the file `file` of the snapshot, in the VM disk's
+/// own format (a QCOW2 overlay over the same base, or raw).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub device: String,
+    pub file: String,
 }
 
 /// `snapshot.json`.
@@ -107,8 +119,22 @@ pub struct Manifest {
     pub tag: String,
     /// The VM it was taken of.
     pub vm: String,
+    /// The id of the VM it was taken of (a new VM of the same name is another VM).
+    pub vm_id: String,
     pub created_at: String,
     pub config: SnapshotConfig,
+    /// The file holding the machine (vCPUs, devices, memory), in the engine's format.
+    pub machine: String,
+    /// How the engine wrote it (e.g. `qemu-migration+mapped-ram`, `kiln-vmm/1`): it resumes
+    /// only with an engine that reads the same.
+    pub machine_format: String,
+    /// Every writable disk at the snapshot.
+    pub disks: Vec<DiskEntry>,
+    /// How long the guest was paused while it was taken, in milliseconds.
+    pub paused_ms: u64,
+    /// Bytes its files take on disk (their holes, e.g. memory the guest never touched, take
+    /// nothing).
+    pub stored_bytes: u64,
     pub files: Vec<FileEntry>,
 }
 
@@ -116,6 +142,23 @@ impl Manifest {
     /// Bytes of all its files.
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Fails, saying why, unless this snapshot was taken of the very VM `rec` (not another of
+    /// the same name) on the same machine.
+    pub fn fits(&self, rec: &VmRecord) -> Result<()> {
+        if self.vm_id != rec.meta.id {
+            return Err(HostError::invalid(
+                "snapshot",
+                &self.tag,
+                format!(
+                    "was taken of another VM (one named '{}'), not of '{}'",
+                    self.vm, rec.meta.name
+                ),
+            ));
+        }
+        self.config
+            .check(&SnapshotConfig::of(&rec.config), &self.tag)
     }
 }
 
@@ -161,15 +204,22 @@ pub struct SnapshotWriter {
     target: PathBuf,
     tag: String,
     vm: String,
+    vm_id: String,
     config: SnapshotConfig,
     names: Vec<String>,
+    machine: Option<(String, String)>,
+    disks: Vec<DiskEntry>,
+    /// Set by the taker: how long the guest was paused.
+    pub paused_ms: u64,
 }
 
 impl SnapshotWriter {
-    /// Starts snapshot `tag` of the VM `vm` in `vm_dir`; refused when the tag exists.
+    /// Starts snapshot `tag` of the VM `vm` (id `vm_id`) in `vm_dir`; refused when the tag
+    /// exists.
     pub fn new(
         vm_dir: &Path,
         vm: &str,
+        vm_id: &str,
         tag: &str,
         config: SnapshotConfig,
     ) -> Result<SnapshotWriter> {
@@ -190,9 +240,33 @@ impl SnapshotWriter {
             target,
             tag: tag.to_string(),
             vm: vm.to_string(),
+            vm_id: vm_id.to_string(),
             config,
             names: Vec::new(),
+            machine: None,
+            disks: Vec::new(),
+            paused_ms: 0,
         })
+    }
+
+    /// Where the engine writes the machine state.
+    pub fn machine(&mut self) -> Result<PathBuf> {
+        self.path(MACHINE)
+    }
+
+    /// The format the engine wrote the machine state in.
+    pub fn machine_format(&mut self, format: &str) {
+        self.machine = Some((MACHINE.to_string(), format.to_string()));
+    }
+
+    /// Where the content of the disk `device` goes (`name` is its file in the snapshot).
+    pub fn disk(&mut self, device: &str, name: &str) -> Result<PathBuf> {
+        let path = self.path(name)?;
+        self.disks.push(DiskEntry {
+            device: device.to_string(),
+            file: name.to_string(),
+        });
+        Ok(path)
     }
 
     /// Where the engine writes the file `name` (a plain file name, once each).
@@ -216,25 +290,43 @@ impl SnapshotWriter {
     /// Checksums and fsyncs every file, writes the manifest, and renames the snapshot into
     /// place; fails (leaving nothing) if a file is missing or the tag was taken meanwhile.
     pub fn commit(mut self) -> Result<Snapshot> {
+        let Some((machine, machine_format)) = self.machine.clone() else {
+            return Err(HostError::invalid(
+                "snapshot",
+                &self.tag,
+                "the engine wrote no machine state",
+            ));
+        };
         let mut files = Vec::new();
+        let mut stored_bytes = 0;
         for name in &self.names {
             let p = self.tmp.join(name);
-            let (size, sha256) = digest(&p, None)?;
+            let (size, digest) = digest(&p, None)?;
+            stored_bytes += fs::metadata(&p).map_or(0, |m| {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            });
             fs::File::open(&p)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| HostError::io(format!("{}: cannot sync", p.display()), e))?;
             files.push(FileEntry {
                 name: name.clone(),
                 size,
-                sha256,
+                digest,
             });
         }
         let manifest = Manifest {
             format: FORMAT,
             tag: self.tag.clone(),
             vm: self.vm.clone(),
+            vm_id: self.vm_id.clone(),
             created_at: kiln_sys::now_rfc3339(),
             config: self.config.clone(),
+            machine,
+            machine_format,
+            disks: std::mem::take(&mut self.disks),
+            paused_ms: self.paused_ms,
+            stored_bytes,
             files,
         };
         let json = serde_json::to_vec_pretty(&manifest)
@@ -281,29 +373,10 @@ fn exists(vm: &str, tag: &str) -> HostError {
     )
 }
 
-/// The size and hex SHA-256 of `path`, reading at most `limit` bytes (+1, to tell a longer
-/// file).
+/// The size and [`kiln_sys::sparse::digest`] of `path`, reading at most `limit` bytes.
 fn digest(path: &Path, limit: Option<u64>) -> Result<(u64, String)> {
-    let f = fs::File::open(path)
-        .map_err(|e| HostError::io(format!("{}: cannot read", path.display()), e))?;
-    let mut r: Box<dyn Read> = match limit {
-        Some(n) => Box::new(f.take(n + 1)),
-        None => Box::new(f),
-    };
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = r
-            .read(&mut buf)
-            .map_err(|e| HostError::io(format!("{}: cannot read", path.display()), e))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, format!("{:x}", h.finalize())))
+    kiln_sys::sparse::digest(path, limit)
+        .map_err(|e| HostError::io(format!("{}: cannot read", path.display()), e))
 }
 
 /// The snapshot `tag` of the VM in `vm_dir`, every file checked against its manifest.
@@ -320,6 +393,12 @@ pub fn open(vm_dir: &Path, tag: &str) -> Result<Snapshot> {
             "its manifest names the tag '{}'",
             manifest.tag
         )));
+    }
+    let listed = |name: &str| manifest.files.iter().any(|f| f.name == name);
+    for name in std::iter::once(&manifest.machine).chain(manifest.disks.iter().map(|d| &d.file)) {
+        if !listed(name) {
+            return Err(bad(format!("its manifest does not list {name:?}")));
+        }
     }
     for f in &manifest.files {
         let plain = !f.name.is_empty() && !f.name.contains('/') && !f.name.starts_with('.');
@@ -340,7 +419,7 @@ pub fn open(vm_dir: &Path, tag: &str) -> Result<Snapshot> {
             )));
         }
         let (_, sha) = digest(&p, Some(f.size))?;
-        if sha != f.sha256 {
+        if sha != f.digest {
             return Err(bad(format!(
                 "{} does not match its checksum: damaged",
                 f.name
@@ -424,6 +503,273 @@ pub fn remove(vm_dir: &Path, vm: &str, tag: &str) -> Result<()> {
         .map_err(|e| HostError::io(format!("{}: cannot remove", doomed.display()), e))
 }
 
+impl crate::Host {
+    /// Takes snapshot `tag` (by default named after the time, `s-YYYYMMDD-HHMMSS`) of the
+    /// running VM `name` (see [`take`]); with `stop`, the VM ends after it (as `snapshotted`).
+    /// Returns the snapshot's manifest.
+    pub fn snapshot(&self, name: &str, tag: Option<&str>, stop: bool) -> Result<Manifest> {
+        let tag = tag.map_or_else(default_tag, str::to_string);
+        let tag = tag.as_str();
+        validate_tag(tag)?;
+        let rec = self.running(name)?;
+        if rec.meta.foreground {
+            return Err(HostError::invalid(
+                "snapshot",
+                tag,
+                format!("VM '{name}' runs in the foreground of `kiln run`, which leaves nothing behind; run it with `kiln vm run` to snapshot it"),
+            ));
+        }
+        let dir = &rec.config.dir;
+        if fs::symlink_metadata(dir.join(SNAPSHOTS_DIR).join(tag)).is_ok() {
+            return Err(exists(name, tag));
+        }
+        crate::supervisor::done(
+            name,
+            &rec.meta.control_socket,
+            &crate::supervisor::Request::Snapshot {
+                tag: tag.to_string(),
+                stop,
+            },
+            std::time::Duration::from_secs(1800),
+            "the snapshot did not complete within 30 minutes",
+            "it ended before the snapshot was complete",
+        )?;
+        if stop {
+            self.wait_stopped(name, std::time::Duration::from_secs(30))?;
+        }
+        read_manifest(&dir.join(SNAPSHOTS_DIR).join(tag))
+    }
+
+    /// Starts the stopped VM `name` from its snapshot `tag` (by default its newest) instead of
+    /// booting it (see [`restore`]); returns once it runs. The VM's disks are put back to the
+    /// snapshot's.
+    pub fn resume(&self, name: &str, tag: Option<&str>) -> Result<VmRecord> {
+        let rec = self.get(name)?;
+        if rec.is_alive() {
+            return Err(HostError::invalid(
+                "vm",
+                name,
+                format!("is running; stop it first (kiln vm stop {name}, or take the snapshot with --stop)"),
+            ));
+        }
+        let tag = match tag {
+            Some(t) => t.to_string(),
+            None => list(&rec.config.dir)
+                .into_iter()
+                .rev()
+                .find_map(|m| m.ok())
+                .map(|m| m.tag)
+                .ok_or_else(|| {
+                    HostError::invalid(
+                        "snapshot",
+                        name,
+                        format!("VM '{name}' has no snapshot (kiln vm snapshot {name} takes one)"),
+                    )
+                })?,
+        };
+        let tag = tag.as_str();
+        validate_tag(tag)?;
+        // The cheap checks first, for a clear error before anything starts; the supervisor
+        // checks every file.
+        read_manifest(&rec.config.dir.join(SNAPSHOTS_DIR).join(tag))?.fits(&rec)?;
+        self.spawn_supervisor(
+            &rec.config.dir,
+            name,
+            &crate::supervisor::Start::Resume(tag.to_string()),
+        )?
+        .go()
+    }
+
+    /// The snapshots of VM `name` (see [`list`]).
+    pub fn snapshots(
+        &self,
+        name: &str,
+    ) -> Result<Vec<std::result::Result<Manifest, (String, String)>>> {
+        let rec = self.get(name)?;
+        Ok(list(&rec.config.dir))
+    }
+
+    /// Removes snapshot `tag` of VM `name`; refused while a clone's disks are backed by it.
+    pub fn remove_snapshot(&self, name: &str, tag: &str) -> Result<()> {
+        validate_tag(tag)?;
+        let rec = self.get(name)?;
+        let users = self.users_of(&rec.config.dir.join(SNAPSHOTS_DIR).join(tag));
+        if !users.is_empty() {
+            return Err(HostError::invalid(
+                "snapshot",
+                tag,
+                format!(
+                    "backs the disks of {} (cloned from it); remove {} first",
+                    users.join(", "),
+                    if users.len() == 1 { "it" } else { "them" }
+                ),
+            ));
+        }
+        remove(&rec.config.dir, name, tag)
+    }
+}
+
+/// A tag named after the time: `s-YYYYMMDD-HHMMSS` (UTC).
+pub fn default_tag() -> String {
+    let now = kiln_sys::now_rfc3339();
+    let digits: String = now.chars().take(19).filter(char::is_ascii_digit).collect();
+    format!(
+        "s-{}-{}",
+        &digits[..8.min(digits.len())],
+        &digits[8.min(digits.len())..]
+    )
+}
+
+/// A disk's file name in a snapshot: its device's last part and its file's extension
+/// (`/dev/vda` in `root.qcow2` is `vda.qcow2`).
+fn disk_file(device: &str, path: &Path) -> String {
+    let dev = device.rsplit('/').next().unwrap_or(device);
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "img".into());
+    format!("{dev}.{ext}")
+}
+
+/// Takes snapshot `tag` of the running VM `vm` (recorded as `rec`, run by `engine`): pauses
+/// the guest, saves the machine, copies every writable disk, and lets the guest run again
+/// unless `stop`. The guest is paused only while its state and disks are written; the
+/// checksums are computed after it runs again. Nothing is left of a snapshot that failed.
+pub(crate) fn take(
+    vm: &mut dyn Running,
+    engine: &dyn Engine,
+    rec: &VmRecord,
+    tag: &str,
+    stop: bool,
+) -> Result<Snapshot> {
+    let spec = &rec.config;
+    let mut w = SnapshotWriter::new(
+        &spec.dir,
+        &spec.name,
+        &rec.meta.id,
+        tag,
+        SnapshotConfig::of(spec),
+    )?;
+    let disks = engine.writable_disks(spec);
+    let t0 = Instant::now();
+    vm.pause()?;
+    let saved = (|| -> Result<()> {
+        let machine = w.machine()?;
+        let format = vm.save_state(&machine)?;
+        w.machine_format(&format);
+        for (device, path) in &disks {
+            let to = w.disk(device, &disk_file(device, path))?;
+            kiln_sys::sparse::copy(path, &to).map_err(|e| {
+                HostError::io(
+                    format!("{}: cannot copy into the snapshot", path.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    })();
+    let paused = t0.elapsed();
+    if saved.is_err() || !stop {
+        match (vm.resume(), &saved) {
+            (Err(e), Ok(())) => return Err(e),
+            (Err(e), Err(_)) => tracing::warn!("resuming after a failed snapshot: {e}"),
+            _ => {}
+        }
+    }
+    saved?;
+    w.paused_ms = paused.as_millis() as u64;
+    let snap = w.commit()?;
+    tracing::info!(
+        "{}: snapshot '{tag}' taken ({} bytes, guest paused {} ms)",
+        spec.name,
+        snap.manifest.bytes(),
+        snap.manifest.paused_ms
+    );
+    Ok(snap)
+}
+
+/// Prepares the stopped VM `rec` to resume from its snapshot `tag` on `engine`: checks every
+/// file of the snapshot, that it was taken of this very VM on the same machine, and puts its
+/// disks back in place of the VM's (all or none). Returns the machine state to start from.
+pub(crate) fn restore(engine: &dyn Engine, rec: &VmRecord, tag: &str) -> Result<Restore> {
+    let spec = &rec.config;
+    let snap = open(&spec.dir, tag)?;
+    let m = &snap.manifest;
+    m.fits(rec)?;
+    let disks = engine.writable_disks(spec);
+    if m.disks.len() != disks.len() {
+        return Err(HostError::invalid(
+            "snapshot",
+            tag,
+            format!(
+                "holds {} disks, the VM writes to {}",
+                m.disks.len(),
+                disks.len()
+            ),
+        ));
+    }
+    kiln_sys::temp::sweep(&spec.dir);
+    // Every disk is copied under a temporary name first; only then are they all renamed.
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
+    let staging = (|| -> Result<()> {
+        for (device, path) in &disks {
+            let entry = m
+                .disks
+                .iter()
+                .find(|d| &d.device == device)
+                .ok_or_else(|| {
+                    HostError::invalid("snapshot", tag, format!("holds no disk {device}"))
+                })?;
+            let tmp = kiln_sys::temp::beside(path);
+            staged.push((tmp.clone(), path));
+            kiln_sys::sparse::copy(&snap.dir.join(&entry.file), &tmp).map_err(|e| {
+                HostError::io(
+                    format!("{}: cannot restore from the snapshot", path.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = staging {
+        for (tmp, _) in &staged {
+            let _ = fs::remove_file(tmp);
+        }
+        return Err(e);
+    }
+    for (tmp, path) in &staged {
+        fs::rename(tmp, path)
+            .map_err(|e| HostError::io(format!("{}: cannot replace", path.display()), e))?;
+    }
+    Ok(Restore {
+        machine: snap.dir.join(&m.machine),
+        format: m.machine_format.clone(),
+    })
+}
+
+/// The machine state a new clone (`spec`, in `dir`, its disks already made from the snapshot)
+/// starts from: snapshot `tag` of the VM `from` (beside `dir`), every file checked, taken on
+/// the same machine.
+pub(crate) fn clone_source(dir: &Path, from: &str, tag: &str, spec: &VmSpec) -> Result<Restore> {
+    crate::validate_name(from)?;
+    let vms = dir.parent().ok_or_else(|| HostError::State {
+        path: dir.to_path_buf(),
+        why: "not in a registry".into(),
+    })?;
+    let snap = open(&vms.join(from), tag)?;
+    snap.manifest.config.check(&SnapshotConfig::of(spec), tag)?;
+    Ok(Restore {
+        machine: snap.dir.join(&snap.manifest.machine),
+        format: snap.manifest.machine_format.clone(),
+    })
+}
+
+/// The manifest of snapshot `tag` in `vm_dir`, unchecked files (see [`open`]).
+pub(crate) fn manifest(vm_dir: &Path, tag: &str) -> Result<Manifest> {
+    validate_tag(tag)?;
+    read_manifest(&vm_dir.join(SNAPSHOTS_DIR).join(tag))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,9 +784,10 @@ mod tests {
     }
 
     fn take(vm_dir: &Path, tag: &str) -> Result<Snapshot> {
-        let mut w = SnapshotWriter::new(vm_dir, "web", tag, config())?;
-        fs::write(w.path("memory")?, vec![7u8; 100_000]).unwrap();
-        fs::write(w.path("root.qcow2")?, b"disk").unwrap();
+        let mut w = SnapshotWriter::new(vm_dir, "web", "id1", tag, config())?;
+        fs::write(w.machine()?, vec![7u8; 100_000]).unwrap();
+        w.machine_format("test/1");
+        fs::write(w.disk("vda", "root.qcow2")?, b"disk").unwrap();
         w.commit()
     }
 
@@ -451,7 +798,9 @@ mod tests {
         assert_eq!(s.manifest.bytes(), 100_004);
         let again = open(d.path(), "t1").unwrap();
         assert_eq!(again.manifest, s.manifest);
-        assert!(again.file("memory").is_some() && again.file("nope").is_none());
+        assert!(again.file(MACHINE).is_some() && again.file("nope").is_none());
+        assert_eq!(again.manifest.machine_format, "test/1");
+        assert_eq!(again.manifest.disks[0].file, "root.qcow2");
         take(d.path(), "t2").unwrap();
         let tags: Vec<String> = list(d.path()).into_iter().map(|m| m.unwrap().tag).collect();
         assert_eq!(tags, ["t1", "t2"]);
@@ -474,9 +823,9 @@ mod tests {
         let e = take(d.path(), "t").unwrap_err().to_string();
         assert!(e.contains("exists already") && !e.contains('\n'), "{e}");
         {
-            let mut w = SnapshotWriter::new(d.path(), "web", "half", config()).unwrap();
-            fs::write(w.path("memory").unwrap(), b"x").unwrap();
-            assert!(w.path("memory").is_err(), "a name is written once");
+            let mut w = SnapshotWriter::new(d.path(), "web", "id1", "half", config()).unwrap();
+            fs::write(w.machine().unwrap(), b"x").unwrap();
+            assert!(w.path(MACHINE).is_err(), "a name is written once");
             assert!(w.path("../x").is_err() && w.path(MANIFEST).is_err());
             // Dropped without commit: as if the snapshot failed half-way.
         }
@@ -491,7 +840,7 @@ mod tests {
     fn truncated_or_damaged_files_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = take(d.path(), "t").unwrap();
-        let mem = s.dir.join("memory");
+        let mem = s.dir.join(MACHINE);
         let full = fs::read(&mem).unwrap();
         fs::write(&mem, &full[..full.len() / 2]).unwrap();
         let e = open(d.path(), "t").unwrap_err().to_string();
@@ -508,6 +857,13 @@ mod tests {
         let e = open(d.path(), "t").unwrap_err().to_string();
         assert!(e.contains("not a snapshot manifest"), "{e}");
         assert!(list(d.path())[0].is_err());
+    }
+
+    #[test]
+    fn default_tags_are_valid_and_dated() {
+        let t = default_tag();
+        validate_tag(&t).unwrap();
+        assert_eq!(t.len(), "s-20261201-235959".len(), "{t}");
     }
 
     #[test]

@@ -124,9 +124,15 @@ impl Host {
     }
 }
 
-/// Makes the VM's host key, pins it in `dir/known_hosts` and writes the seed disk with it and
-/// `client`'s key. The private host key exists only on the seed disk (mode 0600).
-pub(crate) fn make_seed(dir: &Path, name: &str, client: &ClientKey) -> Result<PathBuf, HostError> {
+/// Makes the VM's host key, pins it in `dir/known_hosts` and writes the seed disk with it,
+/// `client`'s key and the VM's `identity` (its `kiln.*` kernel arguments, as the file
+/// `cmdline`). The private host key exists only on the seed disk (mode 0600).
+pub(crate) fn make_seed(
+    dir: &Path,
+    name: &str,
+    client: &ClientKey,
+    identity: &str,
+) -> Result<PathBuf, HostError> {
     let scratch = kiln_sys::temp::TempDir::beside(&dir.join(".ssh-keys")).map_err(|e| {
         HostError::io(
             format!("{}: cannot make a temporary directory", dir.display()),
@@ -180,6 +186,7 @@ pub(crate) fn make_seed(dir: &Path, name: &str, client: &ClientKey) -> Result<Pa
         format!("{}\n", client.public).as_bytes(),
         0o600,
     )?;
+    add("cmdline", format!("{identity}\n").as_bytes(), 0o644)?;
     let mut bytes = tar
         .into_inner()
         .map_err(|e| HostError::io("cannot make the seed archive", e))?;

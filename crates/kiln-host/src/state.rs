@@ -121,6 +121,9 @@ pub struct VmMeta {
     /// The VM's own /var disk.
     pub var_disk: Option<PathBuf>,
     pub state: VmState,
+    /// The snapshot this run resumed from (`kiln vm resume`), if it did not boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<String>,
     /// How the VM ended, once stopped.
     pub end: Option<End>,
     /// How the VM ended, for people (`guest powered off`, `killed`, ...).

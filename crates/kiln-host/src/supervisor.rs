@@ -5,7 +5,8 @@
 //!
 //! Control protocol (`DIR/control.sock`): one JSON request line per connection
 //! (`{"op":"stop","timeout_s":30}`, `{"op":"kill"}` or `{"op":"quit"}`), answered by one JSON
-//! line once the VM has ended (`{"end":{"kind":"powered-off"},"description":"guest powered off"}`).
+//! line once the VM has ended (`{"end":{"kind":"powered-off"},"description":"guest powered off"}`);
+//! `screendump` and `snapshot` are answered as soon as they are done (`{"error":null}`).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,6 +34,9 @@ pub enum Request {
     Quit,
     /// Write a PNG picture of the screen to `path`; answered at once with a [`Done`].
     Screendump { path: std::path::PathBuf },
+    /// Take snapshot `tag` (see [`crate::snapshot::take`]); with `stop`, end the VM after it.
+    /// Answered with a [`Done`] once the snapshot is complete.
+    Snapshot { tag: String, stop: bool },
 }
 
 /// The answer to a request that does not wait for the VM's end.
@@ -184,34 +188,51 @@ pub(crate) fn request(
     Ok(reply.end)
 }
 
+/// Sends `request` (one answered by a [`Done`]) to the supervisor on `socket` and waits up to
+/// `wait` for it to be done; `late` and `ended` say what went wrong otherwise.
+pub(crate) fn done(
+    name: &str,
+    socket: &Path,
+    request: &Request,
+    wait: Duration,
+    late: &str,
+    ended: &str,
+) -> Result<(), HostError> {
+    let answer = exchange(name, socket, request, wait, late)?;
+    match serde_json::from_str::<Done>(&answer) {
+        Ok(Done { error: None }) => Ok(()),
+        Ok(Done { error: Some(e) }) => Err(control_error(name, e)),
+        Err(_) => Err(control_error(name, ended.into())),
+    }
+}
+
 /// Asks the supervisor on `socket` for a PNG of the screen at `path` (absolute).
 pub(crate) fn screendump(name: &str, socket: &Path, path: &Path) -> Result<(), HostError> {
     let request = Request::Screendump {
         path: path.to_path_buf(),
     };
-    let answer = exchange(
+    done(
         name,
         socket,
         &request,
         Duration::from_secs(10),
         "no screen within 10 s",
-    )?;
-    match serde_json::from_str::<Done>(&answer) {
-        Ok(Done { error: None }) => Ok(()),
-        Ok(Done { error: Some(e) }) => Err(control_error(name, e)),
-        Err(_) => Err(control_error(
-            name,
-            "it ended before its screen could be saved".into(),
-        )),
-    }
+        "it ended before its screen could be saved",
+    )
 }
 
+/// Takes a snapshot of the running VM: `(vm, tag, stop)`.
+pub(crate) type TakeSnapshot<'a> =
+    dyn FnMut(&mut dyn Running, &str, bool) -> Result<(), HostError> + 'a;
+
 /// Runs `vm` until it ends, answering signals and control requests: a stop presses the power
-/// button and kills the VM if it is still running `stop_timeout` later.
+/// button and kills the VM if it is still running `stop_timeout` later; a snapshot is taken
+/// by `snapshot`.
 pub(crate) fn supervise(
     vm: &mut dyn Running,
     events: &Receiver<Event>,
     stop_timeout: Duration,
+    snapshot: &mut TakeSnapshot,
 ) -> (End, Vec<Incoming>) {
     let mut deadline: Option<(Instant, Duration)> = None;
     let mut waiting: Vec<Incoming> = Vec::new();
@@ -255,13 +276,26 @@ pub(crate) fn supervise(
                 Event::Signal if deadline.is_some() => break 'run vm.kill(),
                 Event::Signal => stop_timeout,
                 Event::Control(mut incoming) => {
-                    if let Request::Screendump { path } = &incoming.request {
-                        let done = Done {
-                            error: vm.screendump(path).err().map(|e| e.to_string()),
+                    let done = match &incoming.request {
+                        Request::Screendump { path } => Some(vm.screendump(path).map(|()| None)),
+                        Request::Snapshot { tag, stop } => {
+                            let stop = *stop;
+                            Some(snapshot(vm, tag, stop).map(|()| stop.then(|| tag.clone())))
+                        }
+                        _ => None,
+                    };
+                    if let Some(result) = done {
+                        let (error, stopped) = match result {
+                            Ok(stopped) => (None, stopped),
+                            Err(e) => (Some(e.to_string()), None),
                         };
-                        if let Ok(mut line) = serde_json::to_string(&done) {
+                        if let Ok(mut line) = serde_json::to_string(&Done { error }) {
                             line.push('\n');
                             let _ = incoming.reply.write_all(line.as_bytes());
+                        }
+                        if let Some(tag) = stopped {
+                            vm.kill();
+                            break 'run End::Snapshotted { tag };
                         }
                         continue;
                     }
@@ -275,7 +309,7 @@ pub(crate) fn supervise(
                             vm.kill();
                             break 'run End::Quit;
                         }
-                        Request::Screendump { .. } => continue,
+                        Request::Screendump { .. } | Request::Snapshot { .. } => continue,
                         Request::Stop { timeout_s } => {
                             let t = if timeout_s.is_finite() {
                                 timeout_s
@@ -331,17 +365,30 @@ pub(crate) fn update(dir: &Path, f: impl FnOnce(&mut VmRecord)) -> Result<VmReco
 /// How long a stop from a signal waits for the guest.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs the VM recorded in `dir` to its end: the body of every supervisor. `ready` is told
-/// once, with the record as it runs or why the VM could not start; when it answers `false`
-/// (nobody wants the VM any more: its creator died) the VM is ended at once. Returns how the
-/// VM ended; an error means it never ran (and `dir`'s record says so).
+/// How a supervisor starts its VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Boots it.
+    Boot,
+    /// Resumes it from its own snapshot `TAG`, its disks put back to the snapshot's.
+    Resume(String),
+    /// A VM just cloned from snapshot `tag` of VM `from`, its disks made from that snapshot's.
+    Clone { from: String, tag: String },
+}
+
+/// Runs the VM recorded in `dir` to its end: the body of every supervisor, started as `start`
+/// says. `ready` is told once, with the
+/// record as it runs or why the VM could not start; when it answers `false` (nobody wants the
+/// VM any more: its creator died) the VM is ended at once. Returns how the VM ended; an error
+/// means it never ran (and `dir`'s record says so).
 pub(crate) fn run_vm(
     dir: &Path,
     stop_timeout: Duration,
+    start: &Start,
     ready: &mut dyn FnMut(Result<&VmRecord, String>) -> bool,
 ) -> Result<End, HostError> {
     let mut told = false;
-    let result = start_and_run(dir, stop_timeout, &mut |r| {
+    let result = start_and_run(dir, stop_timeout, start, &mut |r| {
         told = true;
         ready(r)
     });
@@ -354,6 +401,7 @@ pub(crate) fn run_vm(
 fn start_and_run(
     dir: &Path,
     stop_timeout: Duration,
+    start: &Start,
     ready: &mut dyn FnMut(Result<&VmRecord, String>) -> bool,
 ) -> Result<End, HostError> {
     let lock_path = dir.join(SUPERVISOR_LOCK);
@@ -377,7 +425,14 @@ fn start_and_run(
     let signals = tx.clone();
     kiln_sys::signal::on_stop_signals(move |_| signals.send(Event::Signal).is_ok())
         .map_err(|e| HostError::io("cannot install signal handlers", e))?;
-    let started = engine(spec.engine).start(&spec);
+    let engine = engine(spec.engine);
+    let started = match start {
+        Start::Boot => engine.start(&spec, None),
+        Start::Resume(tag) => crate::snapshot::restore(engine.as_ref(), &rec, tag)
+            .and_then(|restore| engine.start(&spec, Some(&restore))),
+        Start::Clone { from, tag } => crate::snapshot::clone_source(dir, from, tag, &spec)
+            .and_then(|restore| engine.start(&spec, Some(&restore))),
+    };
     let mut vm = match started {
         Ok(vm) => vm,
         Err(e) => {
@@ -407,6 +462,11 @@ fn start_and_run(
         r.meta.supervisor_pid = Some(std::process::id());
         r.meta.started_at = Some(kiln_sys::now_rfc3339());
         r.meta.state = VmState::Running;
+        r.meta.resumed_from = match start {
+            Start::Boot => None,
+            Start::Resume(tag) => Some(tag.clone()),
+            Start::Clone { from, tag } => Some(format!("{from}:{tag}")),
+        };
     });
     let running = match recorded {
         Ok(rec) => rec,
@@ -434,7 +494,10 @@ fn start_and_run(
         });
     }
     vm.settle();
-    let (end, waiting) = supervise(vm.as_mut(), &events, stop_timeout);
+    let mut snapshot = |vm: &mut dyn Running, tag: &str, stop: bool| {
+        crate::snapshot::take(vm, engine.as_ref(), &running, tag, stop).map(|_| ())
+    };
+    let (end, waiting) = supervise(vm.as_mut(), &events, stop_timeout, &mut snapshot);
     if let Some(stats) = vm.statistics() {
         tracing::info!("{stats}");
     }

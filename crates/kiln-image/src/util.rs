@@ -155,16 +155,7 @@ pub(crate) fn start_writeback(file: &File) {
     }
 }
 
-/// True when `buf` is all zero bytes. Processes 4 KiB at a time so the compiler can vectorise
-/// the inner loop while we still exit early on data.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    // Real data almost always has a non-zero byte near the start: check a few first.
-    if buf.iter().take(64).any(|&b| b != 0) {
-        return false;
-    }
-    buf.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
+pub(crate) use kiln_sys::sparse::is_zero;
 
 pub(crate) fn round_up(v: u64, align: u64) -> Option<u64> {
     v.checked_add(align - 1).map(|x| x / align * align)

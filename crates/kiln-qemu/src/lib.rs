@@ -3,12 +3,14 @@
 //! [`QemuConfig`] (pc, q35) and [`MicrovmConfig`] describe a machine and turn it into a
 //! [`Launch`] (a `qemu-system-x86_64` command line);
 //! [`QemuVm`] runs it under supervision with a [`Qmp`] connection, so kiln can press the ACPI
-//! power button and learn *why* QEMU stopped (guest power-off, host quit, kill).
+//! power button and learn *why* QEMU stopped (guest power-off, host quit, kill), and pause it,
+//! save its state to a file and load it again ([`StateFormat`]).
 
 mod accel;
 mod config;
 mod microvm;
 mod qmp;
+mod state;
 mod vm;
 
 pub use accel::{host_has_hw_virt, kvm_usable, Accel};
@@ -19,6 +21,7 @@ pub use microvm::{
     default_kernel_cmdline, host_tsc_khz, MicrovmConfig, MicrovmDisk, MicrovmNet, NetBackend,
 };
 pub use qmp::{Qmp, QmpError};
+pub use state::{StateFormat, INCOMING};
 pub use vm::{Launch, QemuIo, QemuVm, VmEnd};
 
 use std::path::PathBuf;

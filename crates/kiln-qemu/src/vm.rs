@@ -231,6 +231,14 @@ impl QemuVm {
         self.pid
     }
 
+    /// The error of a failed QMP exchange on this VM's socket.
+    pub(crate) fn qmp_error(&self, source: crate::QmpError) -> QemuError {
+        QemuError::Qmp {
+            path: self.qmp_socket.clone(),
+            source,
+        }
+    }
+
     /// The QMP session, for commands kiln does not wrap.
     pub fn qmp(&self) -> &Qmp {
         &self.qmp

@@ -2,7 +2,6 @@
 //! filesystem), sparse copies, and reading a directory out of an image with debugfs.
 
 use std::fs;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -88,58 +87,15 @@ pub fn make_seeded_disk(
     }
 }
 
-/// Copies `from` (an ext4 image on the host) to a new file `to`, keeping holes: a reflink where
-/// the filesystem has them, else only the data extents.
+/// Copies `from` (an ext4 image on the host) to a new file `to`, keeping holes (see
+/// [`kiln_sys::sparse::copy`]).
 pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), RootfsError> {
-    let src =
-        fs::File::open(from).map_err(|e| io_err(format!("{}: cannot open", from.display()), e))?;
-    let len = src
-        .metadata()
-        .map_err(|e| io_err(format!("{}: cannot read", from.display()), e))?
-        .len();
-    let dst = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)
-        .map_err(|e| io_err(format!("{}: cannot create", to.display()), e))?;
-    let werr = |e| {
+    kiln_sys::sparse::copy(from, to).map_err(|e| {
         io_err(
             format!("{}: cannot copy from {}", to.display(), from.display()),
             e,
         )
-    };
-    // SAFETY: FICLONE with two fds we own; failure just means "copy instead".
-    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    dst.set_len(len).map_err(werr)?;
-    let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an fd we own.
-        let data = unsafe { libc::lseek(s, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains.
-        }
-        // SAFETY: lseek on an fd we own.
-        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        let (mut off_in, mut off_out) = (data, data);
-        while off_in < end {
-            // SAFETY: copy_file_range between our fds with offsets we own.
-            let n = unsafe {
-                libc::copy_file_range(s, &mut off_in, d, &mut off_out, (end - off_in) as usize, 0)
-            };
-            if n < 0 {
-                return Err(werr(std::io::Error::last_os_error()));
-            }
-            if n == 0 {
-                break;
-            }
-        }
-        pos = end;
-    }
-    Ok(())
+    })
 }
 
 /// Copies directory `dir` (absolute, like `/var`) out of the ext4 image `image` into `dest`

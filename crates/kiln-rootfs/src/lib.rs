@@ -35,7 +35,7 @@ pub use manifest::{ImageManifest, IMAGE_MANIFEST};
 pub use size::{format_size, parse_size, DEFAULT_DISK_SIZE, DISK_SIZES};
 
 /// Bumped whenever the builder's output changes: part of the cache fingerprint.
-const BUILDER_VERSION: u32 = 4;
+const BUILDER_VERSION: u32 = 5;
 
 /// Packages installed on top of debootstrap's minbase for an amd64 microVM image (i386 v86
 /// images: [`v86::PACKAGES`]).
@@ -66,19 +66,40 @@ tmpfs     /tmp   tmpfs  rw,nosuid,nodev,mode=1777  0 0
 ";
 
 /// The kiln hook: applies the VM's identity at boot, so the base image is never touched.
-/// From the kernel command line: `kiln.name=` (hostname; systemd also reads
-/// `systemd.hostname=`), `kiln.dns=a,b` (/etc/resolv.conf links to /run/kiln/resolv.conf),
-/// `kiln.ip=ADDR/LEN,GW` (static address and default route on the first NIC; Debian's cloud
-/// kernel has no `CONFIG_IP_PNP`, so the kernel's own `ip=` does nothing), `kiln.mtu=N` (its MTU). From kiln's seed
-/// disk (the virtio disk whose serial is [`SEED_SERIAL`], a tar archive kiln writes for each
-/// VM; see kiln-host's `seed`): the SSH host key kiln made and pins
-/// (`ssh_host_ed25519_key`, `.pub`) and the keys root may log in with (`authorized_keys`,
-/// installed as /run/kiln/authorized_keys, which [`SSHD_CONFIG`] names). Without a seed disk
-/// the VM makes its own host key.
+/// From the kernel command line, and then from the `cmdline` file of kiln's seed disk (which
+/// wins: a VM cloned from another's snapshot has the other's kernel command line in memory):
+/// `kiln.name=` (hostname; systemd also reads `systemd.hostname=`), `kiln.dns=a,b`
+/// (/etc/resolv.conf links to /run/kiln/resolv.conf), `kiln.ip=ADDR/LEN,GW` (static address
+/// and default route on the first NIC; Debian's cloud kernel has no `CONFIG_IP_PNP`, so the
+/// kernel's own `ip=` does nothing), `kiln.mtu=N` (its MTU). From the seed disk (the virtio
+/// disk whose serial is [`SEED_SERIAL`], a tar archive kiln writes for each VM; see
+/// kiln-host's `seed`): the SSH host key kiln made and pins (`ssh_host_ed25519_key`, `.pub`)
+/// and the keys root may log in with (`authorized_keys`, installed as
+/// /run/kiln/authorized_keys, which [`SSHD_CONFIG`] names). Without a seed disk the VM makes
+/// its own host key.
+///
+/// `kiln-hook resumed` (run by [`KILN_RESUMED`] after the VM resumed from a snapshot) reads
+/// the seed disk afresh and applies what changed: a clone's own name, address and keys.
 pub const KILN_HOOK: &str = r#"#!/bin/sh
 # kiln hook: the VM's identity from the kernel command line and kiln's seed disk (see kiln-rootfs).
+mode=${1:-boot}
+mkdir -p /run/kiln
+chmod 755 /run/kiln
+seed=
+for s in /sys/block/vd*/serial; do
+    [ "$(cat "$s" 2>/dev/null)" = kiln-seed ] || continue
+    b=${s%/serial}
+    seed=/dev/${b##*/}
+done
+rm -rf /run/kiln/seed
+mkdir -m 700 /run/kiln/seed
+if [ -n "$seed" ]; then
+    # After a resume the page cache holds the disk as it was read before the snapshot.
+    [ "$mode" = resumed ] && blockdev --flushbufs "$seed" 2>/dev/null
+    tar -x --no-same-owner --no-same-permissions -f "$seed" -C /run/kiln/seed
+fi
 name= dns= ip= mtu=
-for arg in $(cat /proc/cmdline); do
+for arg in $(cat /proc/cmdline) $(cat /run/kiln/seed/cmdline 2>/dev/null); do
     case "$arg" in
         kiln.name=*) name=${arg#kiln.name=} ;;
         kiln.dns=*) dns=${arg#kiln.dns=} ;;
@@ -86,14 +107,12 @@ for arg in $(cat /proc/cmdline); do
         kiln.mtu=*) mtu=${arg#kiln.mtu=} ;;
     esac
 done
-mkdir -p /run/kiln
-chmod 755 /run/kiln
 : > /run/kiln/resolv.conf.new
 for ns in $(echo "$dns" | tr ',' ' '); do
     echo "nameserver $ns" >> /run/kiln/resolv.conf.new
 done
 mv /run/kiln/resolv.conf.new /run/kiln/resolv.conf
-if [ -n "$name" ]; then
+if [ -n "$name" ] && [ "$(hostname)" != "$name" -o "$mode" = boot ]; then
     hostname "$name"
     echo "$name" > /etc/hostname
     if grep -q '^127\.0\.1\.1' /etc/hosts; then
@@ -102,26 +121,17 @@ if [ -n "$name" ]; then
         printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
     fi
 fi
-seed=
-for s in /sys/block/vd*/serial; do
-    [ "$(cat "$s" 2>/dev/null)" = kiln-seed ] || continue
-    b=${s%/serial}
-    seed=/dev/${b##*/}
-done
-if [ -n "$seed" ]; then
-    rm -rf /run/kiln/seed
-    mkdir -m 700 /run/kiln/seed
-    tar -x --no-same-owner --no-same-permissions -f "$seed" -C /run/kiln/seed
-    k=/run/kiln/seed/ssh_host_ed25519_key
-    if [ -f "$k" ] && [ -f "$k.pub" ]; then
-        install -m 600 "$k" /etc/ssh/ssh_host_ed25519_key
-        install -m 644 "$k.pub" /etc/ssh/ssh_host_ed25519_key.pub
-    fi
-    if [ -f /run/kiln/seed/authorized_keys ]; then
-        install -m 600 /run/kiln/seed/authorized_keys /run/kiln/authorized_keys
-    fi
-    rm -rf /run/kiln/seed
+k=/run/kiln/seed/ssh_host_ed25519_key
+if [ -f "$k" ] && [ -f "$k.pub" ] && ! cmp -s "$k" /etc/ssh/ssh_host_ed25519_key; then
+    install -m 600 "$k" /etc/ssh/ssh_host_ed25519_key
+    install -m 644 "$k.pub" /etc/ssh/ssh_host_ed25519_key.pub
+    # sshd reads its host key when it starts.
+    [ "$mode" = resumed ] && systemctl try-restart ssh.service
 fi
+if [ -f /run/kiln/seed/authorized_keys ]; then
+    install -m 600 /run/kiln/seed/authorized_keys /run/kiln/authorized_keys
+fi
+rm -rf /run/kiln/seed
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 if [ -n "$ip" ]; then
     addr=${ip%%,*}
@@ -134,16 +144,54 @@ if [ -n "$ip" ]; then
         [ -n "$dev" ] && break
         sleep 0.1
     done
-    if [ -n "$dev" ]; then
+    if [ -n "$dev" ] && ! ip -o addr show dev "$dev" | grep -q " $addr "; then
         ip link set lo up
         [ -n "$mtu" ] && ip link set "$dev" mtu "$mtu"
         ip link set "$dev" up
+        ip addr flush dev "$dev"
         ip addr add "$addr" dev "$dev"
-        [ -n "$gw" ] && ip route add default via "$gw"
+        [ -n "$gw" ] && ip route replace default via "$gw"
     fi
 fi
 exit 0
 "#;
+
+/// The resume watcher (`/usr/lib/kiln/kiln-resumed`, a service): a VM resumed from a snapshot
+/// wakes with its clock where the snapshot left it, while the RTC (QEMU's, on the host's
+/// clock) tells the time. Once a second, without starting a process, it compares the two;
+/// when they differ by more than 2 s it sets the clock from the RTC (at the RTC's next tick,
+/// so to within a few milliseconds) and runs `kiln-hook resumed`.
+pub const KILN_RESUMED: &str = r#"#!/bin/bash
+# kiln: set the clock after a resume from a snapshot, and apply a clone's identity (see kiln-rootfs).
+rtc=/sys/class/rtc/rtc0/since_epoch
+[ -r "$rtc" ] || exit 0
+# A pipe nobody writes to: `read -t` on it sleeps without a process of its own.
+exec {wait}<> <(:)
+while :; do
+    read -t 1 -u "$wait"
+    read -r now < "$rtc" || continue
+    d=$((now - EPOCHSECONDS))
+    if ((d > 2 || d < -2)); then
+        until read -r tick < "$rtc" && ((tick != now)); do read -t 0.005 -u "$wait"; done
+        date -s "@$tick" > /dev/null
+        echo "kiln: resumed; clock set from the RTC ($d s)" > /dev/kmsg
+        /usr/lib/kiln/kiln-hook resumed
+    fi
+done
+"#;
+
+const RESUMED_UNIT: &str = "\
+[Unit]
+Description=kiln: clock and identity after a resume from a snapshot
+After=kiln-hook.service
+
+[Service]
+ExecStart=/usr/lib/kiln/kiln-resumed
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+";
 
 /// The virtio serial of kiln's seed disk, by which [`KILN_HOOK`] finds it.
 pub const SEED_SERIAL: &str = "kiln-seed";
@@ -288,7 +336,15 @@ impl DebianOptions {
         }
         h.add(self.arch.name().as_bytes());
         let texts: &[&str] = match self.arch {
-            tree::Arch::Amd64 => &[FSTAB, KILN_HOOK, HOOK_UNIT, AUTOLOGIN, SSHD_CONFIG],
+            tree::Arch::Amd64 => &[
+                FSTAB,
+                KILN_HOOK,
+                HOOK_UNIT,
+                KILN_RESUMED,
+                RESUMED_UNIT,
+                AUTOLOGIN,
+                SSHD_CONFIG,
+            ],
             tree::Arch::I386 => &[
                 v86::INITTAB,
                 v86::KILN_RC,
@@ -504,6 +560,16 @@ fn configure(root: &Path) -> Result<(), RootfsError> {
     t.identity()?;
     write("usr/lib/kiln/kiln-hook", KILN_HOOK, 0o755)?;
     write("etc/systemd/system/kiln-hook.service", HOOK_UNIT, 0o644)?;
+    write("usr/lib/kiln/kiln-resumed", KILN_RESUMED, 0o755)?;
+    write(
+        "etc/systemd/system/kiln-resumed.service",
+        RESUMED_UNIT,
+        0o644,
+    )?;
+    link(
+        "/etc/systemd/system/kiln-resumed.service",
+        "etc/systemd/system/multi-user.target.wants/kiln-resumed.service",
+    )?;
     write("etc/ssh/sshd_config.d/kiln.conf", SSHD_CONFIG, 0o644)?;
     link(
         "/etc/systemd/system/kiln-hook.service",

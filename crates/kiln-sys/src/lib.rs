@@ -1,5 +1,5 @@
 //! kiln's one system-call module: every `unsafe` call into libc that kiln makes for terminals,
-//! file locks, signals and processes lives here, each justified, behind a safe function; and
+//! file locks, signals, processes and sparse files lives here, each justified, behind a safe function; and
 //! the temporary-file discipline every writer shares ([`temp`]).
 //! Everything above it (kiln-host, the CLI, the engines) is safe Rust.
 
@@ -8,6 +8,7 @@ pub mod lock;
 pub mod net;
 pub mod process;
 pub mod signal;
+pub mod sparse;
 pub mod temp;
 pub mod term;
 

@@ -92,9 +92,17 @@ enum Command {
     Image(image_cmd::ImageCommand),
     #[command(flatten)]
     Web(web_cmd::WebCommand),
-    /// A background VM's supervisor (run by kiln itself: `kiln __supervise HOME NAME`).
+    /// A background VM's supervisor (run by kiln itself: `kiln __supervise HOME NAME
+    /// [--resume TAG | --clone VM:TAG]`).
     #[command(name = "__supervise", hide = true)]
-    Supervise { home: PathBuf, name: String },
+    Supervise {
+        home: PathBuf,
+        name: String,
+        #[arg(long, conflicts_with = "clone")]
+        resume: Option<String>,
+        #[arg(long)]
+        clone: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -411,8 +419,23 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => return run(args),
         Command::Ps { json } => return vm_cmd::list(&host()?, json),
         Command::Manage(cmd) => return vm_cmd::manage(&host()?, cmd),
-        Command::Supervise { home, name } => {
-            return Ok(ExitCode::from(kiln_host::supervise_main(&home, &name)))
+        Command::Supervise {
+            home,
+            name,
+            resume,
+            clone,
+        } => {
+            let start = match (resume, clone.as_deref().and_then(|c| c.split_once(':'))) {
+                (Some(tag), _) => kiln_host::Start::Resume(tag),
+                (None, Some((from, tag))) => kiln_host::Start::Clone {
+                    from: from.into(),
+                    tag: tag.into(),
+                },
+                (None, None) => kiln_host::Start::Boot,
+            };
+            return Ok(ExitCode::from(kiln_host::supervise_main(
+                &home, &name, &start,
+            )));
         }
         Command::Vm(cmd) => return vm_cmd::dispatch(cmd),
         Command::Net(cmd) => return net_cmd::dispatch(cmd),
@@ -505,7 +528,8 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn human(bytes: u64) -> String {
+/// `212.4 MiB`, `100 B`.
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

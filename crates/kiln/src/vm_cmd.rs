@@ -38,6 +38,40 @@ pub enum VmCommand {
     },
     /// Print a VM's guest IP address.
     Ip { name: String },
+    /// Save a running VM's complete state (vCPUs, devices, memory, and every writable disk at
+    /// the same instant) into its directory, then let it run on (or stop it with --stop).
+    Snapshot {
+        name: String,
+        /// The snapshot's name (default: s-YYYYMMDD-HHMMSS).
+        #[arg(long)]
+        tag: Option<String>,
+        /// End the VM once the snapshot is taken.
+        #[arg(long)]
+        stop: bool,
+        /// Print the snapshot's manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped VM from one of its snapshots instead of booting it (its disks go back
+    /// to the snapshot's).
+    Resume {
+        name: String,
+        /// The snapshot (default: the newest).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Stay on the serial console (Ctrl-A D detaches; the VM keeps running).
+        #[arg(long)]
+        attach: bool,
+    },
+    /// List a VM's snapshots with their size, time and the machine they need.
+    Snapshots {
+        name: String,
+        /// Print the manifests as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one snapshot of a VM.
+    RmSnapshot { name: String, tag: String },
     #[command(flatten)]
     Manage(ManageCommand),
 }
@@ -133,6 +167,10 @@ pub struct RunArgs {
     /// Firmware VMs: mirror the BIOS screen onto the serial console (and send keys to int 16h).
     #[arg(long, requires = "disk")]
     bios_console: bool,
+    /// Clone a snapshot: a new VM that resumes from snapshot TAG of VM NAME, with its own
+    /// copy-on-write disks over the snapshot's, its own name, keys and network.
+    #[arg(long, value_name = "NAME:TAG", conflicts_with_all = ["disk", "image", "rootfs", "kernel", "initrd", "cmdline", "vcpu", "ram", "home_size", "var_size"])]
+    from: Option<String>,
     /// An image directory (image.json names rootfs, kernel and initrd), e.g. from `kiln image debian`.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -200,12 +238,106 @@ pub fn dispatch(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             crate::out(format_args!("{ip}"));
             Ok(ExitCode::SUCCESS)
         }
+        VmCommand::Snapshot {
+            name,
+            tag,
+            stop,
+            json,
+        } => {
+            let m = host.snapshot(&name, tag.as_deref(), stop)?;
+            if json {
+                crate::out(format_args!("{}", serde_json::to_string_pretty(&m)?));
+            } else {
+                crate::out(format_args!(
+                    "{name}:{} {} stored (guest paused {} ms){}",
+                    m.tag,
+                    crate::human(m.stored_bytes),
+                    m.paused_ms,
+                    if stop { "; VM stopped" } else { "" }
+                ));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Resume { name, tag, attach } => {
+            let rec = host.resume(&name, tag.as_deref())?;
+            crate::out(format_args!(
+                "{} {} resumed from {}",
+                rec.meta.name,
+                rec.meta.pid.unwrap_or(0),
+                rec.meta.resumed_from.as_deref().unwrap_or("?")
+            ));
+            if attach {
+                return console(&host, &name, 1.0);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Snapshots { name, json } => snapshots(&host, &name, json),
+        VmCommand::RmSnapshot { name, tag } => {
+            host.remove_snapshot(&name, &tag)?;
+            crate::out(format_args!("{name}:{tag}: removed"));
+            Ok(ExitCode::SUCCESS)
+        }
         VmCommand::Manage(cmd) => manage(&host, cmd),
     }
 }
 
+/// `kiln vm snapshots NAME`.
+fn snapshots(host: &Host, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let all = host.snapshots(name)?;
+    if json {
+        let items: Vec<serde_json::Value> = all
+            .iter()
+            .map(|s| match s {
+                Ok(m) => serde_json::to_value(m).unwrap_or_default(),
+                Err((tag, error)) => serde_json::json!({ "tag": tag, "error": error }),
+            })
+            .collect();
+        crate::out(format_args!("{}", serde_json::to_string_pretty(&items)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::out(format_args!(
+        "{:<24} {:>10} {:>8} {:<24} {:<12} {:>4} {:>6} DISKS",
+        "TAG", "STORED", "PAUSED", "CREATED", "ENGINE", "VCPU", "RAM"
+    ));
+    for s in all {
+        match s {
+            Ok(m) => crate::out(format_args!(
+                "{:<24} {:>10} {:>8} {:<24} {:<12} {:>4} {:>6} {}",
+                m.tag,
+                crate::human(m.stored_bytes),
+                format!("{}ms", m.paused_ms),
+                m.created_at,
+                m.config.engine.name(),
+                m.config.vcpu,
+                format!("{}M", m.config.ram_mib),
+                m.config
+                    .disks
+                    .iter()
+                    .map(|(d, size)| format!("{d}={}", crate::human(*size)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            Err((tag, error)) => crate::out(format_args!("{tag:<24} unreadable: {error}")),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
     let rec = match &args.disk {
+        None if args.from.is_some() => {
+            let from = args.from.as_deref().unwrap_or_default();
+            let (vm, tag) = from
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--from {from}: give NAME:TAG"))?;
+            host.clone_vm(&kiln_host::CloneRequest {
+                name: args.name,
+                from: vm.to_string(),
+                tag: tag.to_string(),
+                net: net_request(args.net, &args.publish, &args.pool)?,
+                ssh_key: args.ssh_key,
+            })?
+        }
         Some(disk) => {
             let (engine, accel) = crate::engine_choice(args.engine, args.machine, None)?;
             host.run_disk(&DiskRequest {
@@ -238,19 +370,7 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
             kernel: args.kernel,
             initrd: args.initrd,
             cmdline: args.cmdline,
-            net: kiln_host::NetRequest {
-                mode: args.net.map(NetArg::mode).unwrap_or_default(),
-                ports: args
-                    .publish
-                    .iter()
-                    .map(|p| p.parse::<kiln_net::PortForward>())
-                    .collect::<Result<_, _>>()?,
-                pool: Some(
-                    args.pool
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("invalid --pool '{}': {e}", args.pool))?,
-                ),
-            },
+            net: net_request(args.net, &args.publish, &args.pool)?,
             ssh_key: args.ssh_key,
         })?,
     };
@@ -281,6 +401,25 @@ fn run(host: &Host, args: RunArgs) -> anyhow::Result<ExitCode> {
         return console(host, &rec.meta.name, 1.0);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The network a `vm run` asks for.
+fn net_request(
+    net: Option<NetArg>,
+    publish: &[String],
+    pool: &str,
+) -> anyhow::Result<kiln_host::NetRequest> {
+    Ok(kiln_host::NetRequest {
+        mode: net.map(NetArg::mode).unwrap_or_default(),
+        ports: publish
+            .iter()
+            .map(|p| p.parse::<kiln_net::PortForward>())
+            .collect::<Result<_, _>>()?,
+        pool: Some(
+            pool.parse()
+                .map_err(|e| anyhow::anyhow!("invalid --pool '{pool}': {e}"))?,
+        ),
+    })
 }
 
 /// `kiln ps` / `kiln vm ls`.

@@ -10,7 +10,7 @@ use kiln_image::{BootMedia, ImageDevice, ImageReader};
 use kiln_sys::process::EndHook;
 use kiln_vmm::{BootDevice, ExitReason, VideoOutput, Vm, VmConfig, VmHandle};
 
-use super::{Engine, Running};
+use super::{Engine, Restore, Running};
 use crate::console::{SocketConsole, TerminalConsole};
 use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, VmSpec};
 
@@ -90,7 +90,14 @@ impl Engine for BuiltinEngine {
         Vec::new()
     }
 
-    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
+    fn start(
+        &self,
+        spec: &VmSpec,
+        restore: Option<&Restore>,
+    ) -> Result<Box<dyn Running>, HostError> {
+        if let Some(r) = restore {
+            return Err(super::no_snapshots(&r.machine.display().to_string()));
+        }
         let Boot::Firmware { media } = spec.boot else {
             return Err(HostError::invalid(
                 "engine",

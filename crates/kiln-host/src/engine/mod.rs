@@ -4,6 +4,7 @@
 mod builtin;
 mod qemu;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{End, EngineKind, HostError, VmSpec};
@@ -18,9 +19,41 @@ pub trait Engine: Send + Sync {
     /// The command line that runs the VM, for vm.json and for running it by hand (empty for
     /// engines that run inside kiln).
     fn command_line(&self, spec: &VmSpec) -> Vec<String>;
-    /// Starts the VM; returns once it runs. The engine's process, if it has one, dies with the
-    /// thread that called this.
-    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError>;
+    /// Starts the VM, from `restore`'s machine state instead of booting when given (its disks
+    /// already hold the snapshot's content); returns once it runs. The engine's process, if
+    /// it has one, dies with the thread that called this.
+    fn start(
+        &self,
+        spec: &VmSpec,
+        restore: Option<&Restore>,
+    ) -> Result<Box<dyn Running>, HostError>;
+    /// The files the guest's writable disks live in while it runs, by device: what a snapshot
+    /// copies and a resume puts back.
+    fn writable_disks(&self, spec: &VmSpec) -> Vec<(String, PathBuf)> {
+        spec.disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| (d.device.clone(), d.path.clone()))
+            .collect()
+    }
+}
+
+/// A machine state to start from: a checked snapshot's (see [`crate::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct Restore {
+    /// The state file.
+    pub machine: PathBuf,
+    /// How the engine wrote it ([`Running::save_state`]'s answer).
+    pub format: String,
+}
+
+/// The error of an engine that cannot take snapshots.
+pub(crate) fn no_snapshots(what: &str) -> HostError {
+    HostError::invalid(
+        "snapshot",
+        what,
+        "this VM's engine cannot save or restore a running machine",
+    )
 }
 
 /// A running VM, whatever its engine.
@@ -48,6 +81,20 @@ pub trait Running: Send {
             path.display(),
             "this engine has no screen to show",
         ))
+    }
+    /// Pauses the guest; its writable disks are a consistent point in time on the host until
+    /// [`Running::resume`].
+    fn pause(&mut self) -> Result<(), HostError> {
+        Err(no_snapshots("pause"))
+    }
+    /// Writes the paused machine (vCPUs, devices, memory) to the new file `path`; returns the
+    /// name of the format it wrote, which [`Engine::start`] gets back in a [`Restore`].
+    fn save_state(&mut self, path: &Path) -> Result<String, HostError> {
+        Err(no_snapshots(&path.display().to_string()))
+    }
+    /// Lets a paused guest run again.
+    fn resume(&mut self) -> Result<(), HostError> {
+        Err(no_snapshots("resume"))
     }
     /// Engine statistics worth a log line when the VM has ended.
     fn statistics(&self) -> Option<String> {

@@ -14,7 +14,7 @@ use kiln_qemu::{
 };
 use kiln_vmm::{ConsoleMerge, MergeOrder};
 
-use super::{Engine, Running};
+use super::{Engine, Restore, Running};
 use crate::console::{SocketConsole, TerminalConsole};
 use crate::{Boot, ConsoleSpec, End, EngineKind, HostError, VmSpec};
 
@@ -165,15 +165,15 @@ fn needs_copy(format: Format) -> bool {
 }
 
 /// Makes the disks QEMU is handed out of what kiln validated: the raw copy of a firmware disk
-/// (see [`firmware_drive`]); a Linux VM's overlays are checked (their backing file is passed
-/// by path, see [`MicrovmDisk::backing`]).
-fn prepare_disks(spec: &VmSpec) -> Result<(), HostError> {
+/// (see [`firmware_drive`]; a resumed VM's is the snapshot's, put back by kiln); a Linux VM's
+/// overlays are checked (their backing file is passed by path, see [`MicrovmDisk::backing`]).
+fn prepare_disks(spec: &VmSpec, restoring: bool) -> Result<(), HostError> {
     match &spec.boot {
         Boot::Firmware { .. } => {
             let disk = &spec.disks[0];
             // Opening validates the image before anything else reads it.
             let mut reader = kiln_image::open(&disk.path)?;
-            if needs_copy(disk.format) {
+            if needs_copy(disk.format) && !restoring {
                 kiln_image::write_image_with(
                     reader.as_mut(),
                     &firmware_drive(spec),
@@ -203,11 +203,45 @@ impl Engine for QemuEngine {
             .unwrap_or_default()
     }
 
-    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Running>, HostError> {
-        prepare_disks(spec)?;
+    fn writable_disks(&self, spec: &VmSpec) -> Vec<(String, PathBuf)> {
+        spec.disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| {
+                let path = match spec.boot {
+                    Boot::Firmware { .. } => firmware_drive(spec),
+                    Boot::Linux { .. } => d.path.clone(),
+                };
+                (d.device.clone(), path)
+            })
+            .collect()
+    }
+
+    fn start(
+        &self,
+        spec: &VmSpec,
+        restore: Option<&Restore>,
+    ) -> Result<Box<dyn Running>, HostError> {
+        let format = restore
+            .map(|r| {
+                kiln_qemu::StateFormat::from_name(&r.format).ok_or_else(|| {
+                    HostError::invalid(
+                        "snapshot",
+                        r.machine.display(),
+                        format!("its machine state is in {:?}, not a QEMU format", r.format),
+                    )
+                })
+            })
+            .transpose()?;
+        prepare_disks(spec, restore.is_some())?;
         // The network first: QEMU inherits its descriptor.
         let mut net = crate::net::attach(&spec.net, &spec.dir.join("engine.log"))?;
-        let (launch, io) = self.launch(spec, net.fd())?;
+        let (mut launch, io) = self.launch(spec, net.fd())?;
+        if restore.is_some() {
+            launch
+                .args
+                .extend(kiln_qemu::INCOMING.iter().map(Into::into));
+        }
         // The console server and the sockets QEMU's serial ports connect to exist before QEMU.
         let server = match &spec.console {
             ConsoleSpec::Socket { path, log, .. } => SocketConsole::bind(path, log.as_deref())?,
@@ -232,7 +266,7 @@ impl Engine for QemuEngine {
             self.kind.name(),
             spec.accelerator.name()
         );
-        let vm = QemuVm::spawn(&launch, &io)?;
+        let mut vm = QemuVm::spawn(&launch, &io)?;
         net.started(&spec.dir.join("engine.log"))?;
         // QEMU connects while it initialises its devices, before its QMP greeting.
         let com1 = com1.accept("its serial port")?;
@@ -248,6 +282,9 @@ impl Engine for QemuEngine {
             }
             ConsoleSpec::Socket { .. } => None,
         };
+        if let (Some(restore), Some(format)) = (restore, format) {
+            vm.load_state(&restore.machine, format, STATE_TIMEOUT)?;
+        }
         Ok(Box::new(RunningQemu {
             vm,
             dir: spec.dir.clone(),
@@ -258,6 +295,9 @@ impl Engine for QemuEngine {
         }))
     }
 }
+
+/// The longest a machine state may take to save or load (32 GiB of RAM at disk speed).
+const STATE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A socket QEMU connects one of its serial ports to.
 struct Listener {
@@ -507,6 +547,18 @@ impl Running for RunningQemu {
 
     fn power_button(&mut self) -> Result<(), HostError> {
         Ok(self.vm.power_button()?)
+    }
+
+    fn pause(&mut self) -> Result<(), HostError> {
+        Ok(self.vm.pause()?)
+    }
+
+    fn save_state(&mut self, path: &std::path::Path) -> Result<String, HostError> {
+        Ok(self.vm.save_state(path, STATE_TIMEOUT)?.name().to_string())
+    }
+
+    fn resume(&mut self) -> Result<(), HostError> {
+        Ok(self.vm.resume()?)
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Option<End> {
