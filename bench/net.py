@@ -17,7 +17,6 @@ Usage: bench/net.py [--image DIR] [--kiln PATH] [--runs N]
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import benchlib
 
 HOST_NS, INET_NS = "kiln-bench-host", "kiln-bench-inet"
 POOL = "198.51.100.64/26"
@@ -148,7 +149,7 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/net.py needs root (network namespaces, TAP, nftables)")
-    image = a.image or os.path.dirname(sorted(glob.glob("/var/tmp/kiln-debian-*/image.json"), key=os.path.getmtime)[-1])
+    image = benchlib.debian_image(a.image)
     k = os.path.abspath(a.kiln)
     server = world()
     home = tempfile.mkdtemp(prefix="kiln-bench-net-")

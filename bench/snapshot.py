@@ -4,7 +4,13 @@
 it, and QEMU started by hand from the same snapshot files (the reference: QEMU's own
 `-incoming` of the mapped-ram state kiln wrote, disks copied before the clock starts).
 
+With --firmware: the 256-byte program instead, on the builtin VMM and on QEMU (pc): a line
+half typed, `kiln vm snapshot --stop`, then `kiln vm resume` -> the REPL's answer to the rest
+of the line, against `kiln vm run --disk` -> the answer to a whole line. (In-process, without
+kiln's CLI and supervisor: `cargo run --release -p kiln-vmm --example resume`.)
+
 Usage: bench/snapshot.py [--image DIR] [--kiln PATH] [--runs N] [--vcpu 2] [--ram 1024]
+       bench/snapshot.py --firmware [--kiln PATH] [--runs N]
 Needs an image from `kiln image debian` (default: the newest /var/tmp/kiln-debian-*/).
 """
 
@@ -20,39 +26,10 @@ import sys
 import tempfile
 import time
 
+import benchlib
+
 PROBE = b"echo kiln-$((6*7))\n"
 ANSWER = b"kiln-42"
-
-
-def answer(sock_path, timeout=300, resend=None):
-    """Connects to a console socket, types PROBE and returns when ANSWER comes back."""
-    t_end = time.monotonic() + timeout
-    while True:
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(sock_path)
-            break
-        except OSError:
-            if time.monotonic() > t_end:
-                raise SystemExit(f"{sock_path}: no console")
-            time.sleep(0.005)
-    s.settimeout(0.05)
-    s.sendall(PROBE)
-    seen = b""
-    last = time.monotonic()
-    while ANSWER not in seen.replace(b"$((6*7))", b""):
-        if time.monotonic() > t_end:
-            raise SystemExit(f"{sock_path}: no answer; got {seen[-300:]!r}")
-        if resend and time.monotonic() - last > resend:
-            s.sendall(PROBE)
-            last = time.monotonic()
-        try:
-            seen += s.recv(65536)
-        except socket.timeout:
-            pass
-    t = time.perf_counter()
-    s.close()
-    return t
 
 
 def qmp(s, cmd, **args):
@@ -128,21 +105,94 @@ def hand_resume(rec, snap, hand):
     return t
 
 
+def repl(sock_path, send, needle, timeout=30, resend=None):
+    """Connects to a console socket, types `send` (again every `resend` seconds, for a guest
+    still booting) and returns when `needle` has come back."""
+    t_end = time.monotonic() + timeout
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock_path)
+            break
+        except OSError:
+            if time.monotonic() > t_end:
+                raise SystemExit(f"{sock_path}: no console")
+            time.sleep(0.001)
+    s.settimeout(0.01)
+    if send:
+        s.sendall(send)
+    seen = b""
+    last = time.monotonic()
+    while needle not in seen:
+        if time.monotonic() > t_end:
+            raise SystemExit(f"{sock_path}: no {needle!r}; got {seen[-300:]!r}")
+        if resend and time.monotonic() - last > resend:
+            s.sendall(send)
+            last = time.monotonic()
+        try:
+            seen += s.recv(65536)
+        except socket.timeout:
+            pass
+    t = time.perf_counter()
+    s.close()
+    return t
+
+
+def answer(sock_path, timeout=300, resend=None):
+    """The first console answer: the guest's reply to PROBE."""
+    return repl(sock_path, PROBE, ANSWER, timeout, resend)
+
+
+def firmware(a):
+    home = tempfile.mkdtemp(prefix="kiln-bench-")
+    env = dict(os.environ, KILN_HOME=home)
+    subprocess.run([a.kiln, "build", "--out", os.path.join(home, "build")], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = {}
+    try:
+        for engine in ("builtin", "qemu"):
+            boot, resume = [], []
+            for i in range(a.runs):
+                name = f"{engine}-{i}"
+                disk = os.path.join(home, f"{name}.img")
+                shutil.copy(os.path.join(home, "build", "boot.img"), disk)
+                sock = os.path.join(home, "vms", name, "console.sock")
+                t0 = time.perf_counter()
+                subprocess.run([a.kiln, "vm", "run", "--disk", disk, "--engine", engine,
+                                "--name", name], env=env, check=True, stdout=subprocess.DEVNULL)
+                repl(sock, b"", b"$ ")
+                boot.append(repl(sock, b"hello\r", b"olleh\r\n$ ") - t0)
+                repl(sock, b"hel", b"olleh\r\n$ hel")
+                subprocess.run([a.kiln, "vm", "snapshot", name, "--tag", "h", "--stop"],
+                               env=env, check=True, stdout=subprocess.DEVNULL)
+                t0 = time.perf_counter()
+                subprocess.run([a.kiln, "vm", "resume", name], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+                resume.append(repl(sock, b"lo\r", b"olleh\r\n$ ") - t0)
+                subprocess.run([a.kiln, "vm", "kill", name], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+            rows[engine] = (statistics.median(boot), min(boot), statistics.median(resume),
+                            min(resume))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    print(f"| {a.runs} runs, median (min) | `vm run` -> answer | `vm resume` -> answer |")
+    print("|---|---:|---:|")
+    for engine, (b, bl, r, rl) in rows.items():
+        print(f"| {engine} | {b * 1000:.0f} ms ({bl * 1000:.0f}) | {r * 1000:.0f} ms ({rl * 1000:.0f}) |")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--firmware", action="store_true")
     ap.add_argument("--image")
     ap.add_argument("--kiln", default=os.environ.get("KILN", "target/release/kiln"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--vcpu", default="2")
     ap.add_argument("--ram", default="1024")
     a = ap.parse_args()
-    image = a.image
-    if not image:
-        found = sorted(glob.glob("/var/tmp/kiln-debian-*/image.json"), key=os.path.getmtime)
-        found = [f for f in found if json.load(open(f)).get("arch", "amd64") != "i386"]
-        if not found:
-            sys.exit("no image: run `kiln image debian DIR` and pass --image DIR")
-        image = os.path.dirname(found[-1])
+    if a.firmware:
+        return firmware(a)
+    image = benchlib.debian_image(a.image)
     home = tempfile.mkdtemp(prefix="kiln-bench-")
     env = dict(os.environ, KILN_HOME=home)
     rows = {k: [] for k in ("boot", "take", "paused", "stored", "resume", "hand")}

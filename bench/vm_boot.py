@@ -11,7 +11,6 @@ Needs an image from `kiln image debian` (default: the newest /var/tmp/kiln-debia
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import benchlib
 
 
 def wait_for(path, needle, timeout):
@@ -104,12 +105,7 @@ def main():
     ap.add_argument("--vcpu", default="2")
     ap.add_argument("--ram", default="1024")
     a = ap.parse_args()
-    image = a.image
-    if not image:
-        found = sorted(glob.glob("/var/tmp/kiln-debian-*/image.json"), key=os.path.getmtime)
-        if not found:
-            sys.exit("no image: run `kiln image debian DIR` and pass --image DIR")
-        image = os.path.dirname(found[-1])
+    image = benchlib.debian_image(a.image)
     home = tempfile.mkdtemp(prefix="kiln-bench-")
     env = dict(os.environ, KILN_HOME=home)
     rows = {"kiln_run": [], "kiln_login": [], "hand_up": [], "hand_login": [],

@@ -168,9 +168,35 @@ impl Host {
         Ok(supervisor)
     }
 
-    /// The VMs whose disks are backed by files under `prefix` (a snapshot, or a VM's store):
-    /// clones that need them.
-    pub(crate) fn users_of(&self, prefix: &std::path::Path) -> Vec<String> {
+    /// Fails, naming them, when clones' disks are backed by files under `prefix` (a snapshot,
+    /// or a VM's store), which is the `field` `value` about to be removed.
+    pub(crate) fn unused(
+        &self,
+        prefix: &std::path::Path,
+        field: &'static str,
+        value: &str,
+    ) -> Result<(), HostError> {
+        let users = self.users_of(prefix);
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::invalid(
+            field,
+            value,
+            format!(
+                "backs the disks of {} (cloned from it); remove {} first",
+                users.join(", "),
+                if users.len() == 1 {
+                    "that VM"
+                } else {
+                    "those VMs"
+                }
+            ),
+        ))
+    }
+
+    /// The VMs whose disks are backed by files under `prefix`: clones that need them.
+    fn users_of(&self, prefix: &std::path::Path) -> Vec<String> {
         self.entries()
             .unwrap_or_default()
             .iter()

@@ -524,17 +524,7 @@ impl Host {
     pub fn remove(&self, name: &str, force: bool) -> Result<(), HostError> {
         let dir = self.vm_dir(name);
         let seen = self.entry(name)?;
-        let users = self.users_of(&dir.join(crate::snapshot::SNAPSHOTS_DIR));
-        if !users.is_empty() {
-            return Err(HostError::invalid(
-                "vm",
-                name,
-                format!(
-                    "its snapshots back the disks of {} (cloned from them); remove those first",
-                    users.join(", ")
-                ),
-            ));
-        }
+        self.unused(&dir.join(crate::snapshot::SNAPSHOTS_DIR), "vm", name)?;
         match &seen {
             VmEntry::Vm(rec) => {
                 let state = rec.effective_state();

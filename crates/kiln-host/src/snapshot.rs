@@ -593,18 +593,11 @@ impl crate::Host {
     pub fn remove_snapshot(&self, name: &str, tag: &str) -> Result<()> {
         validate_tag(tag)?;
         let rec = self.get(name)?;
-        let users = self.users_of(&rec.config.dir.join(SNAPSHOTS_DIR).join(tag));
-        if !users.is_empty() {
-            return Err(HostError::invalid(
-                "snapshot",
-                tag,
-                format!(
-                    "backs the disks of {} (cloned from it); remove {} first",
-                    users.join(", "),
-                    if users.len() == 1 { "it" } else { "them" }
-                ),
-            ));
-        }
+        self.unused(
+            &rec.config.dir.join(SNAPSHOTS_DIR).join(tag),
+            "snapshot",
+            tag,
+        )?;
         remove(&rec.config.dir, name, tag)
     }
 }
@@ -650,7 +643,7 @@ pub(crate) fn take(
         tag,
         SnapshotConfig::of(spec),
     )?;
-    let disks = engine.writable_disks(spec);
+    let disks = engine.writable_disks(spec)?;
     let t0 = Instant::now();
     vm.pause()?;
     let saved = (|| -> Result<()> {
@@ -696,7 +689,7 @@ pub(crate) fn restore(engine: &dyn Engine, rec: &VmRecord, tag: &str) -> Result<
     let snap = open(&spec.dir, tag)?;
     let m = &snap.manifest;
     m.fits(rec)?;
-    let disks = engine.writable_disks(spec);
+    let disks = engine.writable_disks(spec)?;
     if m.disks.len() != disks.len() {
         return Err(HostError::invalid(
             "snapshot",

@@ -56,6 +56,27 @@ pub fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// Which pages of the mapping at `addr` (page-aligned) of `len` bytes are in memory: of a new
+/// anonymous mapping, the ones something has touched. mincore(2) only reports; an address that
+/// is not mapped is an error, never a fault.
+pub fn resident_pages(addr: usize, len: usize) -> io::Result<Vec<bool>> {
+    let page = page_size();
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: mincore reads no memory at `addr`; it writes one byte per page into `vec`,
+    // which has exactly that many.
+    if unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
 /// The block size of [`digest`].
 pub const DIGEST_BLOCK: usize = 4096;
 

@@ -67,6 +67,9 @@ pub enum VmmError {
     #[error("guest called int 18h: boot failed")]
     BootFailed,
     /// A VM exit this VMM does not handle.
+    #[error("{0}")]
+    State(String),
+
     #[error("unsupported VM exit: {0}")]
     UnsupportedExit(String),
 }

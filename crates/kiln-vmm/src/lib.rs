@@ -30,6 +30,7 @@ pub mod devices;
 mod disk;
 mod error;
 pub mod firmware;
+pub mod persist;
 mod screen;
 mod shared;
 mod vmm;

@@ -18,6 +18,14 @@ pub(crate) struct Inner {
     pub events: u64,
     /// pthread running `Vm::run`, to kick it out of KVM_RUN.
     pub vcpu_thread: Option<libc::pthread_t>,
+    /// A pause is asked for: the vCPU thread parks between instructions until it is lifted.
+    pub pause: bool,
+    /// The vCPU thread is parked.
+    pub parked: bool,
+    /// A save of the machine asked of the parked vCPU thread.
+    pub save: Option<std::path::PathBuf>,
+    /// How the last save went.
+    pub saved: Option<Result<(), String>>,
 }
 
 /// Exit counters, readable from any thread while the VM runs.
@@ -66,7 +74,7 @@ impl Shared {
         drop(
             self.wake
                 .wait_while(guard, |g| {
-                    g.input.is_empty() && !self.killed.load(Ordering::SeqCst)
+                    g.input.is_empty() && !g.pause && !self.killed.load(Ordering::SeqCst)
                 })
                 .unwrap_or_else(|e| e.into_inner()),
         );
@@ -74,8 +82,14 @@ impl Shared {
 
     /// Blocks until a new event (input, power button, kill) arrives or `timeout` passes.
     pub fn wait_new_event(&self, timeout: Duration) {
+        let start = self.lock().events;
+        self.wait_new_event_since(start, timeout);
+    }
+
+    /// Blocks until an event newer than the count `start` (an earlier `events`) arrives or
+    /// `timeout` passes: one that came meanwhile returns at once.
+    pub fn wait_new_event_since(&self, start: u64, timeout: Duration) {
         let guard = self.lock();
-        let start = guard.events;
         drop(
             self.wake
                 .wait_timeout_while(guard, timeout, |g| {
@@ -85,8 +99,20 @@ impl Shared {
         );
     }
 
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.wake.notify_all();
+    }
+
+    /// Waits on the shared condition (every change above notifies it), at most `timeout`.
+    pub(crate) fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, Inner>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Inner> {
+        self.wake
+            .wait_timeout(guard, timeout)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0)
     }
 }
 
@@ -142,6 +168,65 @@ impl VmHandle {
     /// VM-exit counters so far (also while the VM runs).
     pub fn counters(&self) -> ExitCounters {
         self.shared.counters.snapshot()
+    }
+
+    /// Pauses the guest between two instructions (also one waiting in the BIOS for a key):
+    /// returns once the vCPU thread is parked, or fails after `timeout` (the VM is not
+    /// running, or has ended).
+    pub fn pause(&self, timeout: Duration) -> Result<(), crate::VmmError> {
+        {
+            let mut inner = self.shared.lock();
+            inner.pause = true;
+            inner.events += 1;
+        }
+        self.shared.notify();
+        self.kick();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        while !inner.parked {
+            let now = std::time::Instant::now();
+            if now >= deadline || self.shared.killed.load(Ordering::SeqCst) {
+                inner.pause = false;
+                return Err(crate::VmmError::State(format!(
+                    "the VM did not pause within {} ms (is it running?)",
+                    timeout.as_millis()
+                )));
+            }
+            inner = self.shared.wait(inner, deadline - now);
+        }
+        Ok(())
+    }
+
+    /// Writes the paused machine to the new file `path` (see [`crate::persist`]).
+    pub fn save(&self, path: &std::path::Path) -> Result<(), crate::VmmError> {
+        let mut inner = self.shared.lock();
+        if !inner.parked {
+            return Err(crate::VmmError::State("the VM is not paused".into()));
+        }
+        inner.saved = None;
+        inner.save = Some(path.to_path_buf());
+        self.shared.notify();
+        loop {
+            if let Some(result) = inner.saved.take() {
+                return result.map_err(crate::VmmError::State);
+            }
+            if !inner.parked {
+                return Err(crate::VmmError::State(
+                    "the VM ended while it was saved".into(),
+                ));
+            }
+            inner = self.shared.wait(inner, Duration::from_secs(1));
+        }
+    }
+
+    /// Lets a paused guest run again.
+    pub fn resume(&self) {
+        {
+            let mut inner = self.shared.lock();
+            inner.pause = false;
+            inner.events += 1;
+        }
+        self.shared.notify();
     }
 
     /// Interrupts KVM_RUN on the vCPU thread (if it is inside `run`).

@@ -63,7 +63,24 @@ pub struct Vm {
     shared: Arc<Shared>,
     config: VmConfig,
     needs_reboot: bool,
+    /// The devices whose state a snapshot holds (COM1 is the firmware's `com1`).
+    pm: Arc<Mutex<AcpiPm>>,
+    cmos: Arc<Mutex<Cmos>>,
+    i8042: Arc<Mutex<I8042>>,
     mem: GuestMem,
+}
+
+fn locked<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The name a state file records for `boot`.
+fn boot_name(boot: BootDevice) -> &'static str {
+    match boot {
+        BootDevice::HardDisk => "hard-disk",
+        BootDevice::Floppy => "floppy",
+        BootDevice::Cdrom => "cdrom",
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -112,13 +129,14 @@ impl Vm {
         )));
         add(COM1_BASE, 8, com1.clone())?;
         add(PM_BASE, PM_LEN, pm.clone())?;
-        add(SMI_CMD_PORT, 1, dev(SmiCmd(pm)))?;
-        add(0x60, 5, dev(I8042::default()))?;
-        add(
-            0x70,
-            2,
-            dev(Cmos::new(ram_bytes, config.boot == BootDevice::Floppy)),
-        )?;
+        add(SMI_CMD_PORT, 1, dev(SmiCmd(pm.clone())))?;
+        let i8042 = Arc::new(Mutex::new(I8042::default()));
+        add(0x60, 5, i8042.clone())?;
+        let cmos = Arc::new(Mutex::new(Cmos::new(
+            ram_bytes,
+            config.boot == BootDevice::Floppy,
+        )));
+        add(0x70, 2, cmos.clone())?;
         add(0x80, 1, dev(Quiet))?;
         add(0xed, 1, dev(Quiet))?;
         add(0x92, 1, dev(Port92))?;
@@ -146,10 +164,137 @@ impl Vm {
             shared,
             config,
             needs_reboot: false,
+            pm,
+            cmos,
+            i8042,
             mem,
         };
         vm.boot()?;
         Ok(vm)
+    }
+
+    /// Creates the VM as [`Vm::new`] does, then puts it in the state saved in `path` (see
+    /// [`crate::persist`]): it continues where that machine was paused instead of booting.
+    /// The disk must hold what it held then.
+    pub fn restore(
+        config: VmConfig,
+        disk: Box<dyn Disk>,
+        console_out: Box<dyn std::io::Write + Send>,
+        path: &std::path::Path,
+    ) -> Result<Vm, VmmError> {
+        let h = crate::persist::load_header(path, config.ram_mib, boot_name(config.boot))?;
+        let vm = Vm::new(config, disk, console_out)?;
+        crate::persist::load_memory(path, &h, &vm.mem)?;
+        let bad = |what: &str, e: kvm_ioctls::Error| {
+            VmmError::State(format!(
+                "machine state {}: KVM refused its {what}: {e}",
+                path.display()
+            ))
+        };
+        vm.vcpu
+            .fd
+            .set_sregs(&h.sregs)
+            .map_err(|e| bad("segment registers", e))?;
+        vm.vcpu
+            .fd
+            .set_regs(&h.regs)
+            .map_err(|e| bad("registers", e))?;
+        vm.vcpu
+            .fd
+            .set_vcpu_events(&h.events)
+            .map_err(|e| bad("pending events", e))?;
+        locked(&vm.firmware.com1)
+            .restore(&h.uart)
+            .map_err(|e| VmmError::State(format!("machine state {}: {e}", path.display())))?;
+        locked(&vm.pm).restore(h.pm);
+        locked(&vm.cmos).restore(h.cmos_index, &h.cmos);
+        locked(&vm.i8042).set_port61(h.port61);
+        let mut vm = vm;
+        vm.firmware.disk_status = h.disk_status;
+        if !h.emulation {
+            vm.firmware.emulation = None;
+        }
+        vm.firmware.mirror.set_position(h.mirror);
+        {
+            let mut inner = vm.shared.lock();
+            inner.input = h.input.iter().copied().collect();
+            inner.power_button = h.power_button;
+        }
+        Ok(vm)
+    }
+
+    /// Writes the machine to the new file `path`; called on the vCPU thread while parked.
+    fn save_state(&mut self, path: &std::path::Path) -> Result<(), VmmError> {
+        let regs = self
+            .vcpu
+            .fd
+            .get_regs()
+            .map_err(VmmError::kvm("KVM_GET_REGS"))?;
+        let sregs = self
+            .vcpu
+            .fd
+            .get_sregs()
+            .map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+        let events = self
+            .vcpu
+            .fd
+            .get_vcpu_events()
+            .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
+        let (cmos_index, cmos) = locked(&self.cmos).state();
+        let (input, power_button) = {
+            let inner = self.shared.lock();
+            (inner.input.iter().copied().collect(), inner.power_button)
+        };
+        let mut h = crate::persist::Header {
+            ram_mib: self.config.ram_mib,
+            boot: boot_name(self.config.boot).into(),
+            memory_offset: 0,
+            regs,
+            sregs,
+            events,
+            uart: locked(&self.firmware.com1).state(),
+            pm: locked(&self.pm).state(),
+            cmos_index,
+            cmos,
+            port61: locked(&self.i8042).port61(),
+            disk_status: self.firmware.disk_status,
+            emulation: self.firmware.emulation.is_some(),
+            mirror: self.firmware.mirror.position(),
+            input,
+            power_button,
+        };
+        crate::persist::save(path, &mut h, &self.mem)
+    }
+
+    /// Parks the vCPU thread while a pause is asked for, saving the machine when asked.
+    /// Returns `Killed` if the VM is killed meanwhile.
+    fn park(&mut self) -> Option<ExitReason> {
+        self.firmware.console.idle();
+        let shared = self.shared.clone();
+        let mut inner = shared.lock();
+        inner.parked = true;
+        shared.notify();
+        loop {
+            if shared.killed.load(Ordering::SeqCst) {
+                inner.parked = false;
+                shared.notify();
+                return Some(ExitReason::Killed);
+            }
+            if let Some(path) = inner.save.take() {
+                drop(inner);
+                let result = self.save_state(&path).map_err(|e| e.to_string());
+                inner = shared.lock();
+                inner.saved = Some(result);
+                shared.notify();
+                continue;
+            }
+            if !inner.pause {
+                inner.parked = false;
+                shared.notify();
+                return None;
+            }
+            inner = shared.wait(inner, Duration::from_secs(1));
+        }
     }
 
     fn boot(&mut self) -> Result<(), VmmError> {
@@ -200,10 +345,16 @@ impl Vm {
     }
 
     fn run_loop(&mut self) -> Result<ExitReason, VmmError> {
-        let counters = &self.shared.counters;
+        let shared = self.shared.clone();
+        let counters = &shared.counters;
         loop {
             if self.shared.killed.load(Ordering::SeqCst) {
                 return Ok(ExitReason::Killed);
+            }
+            if self.shared.lock().pause {
+                if let Some(end) = self.park() {
+                    return Ok(end);
+                }
             }
             let mut trap = false;
             let mut halted = false;
@@ -282,7 +433,9 @@ impl Vm {
             }
             if trap {
                 match self.firmware.handle_trap(&mut self.vcpu, &self.mem)? {
-                    Some(ServiceOutcome::Resume) => Counters::bump(&counters.bios),
+                    Some(ServiceOutcome::Resume | ServiceOutcome::Retry) => {
+                        Counters::bump(&counters.bios)
+                    }
                     Some(ServiceOutcome::Exit(reason)) => return Ok(reason),
                     None => {
                         // Not from a BIOS stub: an ordinary write to an unknown port.
@@ -302,8 +455,18 @@ impl Vm {
                 // The guest waits: show what the console merge holds.
                 self.firmware.console.idle();
                 // No interrupt sources exist; sleep until something may have changed
-                // (input, power button, kill) or a timer-tick's worth of time passes.
-                self.shared.wait_new_event(Duration::from_millis(55));
+                // (input, power button, kill) or a timer-tick's worth of time passes. Input
+                // or a press the guest has not seen yet is what would have raised an
+                // interrupt: then `hlt` returns at once.
+                let seen = {
+                    let inner = self.shared.lock();
+                    (inner.input.is_empty() && !inner.power_button).then_some(inner.events)
+                };
+                let fifo = locked(&self.firmware.com1).has_input();
+                if let (Some(seen), false) = (seen, fifo) {
+                    self.shared
+                        .wait_new_event_since(seen, Duration::from_millis(55));
+                }
             }
         }
     }

@@ -344,14 +344,12 @@ fn read_until(stream: &mut std::os::unix::net::UnixStream, seen: &mut String, ne
 /// The 256-byte program's REPL keeps a half-typed line across a snapshot: typed before, the
 /// VM stopped and resumed by another process, finished after, the whole line comes back
 /// reversed.
-#[test]
-fn a_half_typed_line_survives_a_snapshot_on_qemu() {
-    common::require_tool("qemu-system-x86_64");
+fn half_typed_line(engine: &str) {
     use std::io::Write;
     let home_dir = tempfile::tempdir().unwrap();
     let home = home_dir.path();
     let _cleanup = common::KillOnDrop(home.to_path_buf());
-    let rec = common::start_disk_vm(home, "fw", "qemu");
+    let rec = common::start_disk_vm(home, "fw", engine);
     let socket = rec.meta.console_socket.clone().unwrap();
     let mut console = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     let mut seen = String::new();
@@ -367,7 +365,37 @@ fn a_half_typed_line_survives_a_snapshot_on_qemu() {
     console.write_all(b"lo\r").unwrap();
     let mut seen = String::new();
     read_until(&mut console, &mut seen, "olleh\r\n$ ");
-    eprintln!("resume to the REPL's answer in {:?}", t0.elapsed());
+    eprintln!(
+        "{engine}: resume to the REPL's answer in {:?}",
+        t0.elapsed()
+    );
     assert!(!seen.contains("ClientAPI"), "it booted again: {seen:?}");
+    let list: serde_json::Value =
+        serde_json::from_str(&kiln_ok(home, &["vm", "snapshots", "fw", "--json"])).unwrap();
+    eprintln!("{engine}: {}", list[0]["machine_format"]);
     kiln_ok(home, &["vm", "kill", "fw"]);
+    // A truncated machine state is refused, and the VM stays stopped.
+    let machine = home.join("vms/fw/snapshots/half/machine");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&machine)
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() - 4096).unwrap();
+    let e = kiln_err(home, &["vm", "resume", "fw"]);
+    assert!(e.contains("truncated"), "{e}");
+    assert!(!Host::new(home.to_path_buf()).get("fw").unwrap().is_alive());
+}
+
+#[test]
+fn a_half_typed_line_survives_a_snapshot_on_qemu() {
+    common::require_tool("qemu-system-x86_64");
+    half_typed_line("qemu");
+}
+
+#[test]
+fn a_half_typed_line_survives_a_snapshot_on_the_builtin_vmm() {
+    if !common::kvm_or_skip("a_half_typed_line_survives_a_snapshot_on_the_builtin_vmm") {
+        return;
+    }
+    half_typed_line("builtin");
 }

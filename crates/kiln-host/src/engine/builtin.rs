@@ -1,6 +1,7 @@
 //! kiln's own VMM (kiln-vmm) behind the engine interface: any image kiln-image opens becomes
 //! the boot disk, and the VM runs on a vCPU thread of this process.
 
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread;
@@ -86,6 +87,27 @@ impl Engine for BuiltinEngine {
         EngineKind::Builtin
     }
 
+    /// The VM writes into its image in place: a snapshot copies the image, which must be one
+    /// file (not a VMDK descriptor with extents elsewhere).
+    fn writable_disks(&self, spec: &VmSpec) -> Result<Vec<(String, PathBuf)>, HostError> {
+        let mut out = Vec::new();
+        for d in spec.disks.iter().filter(|d| !d.read_only) {
+            let files = kiln_image::inspect(&d.path)?.files;
+            if files.len() != 1 {
+                return Err(HostError::invalid(
+                    "snapshot",
+                    d.path.display(),
+                    format!(
+                        "the disk's data is in {} files; `kiln convert` it to a one-file format to snapshot the VM",
+                        files.len()
+                    ),
+                ));
+            }
+            out.push((d.device.clone(), d.path.clone()));
+        }
+        Ok(out)
+    }
+
     fn command_line(&self, _spec: &VmSpec) -> Vec<String> {
         Vec::new()
     }
@@ -95,8 +117,15 @@ impl Engine for BuiltinEngine {
         spec: &VmSpec,
         restore: Option<&Restore>,
     ) -> Result<Box<dyn Running>, HostError> {
-        if let Some(r) = restore {
-            return Err(super::no_snapshots(&r.machine.display().to_string()));
+        if let Some(r) = restore.filter(|r| r.format != kiln_vmm::persist::FORMAT) {
+            return Err(HostError::invalid(
+                "snapshot",
+                r.machine.display(),
+                format!(
+                    "its machine state is in {:?}, not the builtin VMM's",
+                    r.format
+                ),
+            ));
         }
         let Boot::Firmware { media } = spec.boot else {
             return Err(HostError::invalid(
@@ -129,7 +158,10 @@ impl Engine for BuiltinEngine {
             }
             ConsoleSpec::Socket { path, log, .. } => SocketConsole::bind(path, log.as_deref())?,
         };
-        let mut vm = Vm::new(config, Box::new(disk), Box::new(socket.clone()))?;
+        let mut vm = match restore {
+            Some(r) => Vm::restore(config, Box::new(disk), Box::new(socket.clone()), &r.machine)?,
+            None => Vm::new(config, Box::new(disk), Box::new(socket.clone()))?,
+        };
         let handle = vm.handle();
         let input = handle.clone();
         socket.serve(move |bytes| input.send_input(bytes));
@@ -231,6 +263,22 @@ impl Running for RunningBuiltin {
     fn screendump(&mut self, path: &std::path::Path) -> Result<(), HostError> {
         let shot = self.handle.screenshot();
         super::write_png(path, shot.width, shot.height, &shot.rgb)
+    }
+
+    fn pause(&mut self) -> Result<(), HostError> {
+        self.handle
+            .pause(Duration::from_secs(5))
+            .map_err(HostError::from)
+    }
+
+    fn save_state(&mut self, path: &std::path::Path) -> Result<String, HostError> {
+        self.handle.save(path).map_err(HostError::from)?;
+        Ok(kiln_vmm::persist::FORMAT.to_string())
+    }
+
+    fn resume(&mut self) -> Result<(), HostError> {
+        self.handle.resume();
+        Ok(())
     }
 
     fn statistics(&self) -> Option<String> {

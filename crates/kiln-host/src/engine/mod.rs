@@ -28,13 +28,14 @@ pub trait Engine: Send + Sync {
         restore: Option<&Restore>,
     ) -> Result<Box<dyn Running>, HostError>;
     /// The files the guest's writable disks live in while it runs, by device: what a snapshot
-    /// copies and a resume puts back.
-    fn writable_disks(&self, spec: &VmSpec) -> Vec<(String, PathBuf)> {
-        spec.disks
+    /// copies and a resume puts back. An error when a disk cannot be copied as one file.
+    fn writable_disks(&self, spec: &VmSpec) -> Result<Vec<(String, PathBuf)>, HostError> {
+        Ok(spec
+            .disks
             .iter()
             .filter(|d| !d.read_only)
             .map(|d| (d.device.clone(), d.path.clone()))
-            .collect()
+            .collect())
     }
 }
 

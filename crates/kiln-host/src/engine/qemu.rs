@@ -203,8 +203,9 @@ impl Engine for QemuEngine {
             .unwrap_or_default()
     }
 
-    fn writable_disks(&self, spec: &VmSpec) -> Vec<(String, PathBuf)> {
-        spec.disks
+    fn writable_disks(&self, spec: &VmSpec) -> Result<Vec<(String, PathBuf)>, HostError> {
+        Ok(spec
+            .disks
             .iter()
             .filter(|d| !d.read_only)
             .map(|d| {
@@ -214,7 +215,7 @@ impl Engine for QemuEngine {
                 };
                 (d.device.clone(), path)
             })
-            .collect()
+            .collect())
     }
 
     fn start(

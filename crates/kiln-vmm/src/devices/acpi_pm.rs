@@ -84,6 +84,16 @@ impl AcpiPm {
         }
     }
 
+    /// PM1a status, enable and control.
+    pub(crate) fn state(&self) -> [u16; 3] {
+        [self.sts, self.en, self.cnt]
+    }
+
+    /// Puts the registers back (SLP_EN never stays set).
+    pub(crate) fn restore(&mut self, [sts, en, cnt]: [u16; 3]) {
+        (self.sts, self.en, self.cnt) = (sts, en, cnt & !SLP_EN);
+    }
+
     /// SCI_EN as the guest last set it (through SMI_CMD or PM1_CNT).
     pub fn sci_enabled(&self) -> bool {
         self.cnt & SCI_EN != 0

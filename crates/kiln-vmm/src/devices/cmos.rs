@@ -66,6 +66,18 @@ pub struct Cmos {
 }
 
 impl Cmos {
+    /// The index register and the 128 bytes.
+    pub(crate) fn state(&self) -> (u8, Vec<u8>) {
+        (self.index, self.ram.to_vec())
+    }
+
+    /// Puts them back (`ram` is 128 bytes; the clock registers are read live anyway).
+    pub(crate) fn restore(&mut self, index: u8, ram: &[u8]) {
+        self.index = index & 0x7f;
+        let n = ram.len().min(self.ram.len());
+        self.ram[..n].copy_from_slice(&ram[..n]);
+    }
+
     /// CMOS contents for a machine with `ram_bytes` of RAM and a floppy drive if `floppy`.
     pub fn new(ram_bytes: u64, floppy: bool) -> Cmos {
         let mut ram = [0u8; 128];

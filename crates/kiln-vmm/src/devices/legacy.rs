@@ -14,6 +14,17 @@ pub struct I8042 {
     port61: u8,
 }
 
+impl I8042 {
+    /// Port 61h as the guest last set it.
+    pub(crate) fn port61(&self) -> u8 {
+        self.port61
+    }
+
+    pub(crate) fn set_port61(&mut self, v: u8) {
+        self.port61 = v;
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {

@@ -48,6 +48,11 @@ impl SerialDevice {
         }
     }
 
+    /// Whether the receive FIFO holds bytes the guest has not read.
+    pub(crate) fn has_input(&self) -> bool {
+        !self.uart.state().in_buffer.is_empty()
+    }
+
     /// Moves queued console input into the receive FIFO while it has room.
     fn fill_rx(&mut self) {
         let room = self.uart.fifo_capacity();
@@ -63,6 +68,49 @@ impl SerialDevice {
         if let Ok(taken) = self.uart.enqueue_raw_bytes(&bytes) {
             inner.input.drain(..taken);
         }
+    }
+}
+
+impl SerialDevice {
+    /// The UART's registers and receive FIFO.
+    pub(crate) fn state(&self) -> crate::persist::UartState {
+        let s = self.uart.state();
+        crate::persist::UartState {
+            dll: s.baud_divisor_low,
+            dlm: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            rx: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART back in `state` (its output stays where it went).
+    pub(crate) fn restore(&mut self, state: &crate::persist::UartState) -> Result<(), String> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.dll,
+            baud_divisor_high: state.dlm,
+            interrupt_enable: state.ier,
+            interrupt_identification: state.iir,
+            line_control: state.lcr,
+            line_status: state.lsr,
+            modem_control: state.mcr,
+            modem_status: state.msr,
+            scratch: state.scr,
+            in_buffer: state.rx.clone(),
+        };
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(NoIrq, Box::new(std::io::sink())),
+        );
+        let out = old.into_writer();
+        self.uart = Serial::from_state(&s, NoIrq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("COM1: {e:?}"))?;
+        Ok(())
     }
 }
 

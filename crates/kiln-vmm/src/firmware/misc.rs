@@ -166,6 +166,9 @@ pub(super) fn int16(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
                 ctx.r.set_ax(key_word(b));
                 break;
             }
+            if fw.shared.lock().pause {
+                return ServiceOutcome::Retry;
+            }
             fw.shared.wait_input();
         },
         0x01 | 0x11 => {

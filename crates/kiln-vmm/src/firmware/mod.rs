@@ -55,6 +55,10 @@ pub const RESET_STUB: u16 = 0xfff0;
 pub enum ServiceOutcome {
     /// Resume the guest.
     Resume,
+    /// Run the same call again once the guest resumes: a blocking call (waiting for a key)
+    /// gave way to a pause, so that the machine is saved between instructions, not inside
+    /// the BIOS.
+    Retry,
     /// Stop the run with this reason.
     Exit(ExitReason),
 }
@@ -251,6 +255,15 @@ impl Firmware {
             sregs_dirty: false,
         };
         let outcome = self.service(vector, &mut ctx, vcpu)?;
+        if outcome == ServiceOutcome::Retry {
+            // Back onto the stub's `out`: nothing of the call has happened.
+            let mut again = regs;
+            again.rip = regs.rip.wrapping_sub(2);
+            vcpu.fd
+                .set_regs(&again)
+                .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+            return Ok(Some(ServiceOutcome::Resume));
+        }
         if ctx.restarted {
             return Ok(Some(outcome));
         }

@@ -93,6 +93,9 @@ pub(super) fn int14(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
                 ctx.r.set_ah(lsr | TIMEOUT);
                 break;
             }
+            if fw.shared.lock().pause {
+                return ServiceOutcome::Retry;
+            }
             fw.shared.wait_input();
         },
         0x03 => {

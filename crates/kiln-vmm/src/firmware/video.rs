@@ -221,6 +221,17 @@ impl Mirror {
         self.row = (self.row - n.min(ROWS) as i64).max(-(ROWS as i64));
     }
 
+    /// Where the terminal's cursor is, in BIOS coordinates (row, column).
+    pub(crate) fn position(&self) -> (i64, u64) {
+        (self.row, self.col)
+    }
+
+    /// Sets it (from a saved machine), within the screen.
+    pub(crate) fn set_position(&mut self, (row, col): (i64, u64)) {
+        self.row = row.clamp(-(ROWS as i64), ROWS as i64);
+        self.col = col.min(80);
+    }
+
     /// The BIOS screen was cleared: its row 0 starts at the terminal's next fresh line.
     pub(crate) fn new_origin(&mut self) {
         if self.col != 0 {
