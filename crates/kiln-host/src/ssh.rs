@@ -266,30 +266,63 @@ impl Host {
                 });
             }
         }
-        let dir = self.vm_dir(name);
-        let mut cmd = Command::new("ssh");
-        if let Some(key) = &rec.meta.ssh_identity {
-            cmd.arg("-i").arg(key).args(["-o", "IdentitiesOnly=yes"]);
+        let ssh = |command: &[String], extra: &[&str]| {
+            let mut cmd = Command::new("ssh");
+            if let Some(key) = &rec.meta.ssh_identity {
+                cmd.arg("-i").arg(key).args(["-o", "IdentitiesOnly=yes"]);
+            }
+            let mut known = std::ffi::OsString::from("UserKnownHostsFile=");
+            known.push(self.vm_dir(name).join(KNOWN_HOSTS));
+            cmd.arg("-o").arg(known);
+            for opt in [
+                "StrictHostKeyChecking=yes".to_string(),
+                "GlobalKnownHostsFile=/dev/null".into(),
+                format!("HostKeyAlias={}", alias(name)),
+                "HostKeyAlgorithms=ssh-ed25519".into(),
+                "PasswordAuthentication=no".into(),
+                "ConnectTimeout=10".into(),
+                "LogLevel=ERROR".into(),
+            ] {
+                cmd.arg("-o").arg(opt);
+            }
+            for opt in extra {
+                cmd.arg("-o").arg(opt);
+            }
+            cmd.arg("-p").arg(addr.port().to_string());
+            cmd.arg(format!("root@{}", addr.ip()));
+            if !command.is_empty() {
+                cmd.arg("--").args(command);
+            }
+            cmd
+        };
+        // A clone answers with its origin's sshd until the guest notices the resume and
+        // applies its own host key (a second or two): until a login succeeds, not even the
+        // user's command is started.
+        if rec
+            .meta
+            .resumed_from
+            .as_deref()
+            .is_some_and(|f| f.contains(':'))
+        {
+            loop {
+                let ok = ssh(&["true".to_string()], &["BatchMode=yes"])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(HostError::Control {
+                        name: name.to_string(),
+                        detail: format!("no SSH login at {addr} within {timeout:?}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
-        let mut known = std::ffi::OsString::from("UserKnownHostsFile=");
-        known.push(dir.join(KNOWN_HOSTS));
-        cmd.arg("-o").arg(known);
-        for opt in [
-            "StrictHostKeyChecking=yes".to_string(),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            format!("HostKeyAlias={}", alias(name)),
-            "HostKeyAlgorithms=ssh-ed25519".into(),
-            "PasswordAuthentication=no".into(),
-            "ConnectTimeout=10".into(),
-            "LogLevel=ERROR".into(),
-        ] {
-            cmd.arg("-o").arg(opt);
-        }
-        cmd.arg("-p").arg(addr.port().to_string());
-        cmd.arg(format!("root@{}", addr.ip()));
-        if !command.is_empty() {
-            cmd.arg("--").args(command);
-        }
-        Ok(cmd)
+        Ok(ssh(command, &[]))
     }
 }

@@ -112,6 +112,13 @@ for ns in $(echo "$dns" | tr ',' ' '); do
     echo "nameserver $ns" >> /run/kiln/resolv.conf.new
 done
 mv /run/kiln/resolv.conf.new /run/kiln/resolv.conf
+k=/run/kiln/seed/ssh_host_ed25519_key
+if [ -f "$k" ] && [ -f "$k.pub" ] && ! cmp -s "$k" /etc/ssh/ssh_host_ed25519_key; then
+    install -m 600 "$k" /etc/ssh/ssh_host_ed25519_key
+    install -m 644 "$k.pub" /etc/ssh/ssh_host_ed25519_key.pub
+    # sshd reads its host key when it starts.
+    [ "$mode" = resumed ] && systemctl try-restart ssh.service
+fi
 if [ -n "$name" ] && [ "$(hostname)" != "$name" -o "$mode" = boot ]; then
     hostname "$name"
     echo "$name" > /etc/hostname
@@ -120,13 +127,6 @@ if [ -n "$name" ] && [ "$(hostname)" != "$name" -o "$mode" = boot ]; then
     else
         printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
     fi
-fi
-k=/run/kiln/seed/ssh_host_ed25519_key
-if [ -f "$k" ] && [ -f "$k.pub" ] && ! cmp -s "$k" /etc/ssh/ssh_host_ed25519_key; then
-    install -m 600 "$k" /etc/ssh/ssh_host_ed25519_key
-    install -m 644 "$k.pub" /etc/ssh/ssh_host_ed25519_key.pub
-    # sshd reads its host key when it starts.
-    [ "$mode" = resumed ] && systemctl try-restart ssh.service
 fi
 if [ -f /run/kiln/seed/authorized_keys ]; then
     install -m 600 /run/kiln/seed/authorized_keys /run/kiln/authorized_keys

@@ -223,6 +223,55 @@ fn tap_nat_isolation_and_cleanup() {
         "NAT was not up; nothing to do"
     );
 
+    // A clone of a snapshot of tap-a has its own network: its own /30 and TAP, applied in the
+    // guest when it notices the resume, reached by SSH with its own pinned key.
+    let out = w.kiln(home.path(), &["vm", "snapshot", "tap-a", "--tag", "n"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.kiln(
+        home.path(),
+        &[
+            "vm",
+            "run",
+            "--from",
+            "tap-a:n",
+            "--name",
+            "tap-c",
+            "--pool",
+            netns::POOL,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let clone = kiln_host::Host::new(home.path().to_path_buf())
+        .get("tap-c")
+        .unwrap();
+    let ip_c = clone.meta.net.guest_ip.unwrap();
+    assert!(ip_c != ip_a && ip_c != ip_b, "{ip_c}");
+    let (ok, said) = w.guest(home.path(), "tap-c", "hostname; ip -4 -o addr show");
+    assert!(ok, "{said}");
+    assert!(
+        said.starts_with("tap-c\n") && said.contains(&format!(" {ip_c}/30 ")),
+        "{said}"
+    );
+    assert!(!said.contains(&format!(" {ip_a}/")), "{said}");
+    let (ok, said) = w.guest(home.path(), "tap-a", "hostname");
+    assert!(ok && said == "tap-a", "{said}");
+    for args in [["vm", "kill", "tap-c"], ["vm", "rm", "tap-c"]] {
+        let out = w.kiln(home.path(), &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // A reboot from inside the guest ends the VM and releases its TAP and chains.
     let tap_b = kiln_host::Host::new(home.path().to_path_buf())
         .get("tap-b")
