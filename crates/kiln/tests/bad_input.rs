@@ -274,3 +274,37 @@ fn image_create_refuses_what_is_no_image() {
     );
     assert_only(tmp.path(), &["empty", "junk.tar"]);
 }
+
+#[test]
+fn snapshot_commands_name_what_is_wrong() {
+    for (args, name, what) in [
+        (
+            &["vm", "snapshot", "nope"][..],
+            "nope",
+            "no such VM to snapshot",
+        ),
+        (
+            &["vm", "snapshot", "nope", "--tag", "../x"],
+            "../x",
+            "a tag that is a path",
+        ),
+        (&["vm", "resume", "nope"], "nope", "no such VM to resume"),
+        (&["vm", "snapshots", "nope"], "nope", "no such VM to list"),
+        (&["vm", "rm-snapshot", "nope", "t"], "nope", "no such VM"),
+        (
+            &["vm", "run", "--from", "nocolon"],
+            "nocolon",
+            "--from without a tag",
+        ),
+        (
+            &["vm", "run", "--from", "nope:t"],
+            "nope",
+            "--from a VM that does not exist",
+        ),
+    ] {
+        assert_clean_error(args, name, what);
+    }
+    // A clone's machine is the snapshot's: no --ram, --vcpu or image with --from.
+    let out = kiln(&["vm", "run", "--from", "a:t", "--ram", "512"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses the combination");
+}
