@@ -15,3 +15,13 @@ def debian_image(given=None):
     if not found:
         sys.exit("no image: run `kiln image debian DIR` and pass --image DIR")
     return os.path.dirname(found[-1])
+
+
+def vm_arguments(ap):
+    """The options of a benchmark that runs Debian microVMs."""
+    ap.add_argument("--image")
+    ap.add_argument("--kiln", default=os.environ.get("KILN", "target/release/kiln"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--vcpu", default="2")
+    ap.add_argument("--ram", default="1024")
+    return ap

@@ -184,11 +184,7 @@ def firmware(a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--firmware", action="store_true")
-    ap.add_argument("--image")
-    ap.add_argument("--kiln", default=os.environ.get("KILN", "target/release/kiln"))
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--vcpu", default="2")
-    ap.add_argument("--ram", default="1024")
+    benchlib.vm_arguments(ap)
     a = ap.parse_args()
     if a.firmware:
         return firmware(a)

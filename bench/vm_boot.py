@@ -99,11 +99,7 @@ def pss_kib(pid):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--image")
-    ap.add_argument("--kiln", default=os.environ.get("KILN", "target/release/kiln"))
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--vcpu", default="2")
-    ap.add_argument("--ram", default="1024")
+    benchlib.vm_arguments(ap)
     a = ap.parse_args()
     image = benchlib.debian_image(a.image)
     home = tempfile.mkdtemp(prefix="kiln-bench-")
