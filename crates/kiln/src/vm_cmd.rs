@@ -14,8 +14,8 @@ use crate::{seconds, EngineArg, MediaArg};
 #[derive(clap::Subcommand)]
 pub enum VmCommand {
     /// Start a VM in the background: a Linux microVM (--image, or --rootfs and --kernel;
-    /// copy-on-write root, own /home and /var disks) or a firmware VM (--disk IMAGE, any
-    /// format kiln reads). Prints its name and pid.
+    /// copy-on-write root, own /home and /var disks), a firmware VM (--disk IMAGE, any format
+    /// kiln reads), or a clone of a snapshot (--from NAME:TAG). Prints its name and pid.
     Run(Box<RunArgs>),
     /// List VMs (all of them, whatever their engine; `kiln ps` is the same list).
     #[command(visible_alias = "ps")]

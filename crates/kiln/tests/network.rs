@@ -363,13 +363,20 @@ fn user_mode_passt_ssh_and_published_port() {
     );
     assert_eq!(rec.meta.net.stack, Some(kiln_host::UserStack::Passt));
     let passt = rec.meta.net.passt_pid.expect("passt's pid is recorded");
-    let uid = std::fs::read_to_string(format!("/proc/{passt}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
-        .unwrap();
-    assert_ne!(uid, "0", "passt runs unprivileged");
+    // passt drops root (to nobody) early in its start-up, which may still be under way when
+    // `vm run` has returned on a loaded machine.
+    common::wait_for(
+        "passt to run unprivileged",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{passt}/status"))
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u != "0"))
+                .unwrap()
+        },
+    );
 
     let (ok, said) = w.guest(home.path(), "usr-a", "hostname");
     assert!(ok && said == "usr-a", "{said}");
