@@ -15,6 +15,9 @@ use crate::{QemuError, QemuVm};
 /// [`QemuVm::load_state`]).
 pub const INCOMING: [&str; 2] = ["-incoming", "defer"];
 
+/// A migration bandwidth no disk reaches, in bytes per second.
+const UNLIMITED: u64 = 1 << 40;
+
 /// How a state file was written: QEMU's migration stream, with or without mapped-ram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateFormat {
@@ -97,6 +100,12 @@ impl QemuVm {
             StateFormat::Stream
         };
         self.set_format(format)?;
+        // QEMU caps a migration at 128 MiB/s by default (for a live one over a network); the
+        // guest is paused and waits for this one: write at the disk's speed.
+        self.command(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": UNLIMITED })),
+        )?;
         self.command("migrate", Some(json!({ "channels": file_channel(path) })))?;
         self.migration_done("saving the VM's state", timeout)?;
         Ok(format)
