@@ -118,31 +118,19 @@ pub(crate) fn file_block_status(file: &File, off: u64, end: u64) -> (BlockStatus
     if off >= end {
         return (BlockStatus::Data, 0);
     }
-    let fd = file.as_raw_fd();
-    let Ok(o) = libc::off_t::try_from(off) else {
-        return (BlockStatus::Data, end - off);
+    let data = match kiln_sys::sparse::seek_data(file, off) {
+        Ok(Some(data)) => data,
+        // No data after `off`: hole up to EOF (and beyond, which reads as zero for us).
+        Ok(None) => return (BlockStatus::Zero, end - off),
+        Err(_) => return (BlockStatus::Data, end - off),
     };
-    // SAFETY: lseek on a valid fd owned by `file`; we only use pread/pwrite elsewhere, so
-    // moving the file position is harmless.
-    let data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
-    if data < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENXIO) {
-            // No data after `off`: hole up to EOF (and beyond, which reads as zero for us).
-            return (BlockStatus::Zero, end - off);
-        }
-        return (BlockStatus::Data, end - off);
-    }
-    let data = data as u64;
     if data > off {
         return (BlockStatus::Zero, data.min(end) - off);
     }
-    // SAFETY: as above: lseek on a valid fd owned by `file`, which only sees pread/pwrite.
-    let hole = unsafe { libc::lseek(fd, o, libc::SEEK_HOLE) };
-    if hole < 0 {
+    let Ok(hole) = kiln_sys::sparse::seek_hole(file, off) else {
         return (BlockStatus::Data, end - off);
-    }
-    let hole = (hole as u64).max(off + 1);
+    };
+    let hole = hole.max(off + 1);
     (BlockStatus::Data, hole.min(end) - off)
 }
 

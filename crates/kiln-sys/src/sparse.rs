@@ -20,33 +20,50 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+/// lseek(2) with `whence` from `off`; moving the file position is harmless to callers, which
+/// read and write with pread/pwrite only.
+fn seek(file: &File, off: u64, whence: i32) -> io::Result<u64> {
+    let at =
+        libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor `file` owns; it touches no memory.
+    let to = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+    if to < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(to as u64)
+}
+
+/// The first data of `file` at or after `off` (SEEK_DATA); `None` when only a hole follows. An
+/// error where the file system cannot tell.
+pub fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
+    match seek(file, off, libc::SEEK_DATA) {
+        Ok(at) => Ok(Some(at)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The first hole of `file` at or after `off` (SEEK_HOLE; the end of the file is one).
+pub fn seek_hole(file: &File, off: u64) -> io::Result<u64> {
+    seek(file, off, libc::SEEK_HOLE)
+}
+
 /// The data extents `(offset, end)` of `file` (of length `len`) in order: everything but its
 /// holes. Where the file system cannot tell, the whole file is one extent.
 pub fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
-    let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < len {
-        let Ok(at) = libc::off_t::try_from(pos) else {
-            break;
-        };
-        // SAFETY: lseek on a descriptor `file` owns; callers read with pread only.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            if io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                // No SEEK_DATA here: treat the rest as data.
+        let start = match seek_data(file, pos) {
+            Ok(Some(data)) => data.min(len),
+            Ok(None) => break,
+            // No SEEK_DATA here: treat the rest as data.
+            Err(_) => {
                 out.push((pos, len));
+                break;
             }
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let start = (data as u64).min(len);
-        let end = if hole < 0 {
-            len
-        } else {
-            (hole as u64).clamp(start, len)
         };
+        let end = seek_hole(file, start).map_or(len, |hole| hole.clamp(start, len));
         if end > start {
             out.push((start, end));
         }
