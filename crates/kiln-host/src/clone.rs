@@ -43,11 +43,12 @@ impl Host {
             ));
         }
         // The cheap checks first, for a clear error; the clone's supervisor checks every file.
-        crate::snapshot::manifest(&origin.config.dir, &req.tag)?.fits(&origin)?;
+        let manifest = crate::snapshot::manifest(&origin.config.dir, &req.tag)?;
+        manifest.fits(&origin)?;
         let claim = self.claim(req.name.as_deref())?;
         let name = claim.name.clone();
         let result = self
-            .make_clone(&claim.name, &claim.dir, &origin, req)
+            .make_clone(&claim.name, &claim.dir, &origin, &manifest, req)
             .and_then(|supervisor| supervisor.go());
         let result = claim.finish(result);
         if result.is_err() && !self.vm_dir(&name).exists() {
@@ -61,6 +62,7 @@ impl Host {
         name: &str,
         dir: &std::path::Path,
         origin: &VmRecord,
+        manifest: &crate::snapshot::Manifest,
         req: &CloneRequest,
     ) -> Result<crate::host::Supervisor, HostError> {
         let start = Start::Clone {
@@ -69,7 +71,6 @@ impl Host {
         };
         let supervisor = self.spawn_supervisor(dir, name, &start)?;
         let snap_dir = origin.config.dir.join(SNAPSHOTS_DIR).join(&req.tag);
-        let manifest = crate::snapshot::manifest(&origin.config.dir, &req.tag)?;
         let mut net_req = req.net.clone();
         if net_req.mode == NetMode::None && net_req.ports.is_empty() {
             net_req.mode = match origin.config.net {

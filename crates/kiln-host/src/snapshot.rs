@@ -170,6 +170,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The machine state an engine starts from.
+    fn restore_point(&self) -> Restore {
+        Restore {
+            machine: self.dir.join(&self.manifest.machine),
+            format: self.manifest.machine_format.clone(),
+        }
+    }
+
     /// The path of one of its files.
     pub fn file(&self, name: &str) -> Option<PathBuf> {
         self.manifest
@@ -207,7 +215,8 @@ pub struct SnapshotWriter {
     vm_id: String,
     config: SnapshotConfig,
     names: Vec<String>,
-    machine: Option<(String, String)>,
+    /// The format of the machine state (in [`MACHINE`]), once the engine has written it.
+    machine_format: Option<String>,
     disks: Vec<DiskEntry>,
     /// Set by the taker: how long the guest was paused.
     pub paused_ms: u64,
@@ -243,7 +252,7 @@ impl SnapshotWriter {
             vm_id: vm_id.to_string(),
             config,
             names: Vec::new(),
-            machine: None,
+            machine_format: None,
             disks: Vec::new(),
             paused_ms: 0,
         })
@@ -256,7 +265,7 @@ impl SnapshotWriter {
 
     /// The format the engine wrote the machine state in.
     pub fn machine_format(&mut self, format: &str) {
-        self.machine = Some((MACHINE.to_string(), format.to_string()));
+        self.machine_format = Some(format.to_string());
     }
 
     /// Where the content of the disk `device` goes (`name` is its file in the snapshot).
@@ -290,7 +299,7 @@ impl SnapshotWriter {
     /// Checksums and fsyncs every file, writes the manifest, and renames the snapshot into
     /// place; fails (leaving nothing) if a file is missing or the tag was taken meanwhile.
     pub fn commit(mut self) -> Result<Snapshot> {
-        let Some((machine, machine_format)) = self.machine.clone() else {
+        let Some(machine_format) = self.machine_format.clone() else {
             return Err(HostError::invalid(
                 "snapshot",
                 &self.tag,
@@ -322,7 +331,7 @@ impl SnapshotWriter {
             vm_id: self.vm_id.clone(),
             created_at: kiln_sys::now_rfc3339(),
             config: self.config.clone(),
-            machine,
+            machine: MACHINE.to_string(),
             machine_format,
             disks: std::mem::take(&mut self.disks),
             paused_ms: self.paused_ms,
@@ -537,7 +546,7 @@ impl crate::Host {
         if stop {
             self.wait_stopped(name, std::time::Duration::from_secs(30))?;
         }
-        read_manifest(&dir.join(SNAPSHOTS_DIR).join(tag))
+        manifest(dir, tag)
     }
 
     /// Starts the stopped VM `name` from its snapshot `tag` (by default its newest) instead of
@@ -568,10 +577,9 @@ impl crate::Host {
                 })?,
         };
         let tag = tag.as_str();
-        validate_tag(tag)?;
         // The cheap checks first, for a clear error before anything starts; the supervisor
         // checks every file.
-        read_manifest(&rec.config.dir.join(SNAPSHOTS_DIR).join(tag))?.fits(&rec)?;
+        manifest(&rec.config.dir, tag)?.fits(&rec)?;
         self.spawn_supervisor(
             &rec.config.dir,
             name,
@@ -734,10 +742,7 @@ pub(crate) fn restore(engine: &dyn Engine, rec: &VmRecord, tag: &str) -> Result<
         fs::rename(tmp, path)
             .map_err(|e| HostError::io(format!("{}: cannot replace", path.display()), e))?;
     }
-    Ok(Restore {
-        machine: snap.dir.join(&m.machine),
-        format: m.machine_format.clone(),
-    })
+    Ok(snap.restore_point())
 }
 
 /// The machine state a new clone (`spec`, in `dir`, its disks already made from the snapshot)
@@ -751,10 +756,7 @@ pub(crate) fn clone_source(dir: &Path, from: &str, tag: &str, spec: &VmSpec) -> 
     })?;
     let snap = open(&vms.join(from), tag)?;
     snap.manifest.config.check(&SnapshotConfig::of(spec), tag)?;
-    Ok(Restore {
-        machine: snap.dir.join(&snap.manifest.machine),
-        format: snap.manifest.machine_format.clone(),
-    })
+    Ok(snap.restore_point())
 }
 
 /// The manifest of snapshot `tag` in `vm_dir`, unchecked files (see [`open`]).

@@ -279,8 +279,7 @@ pub(crate) fn supervise(
                     let done = match &incoming.request {
                         Request::Screendump { path } => Some(vm.screendump(path).map(|()| None)),
                         Request::Snapshot { tag, stop } => {
-                            let stop = *stop;
-                            Some(snapshot(vm, tag, stop).map(|()| stop.then(|| tag.clone())))
+                            Some(snapshot(vm, tag, *stop).map(|()| stop.then(|| tag.clone())))
                         }
                         _ => None,
                     };

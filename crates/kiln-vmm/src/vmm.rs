@@ -183,7 +183,7 @@ impl Vm {
         path: &std::path::Path,
     ) -> Result<Vm, VmmError> {
         let h = crate::persist::load_header(path, config.ram_mib, boot_name(config.boot))?;
-        let vm = Vm::new(config, disk, console_out)?;
+        let mut vm = Vm::new(config, disk, console_out)?;
         crate::persist::load_memory(path, &h, &vm.mem)?;
         let bad = |what: &str, e: kvm_ioctls::Error| {
             VmmError::State(format!(
@@ -209,7 +209,6 @@ impl Vm {
         locked(&vm.pm).restore(h.pm);
         locked(&vm.cmos).restore(h.cmos_index, &h.cmos);
         locked(&vm.i8042).set_port61(h.port61);
-        let mut vm = vm;
         vm.firmware.disk_status = h.disk_status;
         if !h.emulation {
             vm.firmware.emulation = None;
