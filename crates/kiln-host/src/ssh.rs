@@ -124,6 +124,10 @@ impl Host {
     }
 }
 
+/// How long after its start a clone's `kiln vm ssh` first proves a login with the clone's own
+/// key: far longer than the guest takes to apply it.
+const IDENTITY_WINDOW: Duration = Duration::from_secs(120);
+
 /// Makes the VM's host key, pins it in `dir/known_hosts` and writes the seed disk with it,
 /// `client`'s key and the VM's `identity` (its `kiln.*` kernel arguments, as the file
 /// `cmdline`). The private host key exists only on the seed disk (mode 0600).
@@ -297,13 +301,14 @@ impl Host {
         };
         // A clone answers with its origin's sshd until the guest notices the resume and
         // applies its own host key (a second or two): until a login succeeds, not even the
-        // user's command is started.
-        if rec
+        // user's command is started. Later logins need no such probe.
+        let fresh = rec
             .meta
-            .resumed_from
+            .started_at
             .as_deref()
-            .is_some_and(|f| f.contains(':'))
-        {
+            .and_then(kiln_sys::age)
+            .is_none_or(|age| age < IDENTITY_WINDOW);
+        if rec.meta.cloned() && fresh {
             loop {
                 let ok = ssh(&["true".to_string()], &["BatchMode=yes"])
                     .stdin(std::process::Stdio::null())

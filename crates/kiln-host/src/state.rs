@@ -137,6 +137,16 @@ pub struct VmRecord {
     pub config: VmSpec,
 }
 
+impl VmMeta {
+    /// Started as a clone of another VM's snapshot: `resumed_from` is `VM:TAG` (a tag of its
+    /// own has no colon).
+    pub fn cloned(&self) -> bool {
+        self.resumed_from
+            .as_deref()
+            .is_some_and(|f| f.contains(':'))
+    }
+}
+
 impl VmRecord {
     /// The state with liveness checked through the locks: a VM whose supervisor (or creator)
     /// is gone is no longer running (or creating), whatever the file says.
