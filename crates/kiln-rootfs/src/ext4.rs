@@ -100,12 +100,17 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), RootfsError> {
 
 /// Copies directory `dir` (absolute, like `/var`) out of the ext4 image `image` into `dest`
 /// with debugfs (no mount, no root needed), returning the extracted directory. A directory the
-/// image lacks yields an empty directory.
+/// image lacks yields an empty directory. `/` is extracted into `dest` itself (debugfs's rdump
+/// writes the root's entries there).
 pub fn extract_dir(image: &Path, dir: &str, dest: &Path) -> Result<PathBuf, RootfsError> {
     fs::create_dir_all(dest)
         .map_err(|e| io_err(format!("{}: cannot create", dest.display()), e))?;
     let base = dir.trim_matches('/');
-    let out = dest.join(if base.is_empty() { "root" } else { base });
+    let out = if base.is_empty() {
+        dest.to_path_buf()
+    } else {
+        dest.join(base)
+    };
     let mut cmd = Command::new("debugfs");
     cmd.arg("-R")
         .arg(format!("rdump {dir} {}", dest.display()))
