@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::RootfsError;
+use crate::{io_at, RootfsError};
 
 /// Where a new disk's initial files come from.
 #[derive(Clone, Debug)]
@@ -28,13 +28,9 @@ pub fn make_ext4_disk(
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| io_err(format!("{}: cannot create", path.display()), e))?;
-    file.set_len(size).map_err(|e| {
-        io_err(
-            format!("{}: cannot size to {size} bytes", path.display()),
-            e,
-        )
-    })?;
+        .map_err(io_at(path, "cannot create"))?;
+    file.set_len(size)
+        .map_err(io_at(path, &format!("cannot size to {size} bytes")))?;
     drop(file);
     let mut cmd = Command::new("mkfs.ext4");
     // A sparse file already reads as zeros: no need to zero inode tables or the journal.
@@ -65,7 +61,7 @@ pub fn make_seeded_disk(
         Seed::Image(image) => {
             copy_sparse(image, path)?;
             let seed_size = fs::metadata(image)
-                .map_err(|e| io_err(format!("{}: cannot read", image.display()), e))?
+                .map_err(io_at(image, "cannot read"))?
                 .len();
             if seed_size != size {
                 run_tool(
@@ -80,7 +76,7 @@ pub fn make_seeded_disk(
                     .write(true)
                     .open(path)
                     .and_then(|f| f.set_len(size))
-                    .map_err(|e| io_err(format!("{}: cannot size", path.display()), e))?;
+                    .map_err(io_at(path, "cannot size"))?;
             }
             Ok(())
         }
@@ -90,12 +86,8 @@ pub fn make_seeded_disk(
 /// Copies `from` (an ext4 image on the host) to a new file `to`, keeping holes (see
 /// [`kiln_sys::sparse::copy`]).
 pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), RootfsError> {
-    kiln_sys::sparse::copy(from, to).map_err(|e| {
-        io_err(
-            format!("{}: cannot copy from {}", to.display(), from.display()),
-            e,
-        )
-    })
+    kiln_sys::sparse::copy(from, to)
+        .map_err(io_at(to, &format!("cannot copy from {}", from.display())))
 }
 
 /// Copies directory `dir` (absolute, like `/var`) out of the ext4 image `image` into `dest`
@@ -103,8 +95,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), RootfsError> {
 /// image lacks yields an empty directory. `/` is extracted into `dest` itself (debugfs's rdump
 /// writes the root's entries there).
 pub fn extract_dir(image: &Path, dir: &str, dest: &Path) -> Result<PathBuf, RootfsError> {
-    fs::create_dir_all(dest)
-        .map_err(|e| io_err(format!("{}: cannot create", dest.display()), e))?;
+    fs::create_dir_all(dest).map_err(io_at(dest, "cannot create"))?;
     let base = dir.trim_matches('/');
     let out = if base.is_empty() {
         dest.to_path_buf()
@@ -117,8 +108,7 @@ pub fn extract_dir(image: &Path, dir: &str, dest: &Path) -> Result<PathBuf, Root
         .arg(image);
     run_tool(&mut cmd, "debugfs", "apt-get install e2fsprogs")?;
     if !out.is_dir() {
-        fs::create_dir_all(&out)
-            .map_err(|e| io_err(format!("{}: cannot create", out.display()), e))?;
+        fs::create_dir_all(&out).map_err(io_at(&out, "cannot create"))?;
     }
     Ok(out)
 }
@@ -139,8 +129,4 @@ pub(crate) fn run_tool(cmd: &mut Command, tool: &str, install: &str) -> Result<(
         tool: tool.to_string(),
         detail,
     })
-}
-
-fn io_err(what: String, source: std::io::Error) -> RootfsError {
-    RootfsError::Io { what, source }
 }

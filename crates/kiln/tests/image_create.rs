@@ -10,16 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::debian;
-
-fn kiln_ok(home: &Path, args: &[&str]) -> String {
-    let out = common::kiln_in(home, args);
-    assert!(
-        out.status.success(),
-        "kiln {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::kiln_in_ok as kiln_ok;
 
 #[test]
 fn an_oci_image_boots_as_a_microvm() {

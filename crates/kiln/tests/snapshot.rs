@@ -11,17 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::debian::{self, Shell};
+use common::kiln_in_ok as kiln_ok;
 use kiln_host::{Host, VmState};
-
-fn kiln_ok(home: &Path, args: &[&str]) -> String {
-    let out = common::kiln_in(home, args);
-    assert!(
-        out.status.success(),
-        "kiln {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The one-line error of a kiln command that must fail.
 fn kiln_err(home: &Path, args: &[&str]) -> String {

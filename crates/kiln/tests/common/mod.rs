@@ -323,6 +323,17 @@ pub fn kiln_in(home: &Path, args: &[&str]) -> Output {
         .expect("kiln binary runs")
 }
 
+/// [`kiln_in`] of a command that must succeed; returns its stdout.
+pub fn kiln_in_ok(home: &Path, args: &[&str]) -> String {
+    let out = kiln_in(home, args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A firmware VM started in the background under `home` on `engine` (`qemu` or `builtin`).
 pub fn start_disk_vm(home: &Path, name: &str, engine: &str) -> kiln_host::VmRecord {
     // A disk of its own: a VM writes to its disk, and QEMU locks it to one writer.
