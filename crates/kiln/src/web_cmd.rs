@@ -24,7 +24,7 @@ pub enum WebCommand {
         #[arg(long)]
         cold: bool,
         /// Give the guest a network through passt (DHCP, DNS, NAT to the host).
-        #[arg(long)]
+        #[arg(short = 'n', long)]
         net: bool,
         /// Forward a host TCP port to the guest: [HOST_IP:]HOST_PORT:GUEST_PORT[/udp]
         /// (repeatable; implies --net).
@@ -39,6 +39,10 @@ pub enum WebCommand {
         /// Print how the session went as JSON on stderr at its end.
         #[arg(long)]
         json: bool,
+        /// The serial console on the terminal: kiln boot's console, so always on (accepted
+        /// for env86's command line, as are `-n` and `-p`).
+        #[arg(long = "ttyS0")]
+        _tty_s0: bool,
     },
     /// Write a static site that boots IMAGE in the browser (v86); works under any base path.
     Prepare {
@@ -104,6 +108,7 @@ pub fn dispatch(cmd: WebCommand) -> anyhow::Result<ExitCode> {
             exit_on,
             memory,
             json,
+            _tty_s0: _,
         } => {
             let forwards = publish
                 .iter()

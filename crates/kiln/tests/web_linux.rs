@@ -154,7 +154,8 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     // --net: a DHCP lease from passt right after the restore; -p reaches a guest listener.
     let fwd = free_port();
     let spec = format!("{fwd}:7777");
-    let mut s = boot(&img, &["--net", "-p", &spec, "--exit-on", "NET-DONE"]);
+    // -n: env86's spelling of --net.
+    let mut s = boot(&img, &["-n", "-p", &spec, "--exit-on", "NET-DONE"]);
     s.send("for i in $(seq 60); do ip -4 addr show eth0 | grep -q 'inet ' && break; sleep 0.5; done; ip -4 -br addr show eth0\n");
     s.expect("10.0.2.15/24", Duration::from_secs(60));
     s.send("echo from-guest | busybox nc -l -p 7777; echo NET-''DONE\n");
@@ -203,7 +204,8 @@ fn linux_on_v86_boot_save_resume_browser_serve_and_bad_input() {
     std::fs::write(env86.join("image.json"), v86_opts.to_string()).unwrap();
     let raw = zstd_or_plain(&img.join("initial.state.zst"));
     std::fs::write(env86.join("initial.state"), raw).unwrap();
-    let mut s = boot(&env86, &["--exit-on", "ENV-86"]);
+    // With env86's --ttyS0 (kiln boot's console is always serial).
+    let mut s = boot(&env86, &["--ttyS0", "--exit-on", "ENV-86"]);
     s.send("echo ENV-$((80+6))\n");
     s.expect("ENV-86", Duration::from_secs(30));
     let r = finish(s);
