@@ -37,7 +37,9 @@ const VERSION: u32 = 1;
 const HEADER_MAX: usize = 1 << 20;
 const PAGE: usize = 4096;
 
-/// COM1's registers and receive FIFO.
+/// COM1's registers and receive FIFO: vm-superio's `SerialState`, which has no serde, field
+/// by field. (rust-vmm's vm-superio-ser 0.4.1 has the same type, but it pins vm-superio to
+/// =0.8.1, below the 0.8.2 kiln uses, and brings versionize along.)
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct UartState {
     pub dll: u8,
