@@ -153,6 +153,7 @@ impl Host {
         }
         let spec = spec.checked()?;
         let mut rec = new_record(spec, origin.meta.image.clone(), false);
+        crate::linux::name_root_disk(&mut rec)?;
         rec.meta.rootfs = origin.meta.rootfs.clone();
         rec.meta.kernel = origin.meta.kernel.clone();
         rec.meta.initrd = origin.meta.initrd.clone();

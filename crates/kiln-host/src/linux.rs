@@ -174,6 +174,7 @@ impl Host {
         }
         .checked()?;
         let mut rec = new_record(spec, inputs.image.clone(), false);
+        name_root_disk(&mut rec)?;
         rec.meta.rootfs = Some(inputs.rootfs.clone());
         rec.meta.kernel = Some(inputs.kernel.clone());
         rec.meta.initrd = inputs.initrd.clone();
@@ -221,6 +222,17 @@ impl Host {
         tracing::debug!("{name}: /home and /var disks made after {:?}", t0.elapsed());
         Ok(supervisor)
     }
+}
+
+/// Gives the record's root disk (`/dev/vda`) the serial that names the VM
+/// ([`kiln_rootfs::root_serial`]), by which a clone's guest tells itself from its origin.
+pub(crate) fn name_root_disk(rec: &mut crate::VmRecord) -> Result<(), HostError> {
+    let mut spec = rec.config.clone();
+    if let Some(root) = spec.disks.iter_mut().find(|d| d.device == "/dev/vda") {
+        root.serial = Some(kiln_rootfs::root_serial(&rec.meta.id));
+    }
+    rec.config = spec.checked()?;
+    Ok(())
 }
 
 /// The `kiln.*` kernel arguments that give a VM its identity (see kiln-rootfs's kiln hook).

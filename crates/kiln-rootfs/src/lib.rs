@@ -160,25 +160,48 @@ exit 0
 /// wakes with its clock where the snapshot left it, while the RTC (QEMU's, on the host's
 /// clock) tells the time. Once a second, without starting a process, it compares the two;
 /// when they differ by more than 2 s it sets the clock from the RTC (at the RTC's next tick,
-/// so to within a few milliseconds) and runs `kiln-hook resumed`.
+/// so to within a few milliseconds) and runs `kiln-hook resumed`. It also reads the root
+/// disk's serial ([`root_serial`]; virtio-blk asks the device on every read): a clone has its
+/// origin's memory but a serial of its own, so a clone made within seconds of its snapshot,
+/// when the clocks still agree, gets its own identity too.
 pub const KILN_RESUMED: &str = r#"#!/bin/bash
 # kiln: set the clock after a resume from a snapshot, and apply a clone's identity (see kiln-rootfs).
 rtc=/sys/class/rtc/rtc0/since_epoch
 [ -r "$rtc" ] || exit 0
+# The root disk's serial names the VM (kiln-ID): a clone's differs from its origin's.
+vm=/sys/block/vda/serial
+read -r was < "$vm"
 # A pipe nobody writes to: `read -t` on it sleeps without a process of its own.
 exec {wait}<> <(:)
 while :; do
     read -t 1 -u "$wait"
     read -r now < "$rtc" || continue
+    is=
+    read -r is < "$vm"
     d=$((now - EPOCHSECONDS))
     if ((d > 2 || d < -2)); then
         until read -r tick < "$rtc" && ((tick != now)); do read -t 0.005 -u "$wait"; done
         date -s "@$tick" > /dev/null
         echo "kiln: resumed; clock set from the RTC ($d s)" > /dev/kmsg
-        /usr/lib/kiln/kiln-hook resumed
+    elif [[ $is == "$was" ]]; then
+        continue
     fi
+    [[ $is != "$was" ]] && echo "kiln: resumed as $is (was $was)" > /dev/kmsg
+    was=$is
+    /usr/lib/kiln/kiln-hook resumed
 done
 "#;
+
+/// The virtio serial of a VM's root disk: `kiln-` and the first 15 characters of its id
+/// (virtio-blk serials hold 20). [`KILN_RESUMED`] tells a clone from its origin by it.
+pub fn root_serial(vm_id: &str) -> String {
+    let id: String = vm_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(15)
+        .collect();
+    format!("kiln-{id}")
+}
 
 const RESUMED_UNIT: &str = "\
 [Unit]

@@ -190,6 +190,18 @@ fn debian_snapshot_resume_clone_and_bad_snapshots() {
     }
     let twin_rec = host.get("twin").unwrap();
     assert_eq!(twin_rec.meta.resumed_from.as_deref(), Some("origin:t1"));
+    // The twin's root disk names it, and its guest saw the change (which alone gives a clone
+    // made within seconds of its snapshot, when the clocks still agree, its own identity).
+    let serial = kiln_rootfs::root_serial(&twin_rec.meta.id);
+    assert_ne!(
+        serial,
+        kiln_rootfs::root_serial(&host.get("origin").unwrap().meta.id)
+    );
+    assert_eq!(twin.run("cat /sys/block/vda/serial"), serial);
+    assert_eq!(
+        twin.run("dmesg | grep -o 'kiln: resumed as [a-z0-9-]*' | tail -1"),
+        format!("kiln: resumed as {serial}")
+    );
     // Its own host key, applied in the guest (the seed's), pinned by kiln.
     let pinned = std::fs::read_to_string(host.vm_dir("twin").join("known_hosts")).unwrap();
     common::wait_for("the clone's own host key", Duration::from_secs(20), || {
