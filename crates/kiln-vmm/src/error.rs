@@ -66,10 +66,10 @@ pub enum VmmError {
     /// The guest called int 18h (boot failure / no bootable device).
     #[error("guest called int 18h: boot failed")]
     BootFailed,
-    /// A VM exit this VMM does not handle.
+    /// A machine state that cannot be saved or restored, or a pause that did not happen.
     #[error("{0}")]
     State(String),
-
+    /// A VM exit this VMM does not handle.
     #[error("unsupported VM exit: {0}")]
     UnsupportedExit(String),
 }

@@ -80,7 +80,8 @@ pub(crate) struct Header {
     pub power_button: bool,
 }
 
-fn bad(path: &Path, why: impl std::fmt::Display) -> VmmError {
+/// The error about the state file `path`.
+pub(crate) fn bad(path: &Path, why: impl std::fmt::Display) -> VmmError {
     VmmError::State(format!("machine state {}: {why}", path.display()))
 }
 

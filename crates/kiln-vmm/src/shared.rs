@@ -18,8 +18,6 @@ pub(crate) struct Inner {
     pub events: u64,
     /// pthread running `Vm::run`, to kick it out of KVM_RUN.
     pub vcpu_thread: Option<libc::pthread_t>,
-    /// A pause is asked for: the vCPU thread parks between instructions until it is lifted.
-    pub pause: bool,
     /// The vCPU thread is parked.
     pub parked: bool,
     /// A save of the machine asked of the parked vCPU thread.
@@ -59,6 +57,10 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     wake: Condvar,
     pub killed: AtomicBool,
+    /// A pause is asked for: the vCPU thread parks between instructions until it is lifted.
+    /// Read without the lock (the vCPU loop checks it on every exit); changed only under it,
+    /// so a waiter on `wake` cannot miss the change.
+    pub pause: AtomicBool,
     pub counters: Counters,
 }
 
@@ -74,7 +76,7 @@ impl Shared {
         drop(
             self.wake
                 .wait_while(guard, |g| {
-                    g.input.is_empty() && !g.pause && !self.killed.load(Ordering::SeqCst)
+                    g.input.is_empty() && !self.paused() && !self.killed.load(Ordering::SeqCst)
                 })
                 .unwrap_or_else(|e| e.into_inner()),
         );
@@ -97,6 +99,11 @@ impl Shared {
                 })
                 .unwrap_or_else(|e| e.into_inner()),
         );
+    }
+
+    /// Whether a pause is asked for.
+    pub fn paused(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
     }
 
     pub(crate) fn notify(&self) {
@@ -176,7 +183,7 @@ impl VmHandle {
     pub fn pause(&self, timeout: Duration) -> Result<(), crate::VmmError> {
         {
             let mut inner = self.shared.lock();
-            inner.pause = true;
+            self.shared.pause.store(true, Ordering::SeqCst);
             inner.events += 1;
         }
         self.shared.notify();
@@ -186,7 +193,7 @@ impl VmHandle {
         while !inner.parked {
             let now = std::time::Instant::now();
             if now >= deadline || self.shared.killed.load(Ordering::SeqCst) {
-                inner.pause = false;
+                self.shared.pause.store(false, Ordering::SeqCst);
                 return Err(crate::VmmError::State(format!(
                     "the VM did not pause within {} ms (is it running?)",
                     timeout.as_millis()
@@ -223,7 +230,7 @@ impl VmHandle {
     pub fn resume(&self) {
         {
             let mut inner = self.shared.lock();
-            inner.pause = false;
+            self.shared.pause.store(false, Ordering::SeqCst);
             inner.events += 1;
         }
         self.shared.notify();

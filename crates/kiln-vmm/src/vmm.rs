@@ -186,10 +186,7 @@ impl Vm {
         let mut vm = Vm::new(config, disk, console_out)?;
         crate::persist::load_memory(path, &h, &vm.mem)?;
         let bad = |what: &str, e: kvm_ioctls::Error| {
-            VmmError::State(format!(
-                "machine state {}: KVM refused its {what}: {e}",
-                path.display()
-            ))
+            crate::persist::bad(path, format!("KVM refused its {what}: {e}"))
         };
         vm.vcpu
             .fd
@@ -205,7 +202,7 @@ impl Vm {
             .map_err(|e| bad("pending events", e))?;
         locked(&vm.firmware.com1)
             .restore(&h.uart)
-            .map_err(|e| VmmError::State(format!("machine state {}: {e}", path.display())))?;
+            .map_err(|e| crate::persist::bad(path, e))?;
         locked(&vm.pm).restore(h.pm);
         locked(&vm.cmos).restore(h.cmos_index, &h.cmos);
         locked(&vm.i8042).set_port61(h.port61);
@@ -287,7 +284,7 @@ impl Vm {
                 shared.notify();
                 continue;
             }
-            if !inner.pause {
+            if !shared.paused() {
                 inner.parked = false;
                 shared.notify();
                 return None;
@@ -350,7 +347,7 @@ impl Vm {
             if self.shared.killed.load(Ordering::SeqCst) {
                 return Ok(ExitReason::Killed);
             }
-            if self.shared.lock().pause {
+            if self.shared.paused() {
                 if let Some(end) = self.park() {
                     return Ok(end);
                 }

@@ -166,7 +166,7 @@ pub(super) fn int16(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
                 ctx.r.set_ax(key_word(b));
                 break;
             }
-            if fw.shared.lock().pause {
+            if fw.shared.paused() {
                 return ServiceOutcome::Retry;
             }
             fw.shared.wait_input();

@@ -93,7 +93,7 @@ pub(super) fn int14(fw: &mut Firmware, ctx: &mut Ctx<'_>) -> ServiceOutcome {
                 ctx.r.set_ah(lsr | TIMEOUT);
                 break;
             }
-            if fw.shared.lock().pause {
+            if fw.shared.paused() {
                 return ServiceOutcome::Retry;
             }
             fw.shared.wait_input();
