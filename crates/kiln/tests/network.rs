@@ -49,21 +49,11 @@ fn run_vm(w: &World, home: &Path, image: &Path, name: &str, extra: &[&str]) {
         "512",
     ];
     args.extend_from_slice(extra);
-    let out = w.kiln(home, &args);
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.kiln_ok(home, &args);
 }
 
 fn status(w: &World, home: &Path) -> serde_json::Value {
-    let out = w.kiln(home, &["net", "status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = w.kiln_ok(home, &["net", "status", "--json"]);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -159,12 +149,7 @@ fn tap_nat_isolation_and_cleanup() {
         "reached out before `kiln net up`: {said}"
     );
 
-    let out = w.kiln(home.path(), &["net", "up"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = w.kiln_ok(home.path(), &["net", "up"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("NAT up through {}", w.host_if)
@@ -216,8 +201,7 @@ fn tap_nat_isolation_and_cleanup() {
     );
     let (ok, said) = w.guest(home.path(), "tap-a", "hostname");
     assert!(ok && said == "tap-a", "{said}");
-    let out = w.kiln(home.path(), &["net", "down"]);
-    assert!(out.status.success());
+    let out = w.kiln_ok(home.path(), &["net", "down"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "NAT was not up; nothing to do"
@@ -225,13 +209,8 @@ fn tap_nat_isolation_and_cleanup() {
 
     // A clone of a snapshot of tap-a has its own network: its own /30 and TAP, applied in the
     // guest when it notices the resume, reached by SSH with its own pinned key.
-    let out = w.kiln(home.path(), &["vm", "snapshot", "tap-a", "--tag", "n"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = w.kiln(
+    w.kiln_ok(home.path(), &["vm", "snapshot", "tap-a", "--tag", "n"]);
+    w.kiln_ok(
         home.path(),
         &[
             "vm",
@@ -243,11 +222,6 @@ fn tap_nat_isolation_and_cleanup() {
             "--pool",
             netns::POOL,
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let clone = kiln_host::Host::new(home.path().to_path_buf())
         .get("tap-c")
@@ -264,12 +238,7 @@ fn tap_nat_isolation_and_cleanup() {
     let (ok, said) = w.guest(home.path(), "tap-a", "hostname");
     assert!(ok && said == "tap-a", "{said}");
     for args in [["vm", "kill", "tap-c"], ["vm", "rm", "tap-c"]] {
-        let out = w.kiln(home.path(), &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        w.kiln_ok(home.path(), &args);
     }
 
     // A reboot from inside the guest ends the VM and releases its TAP and chains.
@@ -293,19 +262,9 @@ fn tap_nat_isolation_and_cleanup() {
 
     // Stop and remove: no TAP and no kiln rule remain.
     assert!(w.host_links().contains(&tap_a));
-    let out = w.kiln(home.path(), &["vm", "stop", "tap-a", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.kiln_ok(home.path(), &["vm", "stop", "tap-a", "--timeout", "60"]);
     for name in ["tap-a", "tap-b"] {
-        let out = w.kiln(home.path(), &["vm", "rm", name]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        w.kiln_ok(home.path(), &["vm", "rm", name]);
     }
     let links = w.host_links();
     assert!(!links.contains("kn-"), "a TAP remains: {links}");
@@ -399,12 +358,7 @@ fn user_mode_passt_ssh_and_published_port() {
         "-p 5353:5300/udp"
     );
 
-    let out = w.kiln(home.path(), &["vm", "stop", "usr-a", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.kiln_ok(home.path(), &["vm", "stop", "usr-a", "--timeout", "60"]);
     assert!(
         !kiln_sys::process::alive(passt, None),
         "passt is gone after the VM stops"
@@ -498,8 +452,7 @@ fn bad_network_input() {
     );
     assert!(!nobody_home.path().join("vms/bad").exists());
     // NAT: down with nothing up is a no-op; up twice is one up.
-    let out = w.kiln(home.path(), &["net", "down"]);
-    assert!(out.status.success());
+    let out = w.kiln_ok(home.path(), &["net", "down"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "NAT was not up; nothing to do"

@@ -190,6 +190,17 @@ impl World {
             .expect("kiln runs")
     }
 
+    /// [`World::kiln`] of a command that must succeed.
+    pub fn kiln_ok(&self, home: &Path, args: &[&str]) -> Output {
+        let out = self.kiln(home, args);
+        assert!(
+            out.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Runs `script` in the guest over `kiln vm ssh`, returning (success, stdout).
     pub fn guest(&self, home: &Path, vm: &str, script: &str) -> (bool, String) {
         let out = self.kiln(home, &["vm", "ssh", vm, "--timeout", "300", "--", script]);
