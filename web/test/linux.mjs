@@ -91,8 +91,14 @@ try {
       check(got.includes("kiln-host-page"), `the guest's fetch through /net printed ${JSON.stringify(got)}`);
       if (forward) {
         const [hostPort, guestPort] = forward.split(":").map(Number);
-        await page.evaluate(
-          (p) => window.vm.sendSerial(`echo from-guest | busybox nc -l -p ${p}; echo NC""DONE\n`),
+        // Where serial stands before the command: nc may end, and NCDONE appear, before the
+        // wait below starts (its default is output from the call on).
+        const from = await page.evaluate(
+          (p) => {
+            const at = window.vm.serialText().length;
+            window.vm.sendSerial(`echo from-guest | busybox nc -l -p ${p}; echo NC""DONE\n`);
+            return at;
+          },
           guestPort,
         );
         await new Promise((r) => setTimeout(r, 3000));
@@ -113,7 +119,7 @@ try {
           s.on("error", reject);
         }).catch((e) => fail(e.message));
         check(reply.includes("from-guest"), "the forward did not reach the guest");
-        await page.evaluate(() => window.vm.waitFor("NCDONE", { timeout: 30000 }));
+        await page.evaluate((from) => window.vm.waitFor("NCDONE", { timeout: 30000, from }), from);
         results.forward = forward;
       }
       await page.close();
